@@ -1,0 +1,126 @@
+"""LoRA adapters via peft, seen through one small handle: adapter-only state keyed by peft's
+state-dict names (what ``get_peft_model_state_dict`` returns and ``save_pretrained`` writes), A/B
+pairing per wrapped layer, and in-place loading so virtual clients swap adapters, not models.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedpeft.config import ModelConfig
+from fedpeft.models import BASE_SEED, get_model_spec
+
+Tensors = dict[str, torch.Tensor]
+_LORA_KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """The two factors of one wrapped layer: delta W = scale * B @ A."""
+
+    layer: str
+    a_key: str
+    b_key: str
+    scale: float
+
+
+class AdapterModel:
+    """A peft model plus the mapping from peft state-dict keys to its live parameters."""
+
+    def __init__(self, model: torch.nn.Module, rank: int, alpha: float) -> None:
+        from peft import get_peft_model_state_dict
+
+        self.model = model
+        self.rank = rank
+        self.alpha = alpha
+        by_ptr = {p.data_ptr(): p for p in model.parameters()}
+        self.params: dict[str, torch.nn.Parameter] = {
+            key: by_ptr[t.data_ptr()] for key, t in get_peft_model_state_dict(model).items()
+        }
+        self.pairs: dict[str, LoraPair] = lora_pairs(self.params, alpha / rank)
+        lora_keys = {k for p in self.pairs.values() for k in (p.a_key, p.b_key)}
+        self.head_keys: list[str] = [k for k in self.params if k not in lora_keys]
+
+    def state(self) -> Tensors:
+        """Detached copies of every adapter (and head) tensor."""
+        return {k: p.detach().clone() for k, p in self.params.items()}
+
+    def load(self, tensors: Tensors, strict: bool = True) -> None:
+        """Copy tensors into the live parameters in place (shape- and key-checked)."""
+        if strict:
+            missing = set(self.params) - set(tensors)
+            if missing:
+                raise KeyError(f"adapter state is missing {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key not in self.params:
+                    raise KeyError(f"unknown adapter key {key!r}")
+                param = self.params[key]
+                if param.shape != value.shape:
+                    raise ValueError(f"{key}: shape {tuple(value.shape)} != {tuple(param.shape)}")
+                param.copy_(value)
+
+    def set_trainable(self, keys: set[str] | None = None) -> None:
+        """Train exactly ``keys`` (all adapter tensors when None); everything else stays frozen."""
+        chosen = set(self.params) if keys is None else keys
+        for key, param in self.params.items():
+            param.requires_grad_(key in chosen)
+
+    def trainable_keys(self) -> list[str]:
+        return [k for k, p in self.params.items() if p.requires_grad]
+
+    def num_floats(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def save_pretrained(self, directory: Path, tensors: Tensors | None = None) -> None:
+        """Write the adapter in peft's own format (``PeftModel.from_pretrained`` loads it)."""
+        if tensors is not None:
+            self.load(tensors)
+        self.model.save_pretrained(str(directory))
+
+
+def lora_pairs(keys: dict[str, object] | list[str], scale: float) -> dict[str, LoraPair]:
+    """Pair ``...lora_A.weight`` with ``...lora_B.weight`` per wrapped layer."""
+    found: dict[str, dict[str, str]] = {}
+    for key in keys:
+        match = _LORA_KEY.match(key)
+        if match:
+            found.setdefault(match["layer"], {})[match["factor"]] = key
+    return {
+        layer: LoraPair(layer, f["A"], f["B"], scale)
+        for layer, f in found.items()
+        if "A" in f and "B" in f
+    }
+
+
+@functools.lru_cache(maxsize=2)
+def _base_model(name: str, num_labels: int) -> torch.nn.Module:
+    return get_model_spec(name).build(num_labels)
+
+
+def build_adapter_model(cfg: ModelConfig, num_labels: int, rank: int | None = None) -> AdapterModel:
+    """Frozen base (built once per process and copied) + a fresh LoRA adapter of ``rank``."""
+    from peft import LoraConfig, get_peft_model
+
+    rank = rank or cfg.rank
+    base = copy.deepcopy(_base_model(cfg.name, num_labels))
+    lora = LoraConfig(
+        task_type="SEQ_CLS", r=rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules), bias="none",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(BASE_SEED + rank)
+        try:
+            model = get_peft_model(base, lora)
+        except ValueError as exc:
+            raise ValueError(
+                f"model.target_modules = {list(cfg.target_modules)} matched no layer of "
+                f"{cfg.name}: {exc}"
+            ) from exc
+    return AdapterModel(model, rank, cfg.alpha)

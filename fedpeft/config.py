@@ -1,0 +1,317 @@
+"""One typed configuration for a run: TOML in, CLI overrides on top, validated before any work.
+
+Every section is a dataclass; field metadata carries the allowed values (``choices``) and bounds
+(``min``/``max``, ``gt`` for exclusive lower bounds), so a bad value is rejected with a message that
+names the key and what is allowed. ``[method]`` holds ``name`` plus that method's own options, which
+the method validates itself (``fedpeft.strategies.build_method``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: the message names the key and the allowed values."""
+
+
+def option(default: Any, help: str = "", **meta: Any) -> Any:
+    meta["help"] = help
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = option("minilm-l6", "model from the registry", choices=("minilm-l6", "tiny-bert"))
+    target_modules: list[str] = option(["query", "value"], "module names that get LoRA")
+    rank: int = option(8, "LoRA rank r", min=1)
+    alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)", gt=0)
+    dropout: float = option(0.0, "LoRA dropout", min=0, max=0.9)
+    max_length: int = option(64, "tokens per example (truncation)", min=8, max=512)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = option("rotten-tomatoes", "dataset source", choices=("rotten-tomatoes", "file"))
+    path: str = option("", "CSV or JSONL file when dataset = 'file'")
+    text_column: str = option("text", "text column of a user file")
+    label_column: str = option("label", "label column of a user file")
+    labels: list[str] = option([], "class names in label order (empty: inferred from the data)")
+    partitioner: str = option("movie", "how the training data is split across clients",
+                            choices=("iid", "dirichlet", "movie"))
+    dirichlet_alpha: float = option(0.5, "Dirichlet concentration (smaller = more label skew)", gt=0)
+    min_partition_size: int = option(2, "smallest allowed client partition", min=1)
+    test_size: int = option(1000, "held-out test examples (fixed, never trained on)", min=10)
+    seed: int = option(0, "seed of the test split and the partitioner")
+
+
+@dataclass
+class FederationConfig:
+    clients: int = option(100, "number of (virtual) clients", min=1)
+    rounds: int = option(15, "federated rounds", min=1)
+    clients_per_round: int = option(10, "clients sampled per round", min=1)
+    min_replies: int = option(1, "good replies a round needs to aggregate", min=1)
+    round_timeout_s: float = option(0.0, "seconds to wait for replies (0 = no limit)", min=0)
+    seed: int = option(0, "seed of client sampling and initialisation")
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = option(5, "optimizer steps per client per round", min=1)
+    batch_size: int = option(16, "examples per step", min=1)
+    lr: float = option(0.002, "client learning rate (0 = the method's default)", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0)
+    optimizer: str = option("adamw", "client optimizer", choices=("adamw", "sgd"))
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+
+
+@dataclass
+class EvalConfig:
+    every: int = option(1, "evaluate the global adapter every N rounds (the last round always)",
+                      min=1)
+    subset: int = option(500, "test examples used per round (0 = all); the final round uses all",
+                       min=0)
+    batch_size: int = option(128, "evaluation batch size", min=1)
+
+
+@dataclass
+class SimulationConfig:
+    cpus_per_client: int = option(1, "CPU cores per virtual client (actors = cores / this)", min=1)
+    threads_per_client: int = option(0, "torch threads per actor (0 = cpus_per_client)", min=0)
+
+
+@dataclass
+class MethodConfig:
+    name: str = option("fedit", "federated method (see `fedpeft methods`)")
+    options: dict[str, Any] = option({}, "the method's own options")
+
+
+@dataclass
+class FedConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        method = out.pop("method")
+        out["method"] = {"name": method["name"], **method["options"]}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of some sections, used as a cache key for built models and data."""
+        d = self.to_dict()
+        blob = json.dumps({s: d[s] for s in sections} if sections else d, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+SECTIONS: dict[str, type] = dict(typing.get_type_hints(FedConfig))
+
+
+def _describe(meta: typing.Mapping[str, Any], ftype: Any) -> str:
+    if "choices" in meta:
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    bounds = []
+    if "gt" in meta:
+        bounds.append(f"> {meta['gt']}")
+    if "min" in meta:
+        bounds.append(f">= {meta['min']}")
+    if "max" in meta:
+        bounds.append(f"<= {meta['max']}")
+    name = getattr(ftype, "__name__", str(ftype))
+    return f"{name} {' and '.join(bounds)}".strip()
+
+
+def _coerce(key: str, value: Any, ftype: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """Check one value against its declared type and bounds; return it normalised."""
+    allowed = _describe(meta, ftype)
+    origin = typing.get_origin(ftype)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} = {value!r}: expected a list of strings")
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r}: expected a table")
+        return dict(value)
+    if ftype is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected true or false")
+        return value
+    if ftype is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: expected an integer ({allowed})")
+    elif ftype is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} = {value!r}: expected a number ({allowed})")
+        value = float(value)
+    elif ftype is str and not isinstance(value, str):
+        raise ConfigError(f"{key} = {value!r}: expected a string ({allowed})")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+    if ("min" in meta and value < meta["min"]) or ("max" in meta and value > meta["max"]) or (
+        "gt" in meta and value <= meta["gt"]
+    ):
+        raise ConfigError(f"{key} = {value!r} is out of range: {allowed}")
+    return value
+
+
+def _build_section(name: str, values: dict[str, Any]) -> Any:
+    cls = SECTIONS[name]
+    if name == "method":
+        values = dict(values)
+        options = dict(values.pop("options", {}))
+        options.update({k: v for k, v in values.items() if k != "name"})
+        method_name = values.get("name", "fedit")
+        return MethodConfig(name=_coerce("method.name", method_name, str, {}), options=options)
+    return parse_dataclass(cls, values, name)
+
+
+def parse_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``values``, rejecting unknown keys and bad values."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            allowed = ", ".join(fields) or "(none)"
+            raise ConfigError(f"unknown key {prefix}.{key}; allowed keys in [{prefix}]: {allowed}")
+        kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key], fields[key].metadata)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> FedConfig:
+    """Build and validate a config from nested dicts (a parsed TOML document)."""
+    sections = {}
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section [{name}]; allowed sections: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] must be a table of key = value pairs")
+        sections[name] = _build_section(name, values)
+    cfg = FedConfig(**sections)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as TOML, else taken as a plain string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    path, raw_value = (s.strip() for s in text.split("=", 1))
+    parts = path.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: the key must look like section.key")
+    try:
+        value = tomllib.loads(f"v = {raw_value}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    merged = json.loads(json.dumps(raw))
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = merged
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FedConfig:
+    """Load a TOML file (or the defaults), apply ``--set`` overrides and validate."""
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p} is not valid TOML: {exc}") from exc
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def validate(cfg: FedConfig) -> None:
+    """Checks that span several keys."""
+    fed = cfg.federation
+    if fed.clients_per_round > fed.clients:
+        raise ConfigError(
+            f"federation.clients_per_round = {fed.clients_per_round} exceeds federation.clients "
+            f"= {fed.clients}: sample at most as many clients as exist"
+        )
+    if fed.min_replies > fed.clients_per_round:
+        raise ConfigError(
+            f"federation.min_replies = {fed.min_replies} exceeds federation.clients_per_round "
+            f"= {fed.clients_per_round}"
+        )
+    if cfg.data.dataset == "file" and not cfg.data.path:
+        raise ConfigError("data.path is required when data.dataset = 'file'")
+    if cfg.data.partitioner == "movie" and cfg.data.dataset != "rotten-tomatoes":
+        raise ConfigError(
+            "data.partitioner = 'movie' needs data.dataset = 'rotten-tomatoes'; "
+            "use 'iid' or 'dirichlet' for a user file"
+        )
+    if not cfg.model.target_modules:
+        raise ConfigError("model.target_modules is empty: name at least one module for LoRA")
+    dev = cfg.train.device
+    if dev != "cpu" and dev != "cuda" and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+        raise ConfigError(f"train.device = {dev!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+
+
+def to_toml(cfg: FedConfig) -> str:
+    """Write a config back as TOML (only the value types this config uses)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {fmt(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_help() -> str:
+    """Every key with its default, allowed values and meaning (for `fedpeft config --help`)."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f"[{name}]")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(
+                f"  {f.name} = {default!r}  ({_describe(f.metadata, hints[f.name])}) "
+                f"{f.metadata.get('help', '')}"
+            )
+    return "\n".join(lines)

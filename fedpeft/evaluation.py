@@ -1,0 +1,29 @@
+"""Evaluate a saved adapter with plain peft: proof that the export is a standard peft adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedpeft.config import ConfigError, load_config
+from fedpeft.models import get_model_spec
+from fedpeft.runtime import default_threads, get_workspace, set_torch_threads
+from fedpeft.training import evaluate, resolve_device
+
+
+def evaluate_adapter_dir(adapter_dir: Path, config: str | None = None) -> dict:
+    """Load base model + ``PeftModel.from_pretrained(adapter_dir)`` and score the test split."""
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter_dir} is not a peft adapter folder (no adapter_config.json)")
+    config_path = Path(config) if config else adapter_dir.parent / "config.toml"
+    cfg = load_config(config_path if config_path.is_file() else None)
+    set_torch_threads(default_threads())
+    workspace = get_workspace(cfg)
+    base = get_model_spec(cfg.model.name).build(workspace.num_labels)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    device = resolve_device(cfg.train.device)
+    model.to(device)
+    accuracy, loss = evaluate(model, workspace.test_set(0), cfg.eval.batch_size, device)
+    return {"adapter": str(adapter_dir), "model": cfg.model.name, "accuracy": accuracy,
+            "loss": loss, "examples": len(workspace.test)}

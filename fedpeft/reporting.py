@@ -1,0 +1,125 @@
+"""Run outputs: ``metrics.jsonl`` (a line per round), ``summary.json``, ``report.png`` and the
+results table printed at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends one JSON object per round to ``metrics.jsonl`` and keeps them in memory."""
+
+    def __init__(self, path: Path, rows: Sequence[dict] = ()) -> None:
+        self.path = path
+        self.rows: list[dict] = list(rows)
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def round_line(row: dict, rounds: int) -> str:
+    """One progress line per round."""
+    acc = f"acc {row['accuracy']:.3f}" if row.get("accuracy") is not None else "acc   -  "
+    parts = [
+        f"round {row['round']:>3}/{rounds}",
+        acc,
+        f"clients {row.get('clients_ok', 0)}/{row.get('clients_sampled', 0)} ok",
+        f"up {human_bytes(row.get('bytes_up', 0))}",
+        f"down {human_bytes(row.get('bytes_down', 0))}",
+        f"{row.get('wall_s', 0):.1f}s",
+    ]
+    if row.get("clients_failed") or row.get("clients_rejected"):
+        parts.append(f"failed {row.get('clients_failed', 0)} rejected "
+                     f"{row.get('clients_rejected', 0)}")
+    return " | ".join(parts)
+
+
+def results_table(rows: list[dict]) -> str:
+    """A Markdown table of the rounds (printed at the end of a run)."""
+    head = "| round | accuracy | loss | clients ok/sampled | bytes up | bytes down | wall s |"
+    lines = [head, "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        acc = f"{r['accuracy']:.3f}" if r.get("accuracy") is not None else "-"
+        loss = f"{r['loss']:.3f}" if r.get("loss") is not None else "-"
+        lines.append(
+            f"| {r['round']} | {acc} | {loss} | {r.get('clients_ok', 0)}/"
+            f"{r.get('clients_sampled', 0)} | {human_bytes(r.get('bytes_up', 0))} | "
+            f"{human_bytes(r.get('bytes_down', 0))} | {r.get('wall_s', 0):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def summarize(rows: list[dict], **fields: Any) -> dict:
+    scored = [r for r in rows if r.get("accuracy") is not None]
+    return {
+        **fields,
+        "rounds": max((r["round"] for r in rows), default=0),
+        "initial_accuracy": scored[0]["accuracy"] if scored else None,
+        "final_accuracy": scored[-1]["accuracy"] if scored else None,
+        "best_accuracy": max((r["accuracy"] for r in scored), default=None),
+        "total_bytes_up": sum(r.get("bytes_up", 0) for r in rows),
+        "total_bytes_down": sum(r.get("bytes_down", 0) for r in rows),
+        "clients_failed": sum(r.get("clients_failed", 0) for r in rows),
+        "clients_rejected": sum(r.get("clients_rejected", 0) for r in rows),
+        "rounds_wall_s": sum(r.get("wall_s", 0) for r in rows),
+    }
+
+
+def plot_report(rows: list[dict], path: Path, title: str = "") -> None:
+    """Accuracy per round and cumulative bytes per round, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [r for r in rows if r.get("accuracy") is not None]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot([r["round"] for r in scored], [r["accuracy"] for r in scored], marker="o")
+    ax1.set(xlabel="round", ylabel="test accuracy", title="Global adapter accuracy")
+    ax1.grid(alpha=0.3)
+    rounds = [r["round"] for r in rows]
+    up = down = 0.0
+    cum_up, cum_down = [], []
+    for r in rows:
+        up += r.get("bytes_up", 0) / 1e6
+        down += r.get("bytes_down", 0) / 1e6
+        cum_up.append(up)
+        cum_down.append(down)
+    ax2.plot(rounds, cum_up, label="uplink", marker=".")
+    ax2.plot(rounds, cum_down, label="downlink", marker=".")
+    ax2.set(xlabel="round", ylabel="cumulative MB", title="Bytes on the wire")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,86 @@
+"""Per-process cache of everything expensive: tokenizer, data, encodings and models.
+
+A simulation actor serves many virtual clients one after another; it builds the frozen base and
+tokenises the data once, then only swaps adapter tensors. Keyed by the parts of the config that
+determine them, so a new run with a different model or data gets a fresh workspace.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from fedpeft.adapters import AdapterModel, build_adapter_model
+from fedpeft.config import DataConfig, FedConfig, ModelConfig
+from fedpeft.data import TextData, load_partition, load_task_data
+from fedpeft.models import get_model_spec
+from fedpeft.training import Encoded, encode
+
+
+def set_torch_threads(n: int) -> None:
+    """Pin intra-op threads (once per process); oversubscribing 2 cores costs more than it buys."""
+    n = max(1, n)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+@dataclass
+class Workspace:
+    model_cfg: ModelConfig
+    data_cfg: DataConfig
+    train: TextData
+    test: TextData
+    tokenizer: object
+    _models: dict[int, AdapterModel] = field(default_factory=dict)
+    _partitions: dict[tuple[int, int], Encoded] = field(default_factory=dict)
+    _test: dict[int, Encoded] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.train.label_names)
+
+    def adapter_model(self, rank: int) -> AdapterModel:
+        """The process's model with a LoRA adapter of ``rank`` (built once, then reused)."""
+        if rank not in self._models:
+            self._models[rank] = build_adapter_model(self.model_cfg, self.num_labels, rank)
+        return self._models[rank]
+
+    def partition(self, partition_id: int, num_clients: int) -> Encoded:
+        key = (partition_id, num_clients)
+        if key not in self._partitions:
+            data = load_partition(self.data_cfg, num_clients, partition_id)
+            self._partitions[key] = encode(self.tokenizer, data, self.model_cfg.max_length)
+        return self._partitions[key]
+
+    def test_set(self, subset: int = 0) -> Encoded:
+        """The held-out split, or a fixed stratification-free subset of it (same every round)."""
+        if subset not in self._test:
+            data = self.test
+            if 0 < subset < len(data):
+                rng = np.random.default_rng(self.data_cfg.seed + 1)
+                data = data.subset(np.sort(rng.permutation(len(data))[:subset]))
+            self._test[subset] = encode(self.tokenizer, data, self.model_cfg.max_length)
+        return self._test[subset]
+
+
+@functools.lru_cache(maxsize=2)
+def _workspace(model_json: str, data_json: str) -> Workspace:
+    model, data = ModelConfig(**json.loads(model_json)), DataConfig(**json.loads(data_json))
+    train, test = load_task_data(data)
+    tokenizer = get_model_spec(model.name).tokenizer()
+    return Workspace(model, data, train, test, tokenizer)
+
+
+def get_workspace(cfg: FedConfig) -> Workspace:
+    """The process's workspace for this model and data (other config sections don't matter)."""
+    as_json = functools.partial(json.dumps, sort_keys=True)
+    return _workspace(as_json(asdict(cfg.model)), as_json(asdict(cfg.data)))
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedpeft.config import ConfigError, load_config, parse_override, to_toml
+from fedpeft.strategies import build_method
+
+
+def test_defaults_are_valid() -> None:
+    cfg = load_config()
+    assert cfg.model.name == "minilm-l6"
+    assert cfg.federation.clients == 100
+    assert cfg.method.name == "fedit"
+
+
+def test_toml_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[federation]\nclients = 20\nrounds = 3\n[model]\nrank = 4\n')
+    cfg = load_config(path, ["federation.rounds=7", "model.target_modules=query,key",
+                             "train.lr=1e-3"])
+    assert (cfg.federation.clients, cfg.federation.rounds, cfg.model.rank) == (20, 7, 4)
+    assert cfg.model.target_modules == ["query", "key"]
+    assert cfg.train.lr == pytest.approx(1e-3)
+
+
+def test_round_trip_through_toml(tmp_path: Path) -> None:
+    cfg = load_config(None, ["federation.clients=12", 'data.partitioner="dirichlet"'])
+    path = tmp_path / "again.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.rnak=4", "unknown key model.rnak; allowed keys in [model]: name, target_modules"),
+        ("modle.rank=4", "unknown section [modle]"),
+        ("model.rank=0", "model.rank = 0 is out of range: int >= 1"),
+        ("model.rank=2.5", "model.rank = 2.5: expected an integer"),
+        ('data.partitioner="random"', "data.partitioner = 'random' is not allowed: one of 'iid'"),
+        ("federation.clients_per_round=500", "clients_per_round = 500 exceeds federation.clients"),
+        ('model.name="gpt9"', "model.name = 'gpt9' is not allowed: one of 'minilm-l6', 'tiny-bert'"),
+        ("train.lr=-1", "train.lr = -1.0 is out of range"),
+        ('train.device="tpu"', "train.device = 'tpu': expected 'cpu', 'cuda' or 'cuda:N'"),
+        ("data.dirichlet_alpha=0", "data.dirichlet_alpha = 0.0 is out of range: float > 0"),
+    ],
+)
+def test_bad_values_name_the_key_and_allowed_values(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_unknown_method_and_option() -> None:
+    with pytest.raises(ConfigError, match="method.name = 'fedfoo' is not allowed: one of fedit"):
+        build_method(load_config(None, ['method.name="fedfoo"']))
+    with pytest.raises(ConfigError, match="unknown key method.bogus"):
+        build_method(load_config(None, ["method.bogus=1"]))
+
+
+def test_override_syntax() -> None:
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a.b=hello") == (["a", "b"], "hello")
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        parse_override("nonsense")
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/x.toml")
