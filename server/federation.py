@@ -40,7 +40,7 @@ def evaluate_global(cfg: FedConfig, method: Method, state: Payload, workspace: W
     device = resolve_device(cfg.train.device)
     adapter = workspace.adapter_model(cfg.model.rank)
     adapter.model.to(device)
-    adapter.load(method.global_adapter(state))
+    method.load_global(adapter, state)
     data = workspace.test_set(subset)
     accuracy, loss = evaluate(adapter.model, data, cfg.eval.batch_size, device)
     return EvalResult(accuracy, loss, len(data), time.perf_counter() - start)

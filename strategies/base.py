@@ -69,8 +69,13 @@ class Method:
         raise NotImplementedError
 
     def global_adapter(self, state: Payload) -> Tensors:
-        """The global adapter at the configured rank, for evaluation and export."""
+        """The global adapter at the configured rank (``model.rank``), for export."""
         return state.tensors
+
+    def load_global(self, model: AdapterModel, state: Payload) -> None:
+        """Put the global model into ``model`` for server-side evaluation. Methods whose global
+        model is more than an adapter (FLoRA's merged base, Ferret's full weights) override it."""
+        model.load(self.global_adapter(state))
 
     def expected_upload(self, state: Payload, profile: ClientProfile) -> dict[str, tuple[int, ...]]:
         """Keys and shapes a well-formed upload from ``profile`` must have (for validation)."""
