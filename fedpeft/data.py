@@ -7,7 +7,9 @@ from the same config, so only a partition id travels; results are cached per pro
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -164,10 +166,11 @@ def _partition_cached(cfg_json: str, num_clients: int) -> tuple[np.ndarray, ...]
     # Shuffled first: IidPartitioner shards contiguously and the corpus is ordered by movie.
     partitioner.dataset = Dataset.from_dict(columns).shuffle(seed=cfg.seed)
     try:
-        parts = tuple(
-            np.array(partitioner.load_partition(i)["idx"], dtype=np.int64)
-            for i in range(num_clients)
-        )
+        with contextlib.redirect_stderr(io.StringIO()):  # flwr-datasets' progress bars
+            parts = tuple(
+                np.array(partitioner.load_partition(i)["idx"], dtype=np.int64)
+                for i in range(num_clients)
+            )
     except ValueError as exc:
         raise ConfigError(
             f"data.partitioner = {cfg.partitioner!r} could not split {len(train)} examples into "

@@ -1,0 +1,295 @@
+"""Run a Flower app in the simulation runtime on a private, throw-away SuperLink.
+
+Avoids the deprecated ``run_simulation``/``start_simulation`` and the detached SuperLink that
+``flwr run`` starts for ``:local:`` connections (fixed port 39091, outlives the run). Each call gets
+its own port, ``FLWR_HOME`` and Ray temp dir, so calls can run in parallel, and it stops every
+process it started (SuperLink, SuperExec, flwr-simulation, Ray) before returning, also on errors,
+KeyboardInterrupt and SIGTERM. Linux only: processes are tracked through ``/proc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+
+import tomli_w  # a dependency of flwr
+
+RunValue = str | int | float | bool
+CONNECTION = "fedpeft-sim"
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 124
+_LOG = logging.getLogger(__name__)
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": "local",  # never join a cluster
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
+class _RunTimeout(Exception):
+    pass
+
+
+def write_app_dir(target: Path, serverapp: str, clientapp: str,
+                  run_config_defaults: Mapping[str, RunValue], *, name: str = "fedpeft-app",
+                  publisher: str = "fedpeft", version: str = "0.1.0") -> Path:
+    """Write a minimal Flower app directory (just ``pyproject.toml``) and return it.
+
+    ``serverapp``/``clientapp`` are import strings (``"pkg.module:attr"``, ``attr`` assigned at
+    module level); they are imported from the app dir first, then from ``sys.path``, so an
+    installed package needs no sources here. Only keys in ``run_config_defaults`` can be set
+    per run. ``name`` may hold letters, digits and hyphens.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    app = {"publisher": publisher, "components": {"serverapp": serverapp, "clientapp": clientapp},
+           "config": dict(run_config_defaults)}
+    doc = {"project": {"name": name, "version": version, "description": f"{name} (generated)",
+                       "license": "Apache-2.0", "dependencies": []},
+           "tool": {"flwr": {"app": app}}}
+    (target / "pyproject.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
+    return target
+
+
+@contextlib.contextmanager
+def sigterm_as_keyboard_interrupt() -> Iterator[None]:
+    """In the block, SIGTERM raises KeyboardInterrupt in the main thread, so ``finally`` runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _proc_table() -> dict[int, tuple[int, int, int]]:
+    """Live processes as pid -> (ppid, session id, start time); zombies count as gone."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != b"Z":  # state, ppid, pgrp, session, ..., starttime (field 22)
+                table[int(entry.name)] = (int(fields[1]), int(fields[3]), int(fields[19]))
+    return table
+
+
+class _Tracker:
+    """Every process descended from ``proc``, also once orphaned: remembered by (pid, start time)
+    and by session (SuperExec starts a new session; flwr-simulation and Ray stay in it)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc, self.sessions, self.known = proc, {proc.pid}, {proc.pid: -1}
+        self._stop = threading.Event()
+        threading.Thread(target=self._poll, daemon=True).start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.5):
+            self.scan()
+
+    def scan(self) -> dict[int, int]:
+        table = _proc_table()
+        alive = {p: t for p, t in self.known.items() if p in table and t in (-1, table[p][2])}
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        todo = list(alive)
+        while todo:
+            for child in children.get(todo.pop(), []):
+                if child not in alive:
+                    alive[child] = table[child][2]
+                    todo.append(child)
+        self.sessions |= {table[p][1] for p in alive}
+        alive.update({p: t[2] for p, t in table.items() if t[1] in self.sessions})
+        alive.pop(os.getpid(), None)
+        self.known.update(alive)
+        return alive
+
+    def stop_all(self, grace_s: float = 10.0) -> list[int]:
+        """SIGTERM everything, SIGKILL what is left after ``grace_s``; return survivors' PIDs."""
+        self._stop.set()
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            deadline, sent = time.monotonic() + wait_s, set()
+            while (alive := self.scan()) and time.monotonic() < deadline:
+                for pid_start in set(alive.items()) - sent:  # once: a 2nd SIGTERM forces uvicorn
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid_start[0], sig)
+                    sent.add(pid_start)
+                time.sleep(0.2)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(2)  # reap our direct child
+        return sorted(self.scan())
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _start_superlink(home: Path, env: dict[str, str], log_path: Path, trackers: list[_Tracker],
+                     timeout_s: float = 60.0) -> int:
+    """Start ``flower-superlink`` in its own session on a free port, wait for ``/health``, write
+    the connection into ``$FLWR_HOME/config.toml`` and return the port (3 tries: port races)."""
+    for _ in range(3):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+               "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+               "--port", str(port)]
+        with open(log_path, "ab") as log_fh:
+            trackers.append(_Tracker(subprocess.Popen(
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
+                start_new_session=True)))
+        deadline = time.monotonic() + timeout_s
+        while trackers[-1].proc.poll() is None and time.monotonic() < deadline:
+            if _healthy(port):
+                conn = {"address": f"127.0.0.1:{port}", "insecure": True}
+                (home / "config.toml").write_text(
+                    tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
+                return port
+            time.sleep(0.1)
+        trackers[-1].stop_all(grace_s=3.0)
+    tail = log_path.read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"flower-superlink did not become ready; log tail:\n{tail}")
+
+
+def _run_status(env: dict[str, str], run_id: str) -> str:
+    """The run's final status as the SuperLink reports it, e.g. ``finished:completed``."""
+    out = subprocess.run(["flwr", "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
+                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    try:
+        run = json.loads(out.stdout)["runs"][0]
+        return f"{run['status']} ({run.get('status-details', '')})"
+    except (ValueError, KeyError, IndexError):
+        return f"unknown: {out.stdout.strip()[-300:]} {out.stderr.strip()[-300:]}"
+
+
+def _pump(source: Iterable[str], sink: queue.Queue[str | None]) -> None:
+    for line in source:
+        sink.put(line)
+    sink.put(None)
+
+
+def run_simulation_app(app_dir: Path, run_config: Mapping[str, RunValue], num_supernodes: int,
+                       num_cpus_per_client: int = 1, log_dir: Path | None = None,
+                       stream: Callable[[str], None] | None = None,
+                       timeout_s: float | None = None) -> int:
+    """Run the Flower app in ``app_dir`` in the simulation runtime and return its exit status.
+
+    0 when the run finished ``completed``; :data:`EXIT_FAILED` when it did not (e.g. the
+    ServerApp raised: ``flwr run`` itself exits 0 then; ``sys.exit`` in a ServerApp is NOT a
+    failure); :data:`EXIT_TIMEOUT` when the run outlived ``timeout_s``; else ``flwr run``'s code.
+    Output lines (ServerApp stdout/stderr/logs, ClientApp output via Ray) go to ``stream`` without
+    ANSI colours (default: this module's logger). ``log_dir`` gets ``superlink.log``/``run.log``.
+    Relative paths in the run config resolve against the current directory.
+    """
+    emit = stream or _LOG.info
+    home = Path(tempfile.mkdtemp(prefix="fedpeft-sim-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_")}
+    bin_dir = str(Path(sys.executable).parent)  # Flower spawns its CLIs by name: venv first
+    env.update(_ENV, FLWR_HOME=str(home), RAY_TMPDIR=str(home / "ray"),
+               PATH=os.pathsep.join([bin_dir, env.get("PATH", "")]))
+    logs = log_dir or home
+    trackers: list[_Tracker] = []
+    client: subprocess.Popen[str] | None = None
+    guard = (sigterm_as_keyboard_interrupt() if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+             else contextlib.nullcontext())
+    try:
+        with guard:
+            logs.mkdir(parents=True, exist_ok=True)
+            t0 = time.monotonic()
+            port = _start_superlink(home, env, logs / "superlink.log", trackers)
+            _LOG.info("SuperLink on 127.0.0.1:%d ready after %.1f s", port, time.monotonic() - t0)
+            cmd = ["flwr", "run", str(Path(app_dir).resolve()), CONNECTION, "--stream",
+                   "--federation-config", f"num-supernodes={int(num_supernodes)} "
+                   f"client-resources-num-cpus={int(num_cpus_per_client)}"]
+            if run_config:  # via a TOML file: no quoting problems with spaces or quotes in paths
+                (home / "run_config.toml").write_text(tomli_w.dumps(dict(run_config)))
+                cmd += ["--run-config", str(home / "run_config.toml")]
+            client = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      errors="replace", bufsize=1, start_new_session=True)
+            lines: queue.Queue[str | None] = queue.Queue()
+            threading.Thread(target=_pump, args=(client.stdout, lines), daemon=True).start()
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            run_id = None
+            with open(logs / "run.log", "a", encoding="utf-8") as run_log:
+                while (line := _next_line(lines, deadline)) is not None:
+                    line = _ANSI.sub("", line.rstrip("\n"))
+                    run_log.write(line + "\n")
+                    run_id = run_id or (m.group(1) if (m := _RUN_ID.search(line)) else None)
+                    emit(line)
+            code = client.wait()
+            if code != 0 or run_id is None:
+                return code or EXIT_FAILED
+            status = _run_status(env, run_id)
+            if not status.startswith("finished:completed"):
+                emit(f"[launcher] run {run_id} ended with status {status}")
+                return EXIT_FAILED
+            return 0
+    except _RunTimeout:
+        emit(f"[launcher] timed out after {timeout_s} s")
+        return EXIT_TIMEOUT
+    finally:
+        _cleanup(client, trackers, home)
+
+
+def _next_line(lines: queue.Queue[str | None], deadline: float | None) -> str | None:
+    """The next output line, None at EOF; raise _RunTimeout once ``deadline`` has passed."""
+    while deadline is None or time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            return lines.get(timeout=0.5)
+    raise _RunTimeout
+
+
+def _cleanup(client: subprocess.Popen[str] | None, trackers: list[_Tracker], home: Path) -> None:
+    """Stop ``flwr run``, then each SuperLink's whole process tree; remove the private home.
+    SIGINT/SIGTERM are ignored meanwhile so that a second Ctrl-C cannot leave processes behind."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if main else {}
+    try:
+        if client is not None and client.poll() is None:
+            client.terminate()
+            try:
+                client.wait(5)
+            except subprocess.TimeoutExpired:
+                client.kill()
+                client.wait()
+        for tracker in trackers:
+            t0, survivors = time.monotonic(), tracker.stop_all()
+            _LOG.info("stopped %d processes in %.1f s", len(tracker.known), time.monotonic() - t0)
+            if survivors:
+                _LOG.warning("processes survived SIGKILL: %s", survivors)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(home, ignore_errors=True)
