@@ -1,0 +1,686 @@
+"""Real deployment: ``fedpeft server`` on the coordinator host, ``fedpeft client`` on each device.
+
+Coordinator (``run_server``): a ``flower-superlink`` with TLS and SuperNode authentication on a
+private loopback port, a fleet gateway (``fedpeft.gateway``) on the public ``--host:--port`` that
+forwards only the SuperNodes' API, the SuperNode public keys registered with ``flwr supernode
+register``, and the fedpeft run submitted with ``flwr run``; progress is streamed and the usual
+outputs land in ``--out``. Everything it started is stopped on exit, Ctrl-C or SIGTERM.
+
+Device (``run_client``): a ``flower-supernode`` with ``--isolation process`` whose node config
+carries the device's data file, LoRA rank, torch device and threads, and, in this process, the
+long-running ClientApp executor of ``fedpeft.clientexec`` (no process start, imports or model load
+per round). The SuperNode dies with this process, also when it is killed (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import queue
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from fedpeft import launcher
+from fedpeft.certs import (
+    CertPaths,
+    CertsError,
+    certificate_sans,
+    check_private_key_file,
+    check_public_key_file,
+)
+from fedpeft.config import ConfigError, FedConfig, load_config, to_toml
+
+CONNECTION = "fedpeft-deploy"
+DEFAULT_PORT = 9092
+SERVERAPP = "fedpeft.server.app:app"
+CLIENTAPP = "fedpeft.client.app:app"
+EXIT_USAGE = 2
+_PR_SET_PDEATHSIG = 1
+Emit = Callable[[str], None]
+
+
+class DeployError(RuntimeError):
+    """A problem the user can fix (missing file, port in use, key refused); no traceback."""
+
+
+# --------------------------------------------------------------------------------- processes
+
+
+def _private_home(prefix: str) -> Path:
+    """A 0700 temp dir for FLWR_HOME and secrets (short path under /tmp)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if Path("/tmp").is_dir() else None))
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for Flower's CLIs: offline switches, private FLWR_HOME, this venv first."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_")}
+    env.update(launcher._ENV, FLWR_HOME=str(home),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _load_prctl()  # resolved here: the child after fork only calls it
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the thread that started it ends."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn(cmd: list[str], env: dict[str, str], output: Path | None,
+          die_with_parent: bool = False) -> launcher._Tracker:
+    """Start ``cmd`` in its own session (Ctrl-C reaches only us; we stop it), tracked with its
+    whole process tree; output to the file ``output``, or to a pipe when None.
+
+    ``die_with_parent`` (only before this process starts threads of its own: preexec_fn) makes
+    the child get SIGTERM even when we are SIGKILLed."""
+    sink = open(output, "ab") if output is not None else subprocess.PIPE  # noqa: SIM115
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent if die_with_parent else None)
+    finally:
+        if output is not None:
+            sink.close()  # type: ignore[union-attr]
+    return launcher._Tracker(proc)
+
+
+def stop_all(trackers: list[launcher._Tracker], emit: Emit) -> None:
+    """Stop every tracked process tree, newest first; Ctrl-C/SIGTERM are ignored meanwhile so a
+    second interrupt cannot leave processes behind."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if main else {}
+    try:
+        for tracker in reversed(trackers):
+            survivors = tracker.stop_all(grace_s=10.0)
+            if survivors:
+                emit(f"fedpeft: processes survived SIGKILL: {survivors}")
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _tls_context(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
+def _wait_healthy(url: str, ctx: ssl.SSLContext | None, proc: subprocess.Popen,
+                  timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=0.5, context=ctx):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# ------------------------------------------------------------------------------ coordinator
+
+
+@dataclass
+class ServerOptions:
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    certs: Path | None = None
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    node_keys: list[Path] = field(default_factory=list)
+    clients: int | None = None
+    out: Path = Path("runs/deploy")
+    insecure: bool = False
+    verbose: bool = False
+    timeout_s: float | None = None
+
+
+def deployment_config(opts: ServerOptions, num_keys: int) -> FedConfig:
+    """The run's config: the TOML plus ``--set``; ``federation.clients`` = the devices to wait
+    for (``--clients``, else one per registered key); ``data.labels`` filled from the
+    coordinator's task data so every device maps labels to the same indices."""
+    from fedpeft.data import load_task_data
+    from fedpeft.models import get_model_spec
+    from fedpeft.strategies import build_method
+
+    clients = opts.clients or num_keys
+    if clients < 1:
+        raise ConfigError("no SuperNode keys to register: pass --node-keys, or --clients N "
+                          "with --insecure")
+    base = load_config(opts.config, opts.overrides).federation  # as the user wrote it
+    per_round = min(base.clients_per_round, clients)
+    fed = [f"federation.clients={clients}", f"federation.clients_per_round={per_round}",
+           f"federation.min_replies={min(base.min_replies, per_round)}"]
+    cfg = load_config(opts.config, [*opts.overrides, *fed])
+    build_method(cfg)
+    get_model_spec(cfg.model.name).tokenizer()
+    train, _ = load_task_data(cfg.data)  # the coordinator's held-out split for evaluation
+    labels = json.dumps(list(train.label_names))
+    return load_config(opts.config, [*opts.overrides, *fed, f"data.labels={labels}"])
+
+
+def _server_tls(opts: ServerOptions) -> CertPaths | None:
+    if opts.insecure:
+        return None
+    if opts.certs is None:
+        raise DeployError("--certs DIR is required (make one with `fedpeft certs DIR --san "
+                          "HOST`), or pass --insecure for an unencrypted test setup")
+    paths = CertPaths(opts.certs)
+    for path in (paths.ca_cert, paths.server_cert, paths.server_key):
+        if not path.is_file():
+            raise DeployError(f"{path} is missing (made by `fedpeft certs`)")
+    if not {"127.0.0.1", "localhost"} & set(certificate_sans(paths.server_cert)):
+        raise DeployError(f"{paths.server_cert} must list 127.0.0.1 or localhost: the "
+                          "coordinator's own tools reach the SuperLink over loopback")
+    return paths
+
+
+def _node_keys(opts: ServerOptions) -> list[Path]:
+    if opts.insecure:
+        return []
+    keys = list(opts.node_keys) or (CertPaths(opts.certs).node_pubs() if opts.certs else [])
+    for key in keys:
+        check_public_key_file(key)
+    return keys
+
+
+class Coordinator:
+    """The coordinator's processes: SuperLink (loopback), fleet gateway (public), ``flwr run``."""
+
+    def __init__(self, opts: ServerOptions, tls: CertPaths | None, emit: Emit) -> None:
+        self.opts, self.tls, self.emit = opts, tls, emit
+        self.home = _private_home("fedpeft-deploy-")
+        self.env = flower_env(self.home)
+        self.trackers: list[launcher._Tracker] = []
+        self.gateway = None
+        self.port = 0
+
+    def start_superlink(self, log_path: Path) -> None:
+        ctx = _tls_context(self.tls.ca_cert) if self.tls else None
+        for _ in range(3):  # a free port can be taken before the SuperLink binds it
+            self.port = free_port()
+            cmd = ["flower-superlink", "--isolation", "subprocess",
+                   "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                   "--port", str(self.port)]
+            if self.tls:
+                cmd += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile",
+                        str(self.tls.server_cert), "--ssl-keyfile", str(self.tls.server_key),
+                        "--enable-supernode-auth"]
+            else:
+                cmd += ["--insecure"]
+            self.trackers.append(spawn(cmd, self.env, log_path, die_with_parent=True))
+            scheme = "https" if self.tls else "http"
+            if _wait_healthy(f"{scheme}://127.0.0.1:{self.port}/health", ctx,
+                             self.trackers[-1].proc, 60.0):
+                self._write_connection()
+                return
+            self.trackers.pop().stop_all(grace_s=3.0)
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise DeployError(f"flower-superlink did not start; log tail:\n{tail}")
+
+    def _write_connection(self) -> None:
+        conn: dict[str, object] = {"address": f"127.0.0.1:{self.port}"}
+        if self.tls:
+            conn["root-certificates"] = str(self.tls.ca_cert.resolve())
+        else:
+            conn["insecure"] = True
+        doc = {"superlink": {"default": CONNECTION, CONNECTION: conn}}
+        (self.home / "config.toml").write_text(tomli_w.dumps(doc))
+
+    def start_gateway(self) -> None:
+        from fedpeft.gateway import FleetGateway
+
+        tls = self.tls
+        upstream = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.gateway = FleetGateway(
+            upstream, _tls_context(tls.ca_cert) if tls else False, self.opts.host,
+            self.opts.port, str(tls.server_cert) if tls else None,
+            str(tls.server_key) if tls else None)
+        try:
+            self.gateway.start()
+        except RuntimeError as exc:
+            self.gateway = None
+            raise DeployError(f"cannot listen on {self.opts.host}:{self.opts.port}: {exc}") \
+                from exc
+
+    def register(self, key: Path) -> str:
+        """Register a SuperNode public key; return the node id the SuperLink gave it."""
+        out = subprocess.run(["flwr", "supernode", "register", str(key.resolve()), CONNECTION,
+                              "--format", "json"], env=self.env, capture_output=True,
+                             text=True, timeout=60, check=False)
+        try:
+            return str(json.loads(out.stdout)["node-id"])
+        except (ValueError, KeyError):
+            raise DeployError(f"registering {key} failed: {out.stdout.strip()[-500:]} "
+                              f"{out.stderr.strip()[-500:]}") from None
+
+    def submit(self, app_dir: Path, run_config: Path, logs: Path, stream: Emit) -> int:
+        """``flwr run --stream`` until the run ends; 0 only when it finished ``completed``."""
+        cmd = ["flwr", "run", str(app_dir), CONNECTION, "--stream", "--run-config",
+               str(run_config)]
+        tracker = spawn(cmd, self.env, None)
+        self.trackers.append(tracker)
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=launcher._pump, args=(tracker.proc.stdout, lines),
+                         daemon=True).start()
+        deadline = None if self.opts.timeout_s is None else time.monotonic() + self.opts.timeout_s
+        run_id = None
+        try:
+            with open(logs / "run.log", "a", encoding="utf-8") as run_log:
+                while (raw := launcher._next_line(lines, deadline)) is not None:
+                    line = launcher._ANSI.sub("", raw.decode(errors="replace")
+                                              if isinstance(raw, bytes) else raw).rstrip("\n")
+                    run_log.write(line + "\n")
+                    run_id = run_id or (m.group(1) if (m := launcher._RUN_ID.search(line))
+                                        else None)
+                    stream(line)
+        except launcher._RunTimeout:
+            self.emit(f"fedpeft: the run outlived --timeout {self.opts.timeout_s} s")
+            return launcher.EXIT_TIMEOUT
+        code = tracker.proc.wait()
+        if code != 0 or run_id is None:
+            return code or launcher.EXIT_FAILED
+        status = launcher._run_status(self.env, run_id, CONNECTION)
+        if not status.startswith("finished:completed"):
+            self.emit(f"fedpeft: run {run_id} ended with status {status}")
+            return launcher.EXIT_FAILED
+        return 0
+
+    def close(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+        stop_all(self.trackers, self.emit)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def _insecure_warning(emit: Emit) -> None:
+    emit("fedpeft: WARNING: --insecure: no TLS and no SuperNode authentication. Model updates "
+         "travel in clear text and any host that reaches this port can join the federation. "
+         "Use it only on a trusted network for testing.")
+
+
+def say(line: str) -> None:
+    """Print now, also into a pipe (``fedpeft server | tee log``)."""
+    print(line, flush=True)
+
+
+def run_server(opts: ServerOptions, emit: Emit = say) -> int:
+    """The whole coordinator side; returns the exit status."""
+    from fedpeft.cli import _flower_line_filter, _Progress
+    from fedpeft.reporting import MetricsLog, human_bytes, results_table
+    from fedpeft.server.app import ERROR_FILE
+
+    tls = _server_tls(opts)
+    keys = _node_keys(opts)
+    if opts.insecure:
+        _insecure_warning(emit)
+    cfg = deployment_config(opts, len(keys))
+    out = opts.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "summary.json", ERROR_FILE):
+        (out / stale).unlink(missing_ok=True)
+    config_file = out / "config.toml"
+    config_file.write_text(to_toml(cfg))
+    fed = cfg.federation
+    coord = Coordinator(opts, tls, emit)
+    guard = (launcher.sigterm_as_keyboard_interrupt()
+             if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else contextlib.nullcontext())
+    try:
+        with guard:
+            coord.start_superlink(out / "superlink.log")
+            for key in keys:  # before devices can reach the SuperLink: none is refused early
+                emit(f"fedpeft: registered {key.name} as SuperNode {coord.register(key)}")
+            coord.start_gateway()
+            scheme = "TLS, SuperNode authentication on" if tls else "INSECURE"
+            emit(f"fedpeft: {cfg.method.name} on {cfg.model.name}, {fed.rounds} rounds; "
+                 f"listening on {opts.host}:{opts.port} ({scheme}); waiting for {fed.clients} "
+                 f"devices ({fed.clients_per_round} per round); writing to {out}")
+            app_dir = launcher.write_app_dir(coord.home / "app", SERVERAPP, CLIENTAPP,
+                                             {"config-file": "", "out-dir": ""})
+            run_config = coord.home / "run_config.toml"
+            run_config.write_text(tomli_w.dumps({"config-file": str(config_file),
+                                                 "out-dir": str(out)}))
+            with _Progress(out / "metrics.jsonl", fed.rounds, emit):
+                rc = coord.submit(app_dir, run_config, out, _flower_line_filter(opts.verbose))
+            traffic = coord.gateway.stats.snapshot() if coord.gateway else {}
+    finally:
+        coord.close()
+    summary_path = out / "summary.json"
+    if rc != 0 or not summary_path.exists():
+        if (out / ERROR_FILE).is_file():  # the ServerApp's own account of why it stopped
+            emit(f"fedpeft: error: {json.loads((out / ERROR_FILE).read_text())['message']}")
+        emit(f"fedpeft: the run failed (exit {rc}); logs: {out}/superlink.log, run.log")
+        return rc or launcher.EXIT_FAILED
+    summary = json.loads(summary_path.read_text())
+    summary.update({f"fleet_http_{k}": v for k, v in traffic.items()})
+    summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    emit("\n" + results_table(MetricsLog.read(out / "metrics.jsonl")))
+    emit(f"\nfinal accuracy {summary['final_accuracy']:.3f}; fleet traffic through the gateway "
+         f"(HTTP bodies): up {human_bytes(traffic.get('bytes_up', 0))}, down "
+         f"{human_bytes(traffic.get('bytes_down', 0))} in {traffic.get('requests', 0)} requests")
+    emit(f"outputs: {out}/metrics.jsonl summary.json report.png adapter/")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- device
+
+
+@dataclass
+class ClientOptions:
+    superlink: str
+    data: Path
+    ca: Path | None = None
+    key: Path | None = None
+    rank: int | None = None
+    device: str = "cpu"
+    threads: int = 0
+    insecure: bool = False
+    verbose: bool = False
+    max_wait_s: float | None = None
+    isolation: str = "process"  # "subprocess": Flower's default, a new process per message
+
+
+_FATAL_HINTS = [  # (text in the SuperNode's log, what it means), least specific first
+    ("Connection refused", "nothing listens at --superlink (coordinator not started, or another "
+                           "port)"),
+    ("Giving up reconnection", "lost the coordinator (it stopped, or the network is down)"),
+    ("CERTIFICATE_VERIFY_FAILED", "the SuperLink's certificate is not signed by --ca (wrong CA "
+                                  "file, or the coordinator made new certificates)"),
+    ("Failed to activate SuperNode", "the coordinator refused this device's key: its .pub is "
+                                     "not registered there (`fedpeft server --node-keys`)"),
+]
+_QUIET = ("EXPERIMENTAL: SuperExec authentication",)  # known, expected warnings
+_HUNG_AFTER_GIVING_UP_S = 10.0  # a SuperNode that gave up mid-run may not exit by itself
+
+
+def check_device(name: str) -> None:
+    """Fail early, with the reason, when the requested torch device does not exist here."""
+    if name == "cpu":
+        return  # no torch import here: the ClientApp imports it in the background
+    if not name.startswith("cuda"):
+        raise DeployError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    from fedpeft.training import resolve_device
+
+    try:
+        resolve_device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise DeployError(f"{exc}; run with --device cpu, or install a CUDA build of torch "
+                          "and check `nvidia-smi`") from None
+
+
+def _check_client_files(opts: ClientOptions) -> None:
+    data = opts.data
+    if not data.is_file():
+        raise DeployError(f"--data {data}: no such file")
+    if data.suffix.lower() not in (".csv", ".jsonl", ".json"):
+        raise DeployError(f"--data {data}: expected a .csv or .jsonl file")
+    if opts.insecure:
+        return
+    if opts.ca is None or opts.key is None:
+        raise DeployError("--ca CA.crt and --key NODE.key are required (from `fedpeft certs` on "
+                          "the coordinator), or pass --insecure for an unencrypted test setup")
+    if not opts.ca.is_file():
+        raise DeployError(f"--ca {opts.ca}: no such file")
+    try:
+        check_private_key_file(opts.key)
+    except CertsError as exc:
+        raise DeployError(str(exc)) from None
+
+
+def supernode_command(opts: ClientOptions, home: Path, runtime_port: int) -> list[str]:
+    """``flower-supernode`` in process isolation, its Runtime API on loopback and guarded by a
+    fresh shared secret; the node config (a TOML file: no quoting issues) carries the device's
+    data file, rank, torch device and threads."""
+    node: dict[str, object] = {"data-path": str(opts.data.resolve()), "device": opts.device,
+                               "threads": int(opts.threads)}
+    if opts.rank is not None:
+        node["rank"] = int(opts.rank)
+    (home / "node.toml").write_text(tomli_w.dumps(node))
+    cmd = ["flower-supernode", "--superlink", opts.superlink, "--isolation", opts.isolation,
+           "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config",
+           str(home / "node.toml")]
+    if opts.isolation == "process":
+        secret = home / "superexec.secret"
+        secret.write_bytes(secrets.token_bytes(32))
+        secret.chmod(0o600)
+        cmd += ["--superexec-auth-secret-file", str(secret)]
+    if opts.insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(opts.ca.resolve()),  # type: ignore[union-attr]
+                "--auth-supernode-private-key", str(opts.key.resolve())]  # type: ignore[union-attr]
+    if opts.max_wait_s:
+        cmd += ["--max-wait-time", str(opts.max_wait_s)]
+    return cmd
+
+
+class _NodeLog:
+    """Relays the SuperNode's output (all of it with --verbose, else warnings and errors) and
+    keeps the most specific hint about why it stopped or could not connect."""
+
+    def __init__(self, proc: subprocess.Popen, emit: Emit, verbose: bool,
+                 log_path: Path | None) -> None:
+        self.emit, self.verbose, self.hint, self._rank = emit, verbose, "", -1
+        self.gave_up: float | None = None
+        self.replies = 0  # messages this SuperNode sent back to the SuperLink
+        self._retrying = False  # show the first of a series of reconnection attempts only
+        self.log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115
+        self.thread = threading.Thread(target=self._run, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _run(self, proc: subprocess.Popen) -> None:
+        for raw in proc.stdout:  # type: ignore[union-attr]
+            line = launcher._ANSI.sub("", raw.decode(errors="replace")).rstrip()
+            if self.log:
+                self.log.write(line + "\n")
+                self.log.flush()
+            for rank, (needle, hint) in enumerate(_FATAL_HINTS):
+                if needle.lower() in line.lower() and rank >= self._rank:
+                    self.hint, self._rank = hint, rank
+            if "Giving up reconnection" in line:
+                self.gave_up = time.monotonic()
+            if "Sending: " in line:
+                self.replies += 1
+            retry = "Connection attempt failed" in line
+            repeat, self._retrying = retry and self._retrying, retry
+            if self.verbose or (("WARN" in line or "ERROR" in line) and not repeat
+                                and not any(q in line for q in _QUIET)):
+                more = " (repeats until connected)" if retry and not self.verbose else ""
+                self.emit(f"  [supernode] {line}{more}")
+
+    def node_alive(self, proc: subprocess.Popen) -> bool:
+        """False once the SuperNode exited, or gave up reconnecting and did not exit."""
+        hung = self.gave_up is not None and time.monotonic() - self.gave_up > \
+            _HUNG_AFTER_GIVING_UP_S
+        return proc.poll() is None and not hung
+
+    def close(self) -> None:
+        self.thread.join(timeout=2)
+        if self.log:
+            self.log.close()
+
+
+def run_client(opts: ClientOptions, emit: Emit = say, log_path: Path | None = None) -> int:
+    """The whole device side: SuperNode plus the in-process ClientApp executor, until the
+    SuperNode ends or we are interrupted; returns the exit status."""
+    _check_client_files(opts)
+    check_device(opts.device)
+    if opts.insecure:
+        _insecure_warning(emit)
+    from fedpeft.clientexec import serve
+
+    home = _private_home("fedpeft-node-")
+    trackers: list[launcher._Tracker] = []
+    node_log: _NodeLog | None = None
+    tasks = {"ok": 0, "failed": 0}
+
+    def on_task(ok: bool, seconds: float) -> None:
+        tasks["ok" if ok else "failed"] += 1
+        emit(f"fedpeft: round task {'done' if ok else 'FAILED'} in {seconds:.1f} s "
+             f"({tasks['ok']} done, {tasks['failed']} failed)")
+
+    guard = (launcher.sigterm_as_keyboard_interrupt()
+             if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else contextlib.nullcontext())
+    try:
+        with guard:
+            port = free_port()
+            trackers.append(spawn(supernode_command(opts, home, port), flower_env(home), None,
+                                  die_with_parent=True))
+            proc = trackers[0].proc
+            node_log = _NodeLog(proc, emit, opts.verbose, log_path)
+            emit(f"fedpeft: device node for {opts.superlink} (data {opts.data}, device "
+                 f"{opts.device}{f', rank {opts.rank}' if opts.rank else ''}); Ctrl-C stops it")
+            alive = node_log.node_alive
+            if opts.isolation == "process":
+                secret = (home / "superexec.secret").read_bytes()
+                serve(f"127.0.0.1:{port}", secret, CLIENTAPP, on_task=on_task,
+                      keep_going=lambda: alive(proc))
+            while alive(proc):  # subprocess isolation: the SuperNode runs the ClientApps
+                time.sleep(0.5)
+            code = proc.poll()
+            code = launcher.EXIT_FAILED if code is None else code
+    except KeyboardInterrupt:
+        emit("fedpeft: stopping the device node")
+        return 130
+    finally:
+        stop_all(trackers, emit)
+        if node_log is not None:
+            node_log.close()
+        shutil.rmtree(home, ignore_errors=True)
+    assert node_log is not None
+    if node_log.gave_up is not None and node_log.replies:
+        emit(f"fedpeft: the coordinator is gone after {node_log.replies} replies from this "
+             "device; done")
+        return 0
+    hint = f": {node_log.hint}" if node_log.hint else ""
+    emit(f"fedpeft: the SuperNode exited with code {code}{hint}")
+    return 0 if code == 0 else int(code) or launcher.EXIT_FAILED
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedpeft.certs import make_certs
+
+    try:
+        paths = make_certs(Path(args.dir), args.san, args.nodes, days=args.days, force=args.force)
+    except CertsError as exc:
+        print(f"fedpeft: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    sans = ", ".join(certificate_sans(paths.server_cert))
+    print(f"fedpeft: wrote {paths.root}/: ca.crt, ca.key, server.crt, server.key (SANs: {sans})"
+          + (f", node-1..{args.nodes}.key/.pub" if args.nodes else ""))
+    print("  coordinator needs: ca.crt server.crt server.key node-*.pub   (keep ca.key offline)")
+    print("  device N needs:    ca.crt node-N.key")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    opts = ServerOptions(
+        config=args.config, overrides=list(args.overrides),
+        certs=Path(args.certs) if args.certs else None, host=args.host, port=args.port,
+        node_keys=[Path(k) for k in args.node_keys], clients=args.clients, out=Path(args.out),
+        insecure=args.insecure, verbose=args.verbose, timeout_s=args.timeout)
+    try:
+        return run_server(opts)
+    except (DeployError, CertsError) as exc:
+        print(f"fedpeft: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    opts = ClientOptions(
+        superlink=args.superlink, data=Path(args.data), ca=Path(args.ca) if args.ca else None,
+        key=Path(args.key) if args.key else None, rank=args.rank, device=args.device,
+        threads=args.threads, insecure=args.insecure, verbose=args.verbose,
+        max_wait_s=args.max_wait, isolation=args.isolation)
+    try:
+        return run_client(opts, log_path=Path(args.log) if args.log else None)
+    except (DeployError, CertsError) as exc:
+        print(f"fedpeft: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """``fedpeft certs``, ``fedpeft server`` and ``fedpeft client``."""
+    certs = sub.add_parser("certs", help="make a CA, the SuperLink certificate and device keys")
+    certs.add_argument("dir", help="output folder (created 0700)")
+    certs.add_argument("--san", action="append", default=[], metavar="HOST_OR_IP",
+                       help="a name devices use to reach the coordinator: IP address or DNS "
+                            "name (repeatable; 127.0.0.1 and localhost are always added)")
+    certs.add_argument("--nodes", type=int, default=2, help="device key pairs (default 2)")
+    certs.add_argument("--days", type=int, default=365, help="certificate validity (default 365)")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.set_defaults(func=cmd_certs)
+
+    srv = sub.add_parser("server", help="coordinator: SuperLink (TLS + SuperNode auth) and run")
+    srv.add_argument("config", nargs="?", help="TOML config (default: the built-in experiment)")
+    srv.add_argument("--certs", help="folder from `fedpeft certs` (ca.crt, server.crt/.key)")
+    srv.add_argument("--host", default="0.0.0.0", help="address devices connect to "
+                     "(default 0.0.0.0: all interfaces)")
+    srv.add_argument("--port", type=int, default=DEFAULT_PORT,
+                     help=f"port devices connect to (default {DEFAULT_PORT})")
+    srv.add_argument("--node-keys", nargs="+", default=[], metavar="KEY.pub",
+                     help="SuperNode public keys to admit (default: CERTS/node-*.pub)")
+    srv.add_argument("--clients", type=int, help="devices to wait for (default: one per key)")
+    srv.add_argument("--out", default="runs/deploy", help="output folder (default runs/deploy)")
+    srv.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
+    srv.add_argument("--timeout", type=float, help="give up after this many seconds")
+    srv.add_argument("--insecure", action="store_true",
+                     help="no TLS, no SuperNode authentication (trusted test networks only)")
+    srv.add_argument("--verbose", action="store_true", help="show all of Flower's log lines")
+    srv.set_defaults(func=cmd_server)
+
+    cli = sub.add_parser("client", help="device: a SuperNode that trains on a local data file")
+    cli.add_argument("--superlink", required=True, metavar="HOST:PORT",
+                     help="the coordinator's address (a --san of its certificate)")
+    cli.add_argument("--ca", help="the coordinator's ca.crt")
+    cli.add_argument("--key", help="this device's node-N.key (mode 0600)")
+    cli.add_argument("--data", required=True, help="this device's CSV or JSONL training data")
+    cli.add_argument("--rank", type=int, help="this device's LoRA rank (mixed-rank methods)")
+    cli.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    cli.add_argument("--threads", type=int, default=0,
+                     help="torch CPU threads (default: all cores of this machine)")
+    cli.add_argument("--max-wait", type=float, metavar="SECONDS",
+                     help="exit when the coordinator is unreachable this long, at the start "
+                          "or after a run (default: keep retrying)")
+    cli.add_argument("--log", help="also write the SuperNode's log to this file")
+    cli.add_argument("--isolation", choices=("process", "subprocess"), default="process",
+                     help="process (default): one long-running ClientApp in this process; "
+                          "subprocess: Flower's default, a new ClientApp process (imports, "
+                          "model load) for every message")
+    cli.add_argument("--insecure", action="store_true",
+                     help="no TLS, no key (only with `fedpeft server --insecure`)")
+    cli.add_argument("--verbose", action="store_true", help="show all of the SuperNode's lines")
+    cli.set_defaults(func=cmd_client)

@@ -1,0 +1,365 @@
+"""Deployment on loopback: certificates, a coordinator (SuperLink with TLS and SuperNode
+authentication behind the fleet gateway) and devices, each its own OS process as a user runs them.
+
+One module-scoped deployment serves the end-to-end checks: a device with an unregistered key and a
+device that trusts another CA must fail, while two registered devices train two rounds of FedIT on
+tiny-bert, each on its own CSV. Every process is started in its own session and
+tracked with its whole tree; all are stopped in ``finally`` even when something fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from fedpeft.certs import CertPaths, CertsError, certificate_sans, make_certs
+from fedpeft.deploy import free_port, spawn, stop_all
+from fedpeft.gateway import allowed
+from fedpeft.launcher import _Tracker
+from fedpeft.reporting import MetricsLog
+
+FEDPEFT = [sys.executable, "-m", "fedpeft.cli"]
+ROUNDS = 2
+POSITIVE = ["a wonderful, moving film", "great acting and a clever script", "loved every minute",
+            "a delightful surprise", "brilliant and funny", "one of the best this year"]
+NEGATIVE = ["a dull, lifeless mess", "boring from start to finish", "awful dialogue",
+            "a tedious waste of time", "clumsy and forgettable", "the worst film this year"]
+
+
+# ------------------------------------------------------------------------------ certificates
+
+
+def test_certs_files_permissions_and_formats(tmp_path: Path) -> None:
+    paths = make_certs(tmp_path / "pki", ["10.1.2.3", "coordinator.lan"], nodes=2)
+    assert stat.S_IMODE(paths.root.stat().st_mode) == 0o700
+    for private in (paths.ca_key, paths.server_key, paths.node_key(1), paths.node_key(2)):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+    for public in (paths.ca_cert, paths.server_cert, paths.node_pub(1)):
+        assert stat.S_IMODE(public.stat().st_mode) == 0o644, public
+    assert certificate_sans(paths.server_cert) == ["127.0.0.1", "localhost", "10.1.2.3",
+                                                   "coordinator.lan"]
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    key = load_ssh_private_key(paths.node_key(1).read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    pub = load_ssh_public_key(paths.node_pub(1).read_bytes())
+    assert pub == key.public_key()
+    assert paths.node_pub(1).read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert paths.node_pubs() == [paths.node_pub(1), paths.node_pub(2)]
+
+
+def test_certs_never_overwrite_without_force(tmp_path: Path) -> None:
+    paths = make_certs(tmp_path, [], nodes=1)
+    before = paths.node_key(1).read_bytes()
+    with pytest.raises(CertsError, match="already exist"):
+        make_certs(tmp_path, [], nodes=1)
+    assert paths.node_key(1).read_bytes() == before
+    make_certs(tmp_path, [], nodes=1, force=True)
+    assert paths.node_key(1).read_bytes() != before
+    assert stat.S_IMODE(paths.node_key(1).stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("san", ["bad name", "http://x", "-x", "a/b"])
+def test_certs_reject_bad_san(tmp_path: Path, san: str) -> None:
+    with pytest.raises(CertsError, match="neither an IP address nor a DNS name"):
+        make_certs(tmp_path, [san], nodes=0)
+    assert not (tmp_path / "ca.key").exists()
+
+
+def test_gateway_forwards_only_the_fleet_api() -> None:
+    assert allowed("POST", "/v1/fleet/pull-messages")
+    assert allowed("GET", "/health")
+    assert not allowed("POST", "/v1/control/register-node")  # would defeat SuperNode auth
+    assert not allowed("POST", "/v1/control/start-run")
+    assert not allowed("POST", "/v1/runtime/acquire-task")
+    assert not allowed("GET", "/v1/fleet/pull-messages")
+    assert not allowed("POST", "/v1/fleet/../control/start-run")
+
+
+# ------------------------------------------------------------------------- local processes
+
+
+def _csv(path: Path, seed: int, rows: int = 24) -> Path:
+    lines = ["text,label"]
+    for i in range(rows):
+        good = (i + seed) % 2 == 0
+        text = (POSITIVE if good else NEGATIVE)[(i * 7 + seed) % 6]
+        lines.append(f'"{text} ({i})",{"fresh" if good else "rotten"}')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _env(home: Path) -> dict[str, str]:
+    return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the coordinator exited early"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {port} after {timeout_s} s")
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float) -> int:
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        return -999
+
+
+@dataclass
+class Deployment:
+    out: Path
+    logs: Path
+    server_rc: int = -999
+    unregistered_rc: int = -999
+    wrong_ca_rc: int = -999
+    device_rcs: list[int] = field(default_factory=list)
+    survivors: list[int] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+
+    def log(self, name: str) -> str:
+        return (self.logs / name).read_text(errors="replace")
+
+
+def _client(superlink: str, ca: Path, key: Path, data: Path, extra: list[str]) -> list[str]:
+    return [*FEDPEFT, "client", "--superlink", superlink, "--ca", str(ca), "--key", str(key),
+            "--data", str(data), "--threads", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("deploy")
+    pki, other = make_certs(root / "pki", [], nodes=3), make_certs(root / "other", [], nodes=1)
+    result = Deployment(root / "out", root / "logs")
+    result.logs.mkdir()
+    env, port = _env(root / "flwr_home"), free_port()
+    superlink = f"127.0.0.1:{port}"
+    trackers: list[_Tracker] = []
+    try:
+        server_cmd = [*FEDPEFT, "server", "--certs", str(pki.root), "--host", "127.0.0.1",
+                      "--port", str(port), "--out", str(result.out), "--node-keys",
+                      str(pki.node_pub(1)), str(pki.node_pub(2)), "--timeout", "150"]
+        for item in ('model.name="tiny-bert"', f"federation.rounds={ROUNDS}",
+                     "train.local_steps=2", "train.batch_size=8", "eval.subset=100",
+                     "data.test_size=200", 'data.partitioner="iid"'):
+            server_cmd += ["--set", item]
+        trackers.append(spawn(server_cmd, env, result.logs / "server.log"))
+        server = trackers[0].proc
+        _wait_listening(port, server, 90)
+        # node-3 is not registered; node-1's key with a CA that did not sign the server cert
+        bad = [spawn(_client(superlink, pki.ca_cert, pki.node_key(3), _csv(root / "x.csv", 0),
+                             ["--max-wait", "10"]), env, result.logs / "unregistered.log"),
+               spawn(_client(superlink, other.ca_cert, pki.node_key(1), root / "x.csv",
+                             ["--max-wait", "10"]), env, result.logs / "wrong_ca.log")]
+        trackers += bad
+        for i in (1, 2):  # the refused ones do not get in the way of the registered ones
+            trackers.append(spawn(
+                _client(superlink, pki.ca_cert, pki.node_key(i), _csv(root / f"d{i}.csv", i),
+                        ["--max-wait", "5"]), env, result.logs / f"device{i}.log"))
+        result.unregistered_rc = _wait(bad[0].proc, 60)
+        result.wrong_ca_rc = _wait(bad[1].proc, 60)
+        result.server_rc = _wait(server, 150)
+        result.device_rcs = [_wait(t.proc, 40) for t in trackers[3:]]
+    finally:
+        stop_all(trackers, print)
+        result.pids = sorted({pid for t in trackers for pid in t.known})
+        result.survivors = sorted({pid for t in trackers for pid in t.scan()})
+    yield result
+
+
+@pytest.mark.slow
+def test_two_devices_train_two_rounds_over_tls(deployment: Deployment) -> None:
+    assert deployment.server_rc == 0, deployment.log("server.log")[-3000:]
+    rows = MetricsLog.read(deployment.out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
+    for row in rows[1:]:
+        assert row["clients_sampled"] == 2 and row["clients_ok"] == 2, row
+        assert row["clients_failed"] == 0 and row["clients_rejected"] == 0
+        assert row["bytes_up"] > 0 and row["bytes_down"] > 0 and row["train_s"] > 0
+    summary = json.loads((deployment.out / "summary.json").read_text())
+    assert summary["clients"] == 2 and summary["rounds"] == ROUNDS
+    assert summary["fleet_http_bytes_up"] >= sum(r["bytes_up"] for r in rows)
+    assert summary["fleet_http_refused"] == 0
+    assert (deployment.out / "adapter" / "adapter_model.safetensors").exists()
+    config = (deployment.out / "config.toml").read_text()
+    assert 'labels = [ "rotten", "fresh",]' in config or 'labels = ["rotten", "fresh"]' in config
+    server_log = deployment.log("server.log")
+    assert "TLS, SuperNode authentication on" in server_log
+    for i in (1, 2):  # each device trained on its own file, in one long-running process
+        log = deployment.log(f"device{i}.log")
+        assert log.count("round task done") == ROUNDS, log[-2000:]
+        assert "FAILED" not in log
+
+
+@pytest.mark.slow
+def test_devices_exit_cleanly_when_the_coordinator_is_gone(deployment: Deployment) -> None:
+    assert deployment.device_rcs == [0, 0], deployment.log("device1.log")[-1500:]
+    assert "the coordinator is gone" in deployment.log("device1.log")
+
+
+@pytest.mark.slow
+def test_unregistered_key_is_refused(deployment: Deployment) -> None:
+    log = deployment.log("unregistered.log")
+    assert deployment.unregistered_rc not in (0, -999), log[-1500:]
+    assert "refused this device's key" in log
+    assert "round task done" not in log
+
+
+@pytest.mark.slow
+def test_certificate_from_another_ca_cannot_connect(deployment: Deployment) -> None:
+    log = deployment.log("wrong_ca.log")
+    assert deployment.wrong_ca_rc not in (0, -999), log[-1500:]
+    assert "not signed by --ca" in log
+    assert "round task done" not in log
+
+
+@pytest.mark.slow
+def test_every_started_process_is_stopped(deployment: Deployment) -> None:
+    assert len(deployment.pids) >= 8  # coordinator, SuperLink, SuperExec, ServerApp, 4 devices..
+    assert deployment.survivors == []
+    alive = [p for p in deployment.pids if Path(f"/proc/{p}").exists()
+             and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]]
+    assert alive == []
+
+
+def _start_and_signal(cmd: list[str], env: dict[str, str], log: Path, ready: str,
+                      sig: int) -> tuple[int, list[int], list[int]]:
+    tracker = spawn(cmd, env, log)
+    try:
+        deadline = time.monotonic() + 90
+        while ready not in log.read_text(errors="replace"):
+            assert tracker.proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(1.0)  # let it start its children
+        tracker.scan()
+        children = sorted(set(tracker.known) - {tracker.proc.pid})
+        os.kill(tracker.proc.pid, sig)
+        rc = _wait(tracker.proc, 30)
+        time.sleep(0.5)
+        return rc, children, sorted(tracker.scan())
+    finally:
+        tracker.stop_all(grace_s=3)
+
+
+@pytest.mark.slow
+def test_client_stops_its_supernode_on_sigterm(tmp_path: Path) -> None:
+    pki = make_certs(tmp_path / "pki", [], nodes=1)
+    cmd = _client(f"127.0.0.1:{free_port()}", pki.ca_cert, pki.node_key(1),
+                  _csv(tmp_path / "d.csv", 1), [])  # nobody listens: retries forever
+    rc, children, alive = _start_and_signal(cmd, _env(tmp_path / "home"), tmp_path / "c.log",
+                                            "Ctrl-C stops it", signal.SIGTERM)
+    assert rc == 130, (tmp_path / "c.log").read_text()
+    assert children, "flower-supernode was not started"
+    assert alive == []
+
+
+@pytest.mark.slow
+def test_server_stops_superlink_on_sigint(tmp_path: Path) -> None:
+    pki = make_certs(tmp_path / "pki", [], nodes=1)
+    cmd = [*FEDPEFT, "server", "--certs", str(pki.root), "--host", "127.0.0.1", "--port",
+           str(free_port()), "--out", str(tmp_path / "out"), "--set", 'model.name="tiny-bert"',
+           "--set", "data.test_size=200"]
+    rc, children, alive = _start_and_signal(cmd, _env(tmp_path / "home"), tmp_path / "s.log",
+                                            "waiting for 1 devices", signal.SIGINT)
+    assert rc == 130, (tmp_path / "s.log").read_text()
+    assert len(children) >= 2  # flower-superlink, its SuperExec, flwr run, ServerApp
+    assert alive == []
+
+
+def test_client_refuses_missing_files_and_absent_cuda(tmp_path: Path) -> None:
+    from fedpeft.cli import main
+
+    pki = make_certs(tmp_path / "pki", [], nodes=1)
+    data = _csv(tmp_path / "d.csv", 1)
+    base = ["client", "--superlink", "127.0.0.1:1", "--ca", str(pki.ca_cert)]
+    assert main([*base, "--key", str(pki.node_key(1)), "--data", str(tmp_path / "no.csv")]) == 2
+    os.chmod(pki.node_key(1), 0o644)
+    assert main([*base, "--key", str(pki.node_key(1)), "--data", str(data)]) == 2
+    os.chmod(pki.node_key(1), 0o600)
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main([*base, "--key", str(pki.node_key(1)), "--data", str(data),
+                     "--device", "cuda"]) == 2
+
+
+def test_server_requires_certs_unless_insecure(tmp_path: Path, capsys) -> None:
+    from fedpeft.cli import main
+
+    assert main(["server", "--out", str(tmp_path)]) == 2
+    assert "--certs DIR is required" in capsys.readouterr().err
+    assert main(["server", "--certs", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert isinstance(CertPaths(tmp_path).node_pubs(), list)
+
+
+# ------------------------------------------------------------------------ device internals
+
+
+def _fab(tmp_path: Path, clientapp: str) -> bytes:
+    import io
+    import zipfile
+
+    from fedpeft.launcher import write_app_dir
+
+    app = write_app_dir(tmp_path / clientapp.replace(":", "_"), "fedpeft.server.app:app",
+                        clientapp, {"config-file": "", "out-dir": ""})
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.write(app / "pyproject.toml", "pyproject.toml")
+    return buf.getvalue()
+
+
+def test_device_runs_only_the_fedpeft_clientapp(tmp_path: Path) -> None:
+    from flwr.supercore.fab import Fab
+
+    from fedpeft.clientexec import WrongAppError, check_fab
+
+    ours = "fedpeft.client.app:app"
+    check_fab(Fab("h", _fab(tmp_path, ours), {}), ours)
+    with pytest.raises(WrongAppError, match="only runs"):
+        check_fab(Fab("h", _fab(tmp_path, "evil.module:app"), {}), ours)
+    with pytest.raises(WrongAppError, match="no readable clientapp"):
+        check_fab(Fab("h", b"not a zip", {}), ours)
+
+
+def test_node_data_wins_over_the_server_partition(tmp_path: Path) -> None:
+    from fedpeft.client.app import node_workspace
+
+    from fedpeft.config import load_config
+
+    cfg = load_config(None, ['model.name="tiny-bert"', 'data.labels=["rotten", "fresh"]'])
+    path = tmp_path / "only_fresh.csv"
+    path.write_text('text,label\n"nice",fresh\n"lovely",fresh\n"good",fresh\n')
+    node_cfg, workspace = node_workspace(cfg, {"data-path": str(path), "device": "cpu",
+                                               "threads": 1})
+    assert node_cfg.train.device == "cpu"
+    assert workspace.num_labels == 2  # the run's classes, though this file has one
+    for partition_id in (0, 7):
+        data = workspace.partition(partition_id, 100)
+        assert len(data) == 3 and data.labels.tolist() == [1, 1, 1]
+    sim_cfg, _ = node_workspace(cfg, {"partition-id": 0})  # simulation: unchanged
+    assert sim_cfg is cfg
