@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -151,6 +152,7 @@ def run(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"fedpeft server failed ({server.returncode}); see {out}")
     finally:
         stop_all(trackers, print)
+        shutil.rmtree(work, ignore_errors=True)
     return report(MetricsLog.read(out / "metrics.jsonl"), marks, relay, args)
 
 
