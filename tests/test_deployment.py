@@ -137,11 +137,26 @@ class Deployment:
     unregistered_rc: int = -999
     wrong_ca_rc: int = -999
     device_rcs: list[int] = field(default_factory=list)
+    control_status: int = 0  # the Control API asked through the public port
     survivors: list[int] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
 
     def log(self, name: str) -> str:
         return (self.logs / name).read_text(errors="replace")
+
+
+def _post(url: str, ca: Path) -> int:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"),
+                                    context=ctx, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
 
 
 def _client(superlink: str, ca: Path, key: Path, data: Path, extra: list[str]) -> list[str]:
@@ -169,6 +184,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         trackers.append(spawn(server_cmd, env, result.logs / "server.log"))
         server = trackers[0].proc
         _wait_listening(port, server, 90)
+        result.control_status = _post(f"https://{superlink}/v1/control/list-runs", pki.ca_cert)
         # node-3 is not registered; node-1's key with a CA that did not sign the server cert
         bad = [spawn(_client(superlink, pki.ca_cert, pki.node_key(3), _csv(root / "x.csv", 0),
                              ["--max-wait", "10"]), env, result.logs / "unregistered.log"),
@@ -202,7 +218,8 @@ def test_two_devices_train_two_rounds_over_tls(deployment: Deployment) -> None:
     summary = json.loads((deployment.out / "summary.json").read_text())
     assert summary["clients"] == 2 and summary["rounds"] == ROUNDS
     assert summary["fleet_http_bytes_up"] >= sum(r["bytes_up"] for r in rows)
-    assert summary["fleet_http_refused"] == 0
+    assert summary["fleet_http_refused"] == 1  # the fixture's Control API probe
+    assert deployment.control_status == 404
     assert (deployment.out / "adapter" / "adapter_model.safetensors").exists()
     config = (deployment.out / "config.toml").read_text()
     assert 'labels = [ "rotten", "fresh",]' in config or 'labels = ["rotten", "fresh"]' in config
