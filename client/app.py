@@ -7,15 +7,24 @@ file; model, data and encodings are cached per process by ``fedpeft.runtime``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+from collections.abc import Mapping
 
-from fedpeft.strategies import Method, build_method
-from flwr.app import Context, Message, MetricRecord
+from fedpeft.strategies import RANK_KEY, ClientState, Method, build_method
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.config import FedConfig, from_dict
-from fedpeft.runtime import get_workspace, set_torch_threads
+from fedpeft.privacy import BUDGET_SPENT
+from fedpeft.runtime import (
+    Workspace,
+    default_threads,
+    get_local_workspace,
+    get_workspace,
+    set_torch_threads,
+)
 from fedpeft.wire import (
     CONFIG_RECORD,
     METRICS_RECORD,
@@ -25,9 +34,10 @@ from fedpeft.wire import (
     save_client_state,
 )
 
+from .faults import inject_faults
 from .trainer import client_round
 
-app = ClientApp()
+app = ClientApp(mods=[inject_faults])  # [faults] config: injected misbehaviour (tests)
 
 
 @functools.lru_cache(maxsize=4)
@@ -44,14 +54,63 @@ def train(msg: Message, context: Context) -> Message:
     downlink = records_to_payload(msg.content)
     scalars = downlink.scalars
     state = load_client_state(context.state)
+    sent_rank = int(scalars.get("fedpeft.rank", cfg.model.rank))
+    own = own_rank(context.node_config.get("rank"), state)
+    if own is not None and own != sent_rank:
+        return _rank_mismatch(msg, method, own, sent_rank)
+    cfg, workspace = node_workspace(cfg, context.node_config)
     result = client_round(
-        cfg, method, get_workspace(cfg), downlink,
+        cfg, method, workspace, downlink,
         partition_id=int(scalars["fedpeft.partition"]),
         rank=int(scalars.get("fedpeft.rank", cfg.model.rank)),
         server_round=int(scalars["fedpeft.round"]),
         client_state=state,
     )
     save_client_state(context.state, state)
+    if result.metrics.get(BUDGET_SPENT):  # no training, nothing to upload: say so, no tensors
+        metrics = MetricRecord({**result.metrics, "num-examples": 0})
+        return Message(content=RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
     content = payload_to_records(result.payload)
     content[METRICS_RECORD] = MetricRecord({**result.metrics, "num-examples": result.num_examples})
     return Message(content=content, reply_to=msg)
+
+
+def node_workspace(cfg: FedConfig,
+                   node_config: Mapping[str, object]) -> tuple[FedConfig, Workspace]:
+    """Deployment (``fedpeft client``): a SuperNode with ``data-path`` in its node config trains
+    on its own file, on its own ``device`` with its own ``threads``; the node's data wins over
+    the server's partition id. Otherwise (simulation): the run's partition and device."""
+    path = node_config.get("data-path")
+    if not path:
+        return cfg, get_workspace(cfg)
+    set_torch_threads(int(str(node_config.get("threads", 0) or 0)) or default_threads())
+    device = str(node_config.get("device", "") or cfg.train.device)
+    if device != cfg.train.device:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+    return cfg, get_local_workspace(cfg, str(path))
+
+
+def own_rank(node_rank: object, state: ClientState) -> int | None:
+    """The LoRA rank this client holds: ``--node-config rank=N`` capped by any rank the method
+    lowered since (``RANK_KEY`` in client state); None = whatever rank the server sends."""
+    ranks = [int(state.values[RANK_KEY])] if RANK_KEY in state.values else []
+    if node_rank is not None:
+        try:
+            rank = int(str(node_rank))
+        except ValueError:
+            rank = 0
+        if rank < 1:
+            raise ValueError(f"--node-config rank={node_rank!r}: expected a positive integer")
+        ranks.append(rank)
+    return min(ranks) if ranks else None
+
+
+def _rank_mismatch(msg: Message, method: Method, own: int, sent: int) -> Message:
+    """Reply without training: tell the server this node's rank (it sends that rank next time)."""
+    if not method.mixed_ranks:
+        raise ValueError(
+            f"this node holds LoRA rank {own} but method {method.name!r} trains every client at "
+            f"rank {sent}: start the node without --node-config rank or use a mixed-rank method"
+        )
+    metrics = MetricRecord({"num-examples": 0, "next_rank": own, "rank_mismatch": 1})
+    return Message(content=RecordDict({METRICS_RECORD: metrics}), reply_to=msg)

@@ -6,14 +6,18 @@ it directly, so both do exactly the same work.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from fedpeft.strategies import Method
+import torch
+from fedpeft.strategies import RANK_KEY, Method
 
 from fedpeft.config import FedConfig
 from fedpeft.payload import ClientState, Payload
+from fedpeft.privacy import clip_update, dp_train
 from fedpeft.runtime import Workspace
 from fedpeft.training import make_optimizer, resolve_device, train_steps
 
@@ -23,6 +27,17 @@ class ClientResult:
     payload: Payload
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def torch_seeded(parts: list[int], device: torch.device) -> Iterator[None]:
+    """Seed torch's global RNG (dropout) from ``parts`` inside the block, restoring it after:
+    a client round is then a pure function of its inputs, whichever actor runs it (reproducible
+    runs, bit-identical resume). Never around DP-SGD: its noise must not follow a public seed."""
+    seed = int(np.random.SeedSequence([*parts, 5]).generate_state(1, np.uint64)[0] >> 1)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def learning_rate(cfg: FedConfig, method: Method) -> float:
@@ -46,22 +61,40 @@ def client_round(
     data = workspace.partition(partition_id, cfg.federation.clients)
     adapter = workspace.adapter_model(rank)
     adapter.model.to(device)
+    adapter.reset_base()  # a shared model object: undo any base merge of another client/method
     method.load(adapter, downlink, client_state)
     adapter.set_trainable(method.trainable(adapter))
-    params = [adapter.params[k] for k in adapter.trainable_keys()]
-    optimizer = make_optimizer(params, cfg.train.optimizer, learning_rate(cfg, method),
-                               cfg.train.weight_decay)
-    rng = np.random.default_rng([cfg.federation.seed, server_round, partition_id])
-    result = train_steps(
-        adapter.model, data, steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
-        optimizer=optimizer, rng=rng, device=device, extra_loss=method.extra_loss(adapter),
-    )
+    dp_metrics: dict[str, float] = {}
+    if cfg.privacy.enabled:  # DP-SGD (fedpeft.privacy): checks the model, own sampling + noise
+        dp_result, dp_metrics = dp_train(adapter, data, cfg=cfg, lr=learning_rate(cfg, method),
+                                         device=device, client_state=client_state,
+                                         extra_loss=method.extra_loss(adapter))
+        if dp_result is None:  # this client's privacy budget is spent: no training, no upload
+            return ClientResult(Payload(), 0, {**dp_metrics, "train_s": 0.0, "rank": float(rank),
+                                               "client_s": time.perf_counter() - start,
+                                               "partition_id": float(partition_id)})
+        result = dp_result
+    else:
+        params = [adapter.params[k] for k in adapter.trainable_keys()]
+        optimizer = make_optimizer(params, cfg.train.optimizer, learning_rate(cfg, method),
+                                   cfg.train.weight_decay)
+        rng = np.random.default_rng([cfg.federation.seed, server_round, partition_id])
+        with torch_seeded([cfg.federation.seed, server_round, partition_id], device):
+            result = train_steps(
+                adapter.model, data, steps=cfg.train.local_steps,
+                batch_size=cfg.train.batch_size, optimizer=optimizer, rng=rng, device=device,
+                extra_loss=method.extra_loss(adapter),
+            )
     uplink = method.uplink(adapter, downlink, client_state)
+    if cfg.privacy.client_level == "client-fixed":  # Flower's client-side fixed clipping
+        uplink = clip_update(uplink, downlink, cfg.privacy.client_clip)
     metrics = {
         "train_loss": result.loss,
         "train_s": result.seconds,
         "client_s": time.perf_counter() - start,
         "partition_id": float(partition_id),
         "rank": float(rank),
+        "next_rank": float(client_state.values.get(RANK_KEY, rank)),
+        **dp_metrics,
     }
     return ClientResult(uplink, len(data), metrics)

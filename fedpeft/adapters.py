@@ -46,6 +46,7 @@ class AdapterModel:
         self.pairs: dict[str, LoraPair] = lora_pairs(self.params, alpha / rank)
         lora_keys = {k for p in self.pairs.values() for k in (p.a_key, p.b_key)}
         self.head_keys: list[str] = [k for k in self.params if k not in lora_keys]
+        self._w0: dict[str, torch.Tensor] = {}  # pristine base weights of layers given a delta
 
     def state(self) -> Tensors:
         """Detached copies of every adapter (and head) tensor."""
@@ -65,6 +66,29 @@ class AdapterModel:
                 if param.shape != value.shape:
                     raise ValueError(f"{key}: shape {tuple(value.shape)} != {tuple(param.shape)}")
                 param.copy_(value)
+
+    def base_weight(self, layer: str) -> torch.nn.Parameter:
+        """The frozen base weight W (d_out x d_in) of wrapped layer ``layer`` (a pair's name)."""
+        return self.model.get_submodule(layer).base_layer.weight
+
+    def set_base_delta(self, layer: str, delta: torch.Tensor) -> None:
+        """Set the frozen base of ``layer`` to W0 + ``delta`` (W0 kept aside, never accumulated:
+        one model object serves many virtual clients, each with its own merged updates)."""
+        weight = self.base_weight(layer)
+        if tuple(delta.shape) != tuple(weight.shape):
+            raise ValueError(f"{layer}: base delta {tuple(delta.shape)} != {tuple(weight.shape)}")
+        if layer not in self._w0:
+            self._w0[layer] = weight.detach().clone()
+        with torch.no_grad():
+            w0 = self._w0[layer]
+            weight.copy_(w0 + delta.to(device=w0.device, dtype=w0.dtype))
+
+    def reset_base(self) -> None:
+        """Undo every ``set_base_delta``: the base is W0 again (a no-op when none was set)."""
+        with torch.no_grad():
+            for layer, w0 in self._w0.items():
+                self.base_weight(layer).copy_(w0)
+        self._w0.clear()
 
     def set_trainable(self, keys: set[str] | None = None) -> None:
         """Train exactly ``keys`` (all adapter tensors when None); everything else stays frozen."""

@@ -1,14 +1,19 @@
 """The ``fedpeft`` command line.
 
     fedpeft simulate [CONFIG] [--method M] [--clients N] [--rounds R] [--out DIR] [--set k=v ...]
+    fedpeft simulate --resume DIR     continue a run that stopped (after its last finished round)
     fedpeft evaluate DIR/adapter
     fedpeft config            every config key with its default and allowed values
     fedpeft methods           the registered methods and their options
+    fedpeft certs DIR --san HOST       CA, SuperLink certificate, device keys (deployment)
+    fedpeft server [CONFIG] --certs DIR     coordinator of a real deployment
+    fedpeft client --superlink H:P --ca CA --key KEY --data FILE     a device
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -42,6 +47,44 @@ def preflight(cfg: FedConfig) -> None:
     build_method(cfg)
     get_model_spec(cfg.model.name).tokenizer()
     partition_indices(cfg.data, cfg.federation.clients)
+    _check_model_and_device(cfg)
+
+
+def _check_model_and_device(cfg: FedConfig) -> None:
+    """LoRA target modules that exist in the model, a device that exists on this host."""
+    from fedpeft.adapters import build_adapter_model
+    from fedpeft.data import load_task_data
+    from fedpeft.training import resolve_device
+
+    try:
+        resolve_device(cfg.train.device)
+    except RuntimeError as exc:
+        raise ConfigError(f"train.device = {cfg.train.device!r}: {exc}") from exc
+    train, _ = load_task_data(cfg.data)
+    try:
+        build_adapter_model(cfg.model, len(train.label_names))
+    except ValueError as exc:  # peft: the target modules match no layer
+        raise ConfigError(str(exc)) from exc
+
+
+def _resume_target(args: argparse.Namespace) -> tuple[FedConfig, Path, int]:
+    """(config, run folder, last finished round) for ``--resume DIR``; the config is the run's
+    own (DIR/config.toml), and options that change it are refused."""
+    from fedpeft.server.checkpoint import check_resumable, load_checkpoint
+
+    out = Path(args.resume).resolve()
+    if args.out and Path(args.out).resolve() != out:
+        raise ConfigError(f"--resume {out} continues in that folder; drop --out {args.out}")
+    saved = out / "config.toml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {out}: no config.toml there (not a fedpeft run folder?)")
+    cfg = _load(argparse.Namespace(**{**vars(args), "config": args.config or str(saved)}))
+    ckpt = load_checkpoint(out)
+    check_resumable(ckpt, cfg, out)
+    from fedpeft.reporting import MetricsLog
+
+    MetricsLog(out / "metrics.jsonl", ckpt.metrics)  # drop rows of a round that did not finish
+    return cfg, out, ckpt.round
 
 
 class _Progress:
@@ -63,10 +106,8 @@ class _Progress:
 
     def _loop(self) -> None:
         while not self.stop.wait(1.0):
-            try:
+            with contextlib.suppress(OSError, ValueError):  # a half-written line: next time
                 self._poll()
-            except (OSError, ValueError):
-                pass
 
     def __enter__(self) -> _Progress:
         self.thread.start()
@@ -88,29 +129,58 @@ def _flower_line_filter(verbose: bool) -> Callable[[str], None]:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.launcher import run_simulation_app, write_app_dir
-    from fedpeft.reporting import MetricsLog, human_bytes, results_table
+    from fedpeft.server.app import ERROR_FILE
 
-    cfg = _load(args)
+    done = -1
+    if args.resume:
+        cfg, out, done = _resume_target(args)
+    else:
+        cfg, out = _load(args), Path(args.out or "runs/latest").resolve()
     preflight(cfg)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    config_file = out / "config.toml"
-    config_file.write_text(to_toml(cfg))
     fed = cfg.federation
+    if done >= fed.rounds:
+        print(f"fedpeft: {out} finished all {fed.rounds} rounds; nothing to resume")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.json", ERROR_FILE, *(() if args.resume else ("metrics.jsonl",))):
+        (out / name).unlink(missing_ok=True)
+    config_file = out / "config.toml"
+    if not args.resume:
+        config_file.write_text(to_toml(cfg))
     print(f"fedpeft: {cfg.method.name} on {cfg.model.name}, {fed.clients} clients "
           f"({fed.clients_per_round} per round), {fed.rounds} rounds, split "
-          f"{cfg.data.partitioner}; writing to {out}", flush=True)
+          f"{cfg.data.partitioner}; writing to {out}"
+          + (f"; resuming after round {done}" if args.resume else ""), flush=True)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fedpeft-app-") as tmp, \
-            _Progress(out / "metrics.jsonl", fed.rounds, lambda s: print(s, flush=True)):
+    progress = _Progress(out / "metrics.jsonl", fed.rounds, lambda s: print(s, flush=True))
+    progress.seen = done + 1  # a resumed run's earlier rounds were shown by the first run
+    run_config = {"config-file": str(config_file), "out-dir": str(out),
+                  "resume": "1" if args.resume else ""}
+    with tempfile.TemporaryDirectory(prefix="fedpeft-app-") as tmp, progress:
         app_dir = write_app_dir(Path(tmp) / "app", SERVERAPP, CLIENTAPP,
-                                {"config-file": "", "out-dir": str(out)})
+                                {"config-file": "", "out-dir": str(out), "resume": ""})
         rc = run_simulation_app(
-            app_dir, {"config-file": str(config_file), "out-dir": str(out)},
+            app_dir, run_config,
             num_supernodes=fed.clients, num_cpus_per_client=cfg.simulation.cpus_per_client,
             log_dir=out, stream=_flower_line_filter(args.verbose),
         )
+    return _finish(out, rc, started)
+
+
+def _finish(out: Path, rc: int, started: float) -> int:
+    """Report the run's outcome: the ServerApp's own error message if it left one, else the
+    results."""
+    from fedpeft.reporting import MetricsLog, human_bytes, results_table
+    from fedpeft.server.app import ERROR_FILE
+
+    error_path = out / ERROR_FILE
+    if error_path.is_file():
+        error = json.loads(error_path.read_text())
+        print(f"fedpeft: error: {error['message']}", file=sys.stderr)
+        if error.get("kind") != "config":
+            print(f"fedpeft: the server stopped with {error.get('type')}; Flower's log: "
+                  f"{out}/run.log", file=sys.stderr)
+        return 2 if error.get("kind") == "config" else rc or 1
     summary_path = out / "summary.json"
     if rc != 0 or not summary_path.exists():
         print(f"fedpeft: the simulation failed (exit {rc}); Flower's log: {out}", file=sys.stderr)
@@ -122,7 +192,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"\nfinal accuracy {summary['final_accuracy']:.3f} (round 0: "
           f"{summary['initial_accuracy']:.3f}), uplink {human_bytes(summary['total_bytes_up'])}, "
           f"downlink {human_bytes(summary['total_bytes_down'])}, {summary['cli_wall_s']:.0f} s")
-    print(f"outputs: {out}/metrics.jsonl summary.json report.png adapter/")
+    print(f"outputs: {out}/metrics.jsonl summary.json report.png adapter/ checkpoint/")
     return 0
 
 
@@ -155,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--method", help="federated method (see `fedpeft methods`)")
     sim.add_argument("--clients", type=int, help="number of virtual clients")
     sim.add_argument("--rounds", type=int, help="federated rounds")
-    sim.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
+    sim.add_argument("--out", help="output folder (default runs/latest)")
+    sim.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last "
+                     "finished round (its own config, DIR/config.toml)")
     sim.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     sim.add_argument("--verbose", action="store_true", help="show all of Flower's log lines")
@@ -168,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("config", help="list every config key").set_defaults(func=cmd_config)
     sub.add_parser("methods", help="list the methods").set_defaults(func=cmd_methods)
+
+    from fedpeft.deploy import add_commands as add_deploy_commands
+
+    add_deploy_commands(sub)  # certs, server, client
     return parser
 
 

@@ -49,7 +49,7 @@ class DataConfig:
     labels: list[str] = option([], "class names in label order (empty: inferred from the data)")
     partitioner: str = option("movie", "how the training data is split across clients",
                             choices=("iid", "dirichlet", "movie"))
-    dirichlet_alpha: float = option(0.5, "Dirichlet concentration (smaller = more label skew)", gt=0)
+    dirichlet_alpha: float = option(0.5, "Dirichlet concentration (smaller = more skew)", gt=0)
     min_partition_size: int = option(2, "smallest allowed client partition", min=1)
     test_size: int = option(1000, "held-out test examples (fixed, never trained on)", min=10)
     seed: int = option(0, "seed of the test split and the partitioner")
@@ -63,13 +63,23 @@ class FederationConfig:
     min_replies: int = option(1, "good replies a round needs to aggregate", min=1)
     round_timeout_s: float = option(0.0, "seconds to wait for replies (0 = no limit)", min=0)
     seed: int = option(0, "seed of client sampling and initialisation")
+    rank_mix: str = option("", "simulated LoRA ranks per client as rank:fraction pairs, e.g. "
+                           "'2:0.3,8:0.5,16:0.2' (assigned by seed; empty = all at model.rank)")
+    on_short_round: str = option("skip", "a round with fewer than min_replies good replies is "
+                                 "skipped, or retried with a fresh sample of clients",
+                                 choices=("skip", "retry"))
+    max_retries: int = option(2, "retries of a short round (on_short_round = 'retry') before "
+                              "it is skipped", min=0)
+    max_update_norm: float = option(0.0, "reject an upload whose L2 distance from what the "
+                                    "client was sent exceeds this (0 = no bound)", min=0)
 
 
 @dataclass
 class TrainConfig:
     local_steps: int = option(5, "optimizer steps per client per round", min=1)
     batch_size: int = option(16, "examples per step", min=1)
-    lr: float = option(0.002, "client learning rate (0 = the method's default)", min=0)
+    lr: float = option(0.0, "client learning rate (0 = the method's default: fedit 0.002, "
+                                  "ffa-lora 0.02)", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0)
     optimizer: str = option("adamw", "client optimizer", choices=("adamw", "sgd"))
     device: str = option("cpu", "cpu, cuda or cuda:N")
@@ -91,6 +101,57 @@ class SimulationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    enabled: bool = option(False, "sample-level DP-SGD (Opacus) on every client's trainable "
+                           "adapter tensors")
+    epsilon: float = option(3.0, "target epsilon per client over the planned rounds", gt=0)
+    delta: float = option(1e-5, "target delta, in (0, 1); keep it well below 1/n (n = a "
+                          "client's examples)", gt=0)
+    max_grad_norm: float = option(1.0, "per-example gradient clipping norm C", gt=0)
+    accountant: str = option("rdp", "privacy accountant", choices=("rdp", "prv"))
+    rounds: int = option(0, "rounds a client's budget is planned for (0 = federation.rounds: "
+                         "every round; fewer = less noise, and a client sampled more often "
+                         "stops training once its budget is spent)", min=0)
+    client_level: str = option("off", "client-level DP with Flower's fixed-clipping wrappers "
+                               "(weighted-mean methods only)",
+                               choices=("off", "server-fixed", "client-fixed"))
+    client_noise: float = option(1.0, "client-level noise multiplier z (noise std = z * "
+                                 "client_clip / clients_per_round)", gt=0)
+    client_clip: float = option(1.0, "client-level clipping norm of a client's whole update",
+                                gt=0)
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection for tests (client/faults.py): chosen clients misbehave in their replies.
+    A client is chosen by partition id (the lists) or by seed (the fractions of all clients)."""
+
+    crash: list[int] = option([], "partition ids whose ClientApp raises an exception")
+    hang: list[int] = option([], "partition ids that sleep faults.hang_s before replying")
+    nan: list[int] = option([], "partition ids that upload NaN values")
+    wrong_shape: list[int] = option([], "partition ids that upload a tensor of the wrong shape")
+    oversized: list[int] = option([], "partition ids that upload an extra 8 MB tensor")
+    explode: list[int] = option([], "partition ids that upload their tensors times 1e4 (finite, "
+                                "well formed: only federation.max_update_norm catches it)")
+    crash_fraction: float = option(0.0, "fraction of all clients that crash", min=0, max=1)
+    hang_fraction: float = option(0.0, "fraction of all clients that hang", min=0, max=1)
+    nan_fraction: float = option(0.0, "fraction of all clients that upload NaN", min=0, max=1)
+    wrong_shape_fraction: float = option(0.0, "fraction of all clients with wrong shapes",
+                                         min=0, max=1)
+    oversized_fraction: float = option(0.0, "fraction of all clients with oversized uploads",
+                                       min=0, max=1)
+    explode_fraction: float = option(0.0, "fraction of all clients that upload huge values",
+                                     min=0, max=1)
+    redraw: bool = option(False, "draw the fraction-chosen clients anew every round (by seed "
+                          "and round) instead of once per run")
+    rounds: list[int] = option([], "rounds in which faults happen (empty = every round)")
+    hang_s: float = option(60.0, "seconds a hanging client sleeps before it replies", gt=0)
+
+
+FAULT_KINDS = ("crash", "hang", "nan", "wrong_shape", "oversized", "explode")
+
+
+@dataclass
 class MethodConfig:
     name: str = option("fedit", "federated method (see `fedpeft methods`)")
     options: dict[str, Any] = option({}, "the method's own options")
@@ -105,6 +166,8 @@ class FedConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -143,6 +206,8 @@ def _coerce(key: str, value: Any, ftype: Any, meta: typing.Mapping[str, Any]) ->
     """Check one value against its declared type and bounds; return it normalised."""
     allowed = _describe(meta, ftype)
     origin = typing.get_origin(ftype)
+    if origin is list and typing.get_args(ftype) == (int,):
+        return _int_list(key, value)
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -173,6 +238,17 @@ def _coerce(key: str, value: Any, ftype: Any, meta: typing.Mapping[str, Any]) ->
     ):
         raise ConfigError(f"{key} = {value!r} is out of range: {allowed}")
     return value
+
+
+def _int_list(key: str, value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, str) and all(v.strip().isdigit() for v in value.split(",")):
+        value = [int(v) for v in value.split(",")]  # --set faults.crash=0,3
+    if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{key} = {value!r}: expected a list of integers, e.g. [0, 3]")
+    return list(value)
 
 
 def _build_section(name: str, values: dict[str, Any]) -> Any:
@@ -258,6 +334,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate(cfg: FedConfig) -> None:
     """Checks that span several keys."""
     fed = cfg.federation
+    parse_rank_mix(fed.rank_mix)
     if fed.clients_per_round > fed.clients:
         raise ConfigError(
             f"federation.clients_per_round = {fed.clients_per_round} exceeds federation.clients "
@@ -280,6 +357,81 @@ def validate(cfg: FedConfig) -> None:
     dev = cfg.train.device
     if dev != "cpu" and dev != "cuda" and not (dev.startswith("cuda:") and dev[5:].isdigit()):
         raise ConfigError(f"train.device = {dev!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    validate_privacy(cfg)
+    validate_faults(cfg)
+
+
+def validate_privacy(cfg: FedConfig) -> None:
+    """[privacy] checks that span keys (which methods support DP: ``build_method``)."""
+    priv = cfg.privacy
+    if not 0 < priv.delta < 1:
+        raise ConfigError(f"privacy.delta = {priv.delta!r} is out of range: a number in (0, 1), "
+                          "well below 1/n for n examples per client (e.g. 1e-5)")
+    embedding = [m for m in cfg.model.target_modules if "embed" in m.lower()]
+    if priv.enabled and embedding:
+        raise ConfigError(
+            f"privacy.enabled = true with LoRA on embeddings (model.target_modules has "
+            f"{embedding[0]!r}): peft keeps embedding LoRA factors in a ParameterDict that Opacus "
+            "cannot see, so they would train without per-example clipping; remove them"
+        )
+
+
+def validate_faults(cfg: FedConfig) -> None:
+    """[faults]: partition ids that exist, one fault per client, fractions that fit, and a
+    round timeout whenever a client is made to hang."""
+    faults, fed = cfg.faults, cfg.federation
+    owner: dict[int, str] = {}
+    for kind in FAULT_KINDS:
+        for pid in getattr(faults, kind):
+            if not 0 <= pid < fed.clients:
+                raise ConfigError(f"faults.{kind} lists client {pid}, but partition ids run from "
+                                  f"0 to {fed.clients - 1} (federation.clients = {fed.clients})")
+            if pid in owner:
+                raise ConfigError(f"faults: client {pid} is listed under both faults.{owner[pid]} "
+                                  f"and faults.{kind}; give each client one fault")
+            owner[pid] = kind
+    chosen = sum(round(getattr(faults, f"{k}_fraction") * fed.clients) for k in FAULT_KINDS)
+    if chosen + len(owner) > fed.clients:
+        raise ConfigError(f"faults: the fractions and lists choose {chosen + len(owner)} faulty "
+                          f"clients, more than federation.clients = {fed.clients}")
+    bad = [r for r in faults.rounds if not 1 <= r <= fed.rounds]
+    if bad:
+        raise ConfigError(f"faults.rounds = {faults.rounds}: rounds run from 1 to "
+                          f"federation.rounds = {fed.rounds}")
+    if (faults.hang or faults.hang_fraction) and fed.round_timeout_s == 0:
+        raise ConfigError("faults.hang / faults.hang_fraction need federation.round_timeout_s > 0; "
+                          "without a round timeout the server waits for a hanging client forever")
+
+
+def parse_rank_mix(text: str) -> tuple[tuple[int, float], ...]:
+    """``federation.rank_mix`` as ((rank, fraction), ...); empty text = no mix."""
+    key = "federation.rank_mix"
+    if not text.strip():
+        return ()
+    pairs: list[tuple[int, float]] = []
+    for item in text.split(","):
+        rank_text, sep, frac_text = item.partition(":")
+        try:
+            rank, frac = int(rank_text), float(frac_text)
+        except ValueError:
+            raise ConfigError(f"{key} = {text!r}: {item.strip()!r} is not rank:fraction "
+                              "(e.g. '2:0.3,8:0.5,16:0.2')") from None
+        if not sep or rank < 1 or not 0 < frac <= 1:
+            raise ConfigError(f"{key} = {text!r}: {item.strip()!r} needs a rank >= 1 and a "
+                              "fraction in (0, 1]")
+        if rank in dict(pairs):
+            raise ConfigError(f"{key} = {text!r}: rank {rank} is listed twice")
+        pairs.append((rank, frac))
+    total = sum(f for _, f in pairs)
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"{key} = {text!r}: the fractions sum to {total:g}, not 1")
+    return tuple(pairs)
+
+
+def federation_ranks(cfg: FedConfig) -> list[int]:
+    """The LoRA ranks clients of this simulation hold (sorted): the mix, or just model.rank."""
+    mix = parse_rank_mix(cfg.federation.rank_mix)
+    return sorted({r for r, _ in mix}) if mix else [cfg.model.rank]
 
 
 def to_toml(cfg: FedConfig) -> str:

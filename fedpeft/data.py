@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import importlib.util
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +151,12 @@ def _partition_cached(cfg_json: str, num_clients: int) -> tuple[np.ndarray, ...]
     disable_progress_bars()
     cfg = DataConfig(**json.loads(cfg_json))
     train, _ = load_task_data(cfg)
+    if len(train) < num_clients * cfg.min_partition_size:  # else some partitions come out empty
+        raise ConfigError(
+            f"{len(train)} training examples cannot fill federation.clients = {num_clients} "
+            f"partitions of at least data.min_partition_size = {cfg.min_partition_size}: some "
+            "would be empty or too small; lower federation.clients"
+        )
     columns: dict[str, list] = {"idx": list(range(len(train))), "label": train.labels.tolist()}
     if cfg.partitioner == "iid":
         partitioner = IidPartitioner(num_partitions=num_clients)

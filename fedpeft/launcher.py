@@ -145,14 +145,6 @@ class _Tracker:
         return sorted(self.scan())
 
 
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
 def _start_superlink(home: Path, env: dict[str, str], log_path: Path, trackers: list[_Tracker],
                      timeout_s: float = 60.0) -> int:
     """Start ``flower-superlink`` in its own session on a free port, wait for ``/health``, write
@@ -170,7 +162,8 @@ def _start_superlink(home: Path, env: dict[str, str], log_path: Path, trackers: 
                 start_new_session=True)))
         deadline = time.monotonic() + timeout_s
         while trackers[-1].proc.poll() is None and time.monotonic() < deadline:
-            if _healthy(port):
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/health", timeout=0.5):  # raises unless 2xx
                 conn = {"address": f"127.0.0.1:{port}", "insecure": True}
                 (home / "config.toml").write_text(
                     tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
@@ -181,9 +174,9 @@ def _start_superlink(home: Path, env: dict[str, str], log_path: Path, trackers: 
     raise RuntimeError(f"flower-superlink did not become ready; log tail:\n{tail}")
 
 
-def _run_status(env: dict[str, str], run_id: str) -> str:
+def _run_status(env: dict[str, str], run_id: str, connection: str = CONNECTION) -> str:
     """The run's final status as the SuperLink reports it, e.g. ``finished:completed``."""
-    out = subprocess.run(["flwr", "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
+    out = subprocess.run(["flwr", "ls", connection, "--run-id", run_id, "--format", "json"],
                          env=env, capture_output=True, text=True, timeout=60, check=False)
     try:
         run = json.loads(out.stdout)["runs"][0]
@@ -212,10 +205,12 @@ def run_simulation_app(app_dir: Path, run_config: Mapping[str, RunValue], num_su
     Relative paths in the run config resolve against the current directory.
     """
     emit = stream or _LOG.info
-    home = Path(tempfile.mkdtemp(prefix="fedpeft-sim-"))
+    # Under /tmp like Ray's default: Ray's AF_UNIX socket paths (<=107 bytes) live in RAY_TMPDIR.
+    tmp_root = "/tmp" if Path("/tmp").is_dir() else None
+    home = Path(tempfile.mkdtemp(prefix="fedpeft-sim-", dir=tmp_root))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_")}
     bin_dir = str(Path(sys.executable).parent)  # Flower spawns its CLIs by name: venv first
-    env.update(_ENV, FLWR_HOME=str(home), RAY_TMPDIR=str(home / "ray"),
+    env.update(_ENV, FLWR_HOME=str(home), RAY_TMPDIR=str(home),
                PATH=os.pathsep.join([bin_dir, env.get("PATH", "")]))
     logs = log_dir or home
     trackers: list[_Tracker] = []

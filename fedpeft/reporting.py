@@ -56,9 +56,17 @@ def round_line(row: dict, rounds: int) -> str:
         f"down {human_bytes(row.get('bytes_down', 0))}",
         f"{row.get('wall_s', 0):.1f}s",
     ]
+    if row.get("epsilon") is not None:
+        parts.append(f"eps {row['epsilon']:.2f}")
     if row.get("clients_failed") or row.get("clients_rejected"):
         parts.append(f"failed {row.get('clients_failed', 0)} rejected "
                      f"{row.get('clients_rejected', 0)}")
+    if row.get("clients_timed_out"):
+        parts.append(f"timed out {row['clients_timed_out']}")
+    if row.get("retries"):
+        parts.append(f"retries {row['retries']}")
+    if row.get("aggregated") == 0:
+        parts.append("NOT AGGREGATED")
     return " | ".join(parts)
 
 
@@ -79,7 +87,11 @@ def results_table(rows: list[dict]) -> str:
 
 def summarize(rows: list[dict], **fields: Any) -> dict:
     scored = [r for r in rows if r.get("accuracy") is not None]
+    privacy = {key: max(r[key] for r in rows if r.get(key) is not None)  # DP runs only
+               for key in ("epsilon", "client_epsilon") if any(r.get(key) is not None
+                                                               for r in rows)}
     return {
+        **privacy,
         **fields,
         "rounds": max((r["round"] for r in rows), default=0),
         "initial_accuracy": scored[0]["accuracy"] if scored else None,

@@ -17,7 +17,7 @@ import torch
 
 from fedpeft.adapters import AdapterModel, build_adapter_model
 from fedpeft.config import DataConfig, FedConfig, ModelConfig
-from fedpeft.data import TextData, load_partition, load_task_data
+from fedpeft.data import TextData, load_partition, load_task_data, load_user_file
 from fedpeft.models import get_model_spec
 from fedpeft.training import Encoded, encode
 
@@ -80,6 +80,42 @@ def get_workspace(cfg: FedConfig) -> Workspace:
     """The process's workspace for this model and data (other config sections don't matter)."""
     as_json = functools.partial(json.dumps, sort_keys=True)
     return _workspace(as_json(asdict(cfg.model)), as_json(asdict(cfg.data)))
+
+
+@dataclass
+class LocalWorkspace(Workspace):
+    """A deployed device's workspace: its own data file is its partition, whatever partition id
+    the server sends, and it never loads the task's data (the device may not have it)."""
+
+    local: Encoded | None = None
+
+    def partition(self, partition_id: int, num_clients: int) -> Encoded:
+        assert self.local is not None
+        return self.local
+
+
+@functools.lru_cache(maxsize=2)
+def _local_workspace(model_json: str, data_json: str, path: str, mtime_ns: int) -> LocalWorkspace:
+    del mtime_ns  # only part of the cache key: an edited file is read again
+    model = ModelConfig(**json.loads(model_json))
+    data = DataConfig(**{**json.loads(data_json), "dataset": "file", "path": path})
+    local = load_user_file(data)  # the run's text/label columns and class names
+    tokenizer = get_model_spec(model.name).tokenizer()
+    empty = local.subset(np.arange(0, dtype=np.int64))
+    workspace = LocalWorkspace(model, data, local, empty, tokenizer)
+    workspace.local = encode(tokenizer, local, model.max_length)
+    return workspace
+
+
+def get_local_workspace(cfg: FedConfig, path: str) -> LocalWorkspace:
+    """The process's workspace for a device that trains on its own CSV/JSONL file ``path``.
+
+    The class names come from ``data.labels`` of the run (the coordinator fills them in), so
+    every device maps labels to the same indices even when its file lacks a class."""
+    as_json = functools.partial(json.dumps, sort_keys=True)
+    resolved = os.path.abspath(os.path.expanduser(path))
+    mtime = os.stat(resolved).st_mtime_ns if os.path.exists(resolved) else 0
+    return _local_workspace(as_json(asdict(cfg.model)), as_json(asdict(cfg.data)), resolved, mtime)
 
 
 def default_threads() -> int:

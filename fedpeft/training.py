@@ -44,7 +44,8 @@ def encode(tokenizer: object, data: TextData, max_length: int) -> Encoded:
                    tokenizer.pad_token_id)  # type: ignore[attr-defined]
 
 
-def sample_batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+def sample_batches(n: int, batch_size: int, steps: int,
+                   rng: np.random.Generator) -> Iterator[np.ndarray]:
     """``steps`` batches from shuffled epochs over ``n`` examples."""
     order = rng.permutation(n)
     pos = 0
@@ -109,7 +110,8 @@ def evaluate(model: torch.nn.Module, data: Encoded, batch_size: int,
     for start in range(0, len(order), batch_size):
         batch = {k: v.to(device) for k, v in data.batch(order[start : start + batch_size]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"],
+                                                            reduction="sum"))
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
     return correct / len(data), loss_sum / len(data)
 

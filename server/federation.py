@@ -2,27 +2,69 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from fedpeft.strategies import ClientProfile, Method
 
-from fedpeft.config import FedConfig
+from fedpeft.config import FedConfig, parse_rank_mix
 from fedpeft.payload import Payload
 from fedpeft.runtime import Workspace
 from fedpeft.training import evaluate, resolve_device
 
 
-def sample_clients(num_clients: int, per_round: int, seed: int, server_round: int) -> list[int]:
-    """Indices of the clients sampled in ``server_round`` (deterministic by seed and round)."""
-    rng = np.random.default_rng([seed, server_round, 7])
+def sample_clients(num_clients: int, per_round: int, seed: int, server_round: int,
+                   attempt: int = 0) -> list[int]:
+    """Indices of the clients sampled in ``server_round`` (deterministic by seed and round;
+    a retry of a short round, ``attempt`` > 0, draws a fresh sample)."""
+    rng = np.random.default_rng([seed, server_round, 7, *([attempt] if attempt else [])])
     return sorted(rng.choice(num_clients, size=min(per_round, num_clients), replace=False).tolist())
 
 
-def client_profile(cfg: FedConfig, partition_id: int, node_id: int = 0) -> ClientProfile:
-    """The profile the server assumes for a client (one rank for all in homogeneous runs)."""
-    return ClientProfile(partition_id=partition_id, rank=cfg.model.rank, node_id=node_id)
+def client_profile(cfg: FedConfig, partition_id: int, node_id: int = 0,
+                   reported_rank: int | None = None) -> ClientProfile:
+    """The profile the server assumes for a client: the rank the client last reported (its node
+    config or its own rank pruning), else its share of ``federation.rank_mix``, else model.rank."""
+    rank = reported_rank or assigned_rank(cfg, partition_id)
+    return ClientProfile(partition_id=partition_id, rank=rank, node_id=node_id)
+
+
+@functools.lru_cache(maxsize=16)
+def _assigned_ranks(rank_mix: str, clients: int, seed: int) -> tuple[int, ...]:
+    """Each rank's share of the clients, rounded by largest remainder (so the counts add up to
+    ``clients``), then shuffled by seed: the same clients get the same ranks in every run."""
+    pairs = parse_rank_mix(rank_mix)
+    quotas = [fraction * clients for _, fraction in pairs]
+    counts = [int(q) for q in quotas]
+    by_remainder = sorted(range(len(pairs)), key=lambda i: (counts[i] - quotas[i], i))
+    for i in by_remainder[: clients - sum(counts)]:
+        counts[i] += 1
+    ranks = np.repeat([rank for rank, _ in pairs], counts)
+    return tuple(int(r) for r in np.random.default_rng([seed, 4]).permutation(ranks))
+
+
+def assigned_rank(cfg: FedConfig, partition_id: int) -> int:
+    """The LoRA rank ``federation.rank_mix`` gives client ``partition_id`` (model.rank if none)."""
+    fed = cfg.federation
+    if not parse_rank_mix(fed.rank_mix):
+        return cfg.model.rank
+    ranks = _assigned_ranks(fed.rank_mix, fed.clients, fed.seed)
+    return ranks[partition_id % len(ranks)]
+
+
+MAX_REPORTED_RANK = 4096
+
+
+def reported_rank(metrics: Mapping[str, Any]) -> int | None:
+    """The rank a client says it holds from now on (``next_rank`` in its reply), if sane."""
+    value = metrics.get("next_rank")
+    if not isinstance(value, int | float) or not 1 <= value <= MAX_REPORTED_RANK:
+        return None  # absent, NaN or out of range
+    return int(value) if value == int(value) else None
 
 
 @dataclass
@@ -40,6 +82,7 @@ def evaluate_global(cfg: FedConfig, method: Method, state: Payload, workspace: W
     device = resolve_device(cfg.train.device)
     adapter = workspace.adapter_model(cfg.model.rank)
     adapter.model.to(device)
+    adapter.reset_base()
     method.load_global(adapter, state)
     data = workspace.test_set(subset)
     accuracy, loss = evaluate(adapter.model, data, cfg.eval.batch_size, device)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 
-from fedpeft.payload import Payload
+from fedpeft.payload import Payload, Tensors
+
+NUM_EXAMPLES = "num-examples"
 
 
 def check_upload(payload: Payload, expected: dict[str, tuple[int, ...]],
-                 max_norm: float = 0.0) -> str | None:
-    """The reason an upload must be rejected, or None if it is well formed."""
+                 max_norm: float = 0.0, reference: Tensors | None = None) -> str | None:
+    """The reason an upload must be rejected, or None if it is well formed.
+
+    ``reference``: what the client was sent. A tensor it was sent must come back in the same
+    dtype, and with ``max_norm`` > 0 the bound applies to the update (upload minus reference on
+    the keys it was sent, the upload itself on the others); without a reference, to the upload.
+    """
     missing = sorted(set(expected) - set(payload.tensors))
     if missing:
         return f"missing tensors {missing[:3]}"
@@ -22,10 +32,41 @@ def check_upload(payload: Payload, expected: dict[str, tuple[int, ...]],
             return f"{key}: shape {tuple(tensor.shape)}, expected {tuple(shape)}"
         if not tensor.is_floating_point():
             return f"{key}: dtype {tensor.dtype} is not floating point"
+        sent = reference.get(key) if reference is not None else None
+        if sent is not None and tensor.dtype != sent.dtype:
+            return f"{key}: dtype {tensor.dtype}, expected {sent.dtype}"
         if not bool(torch.isfinite(tensor).all()):
             return f"{key}: contains NaN or Inf"
     if max_norm > 0:
-        norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in payload.tensors.values())))
-        if norm > max_norm:
+        norm = update_norm(payload.tensors, reference or {})
+        if not norm <= max_norm:
             return f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}"
     return None
+
+
+def update_norm(tensors: Tensors, reference: Tensors) -> float:
+    """L2 norm of ``tensors`` minus ``reference`` (where a same-shaped reference exists)."""
+    total = 0.0
+    for key, tensor in tensors.items():
+        value = tensor.double()
+        sent = reference.get(key)
+        if sent is not None and sent.shape == tensor.shape:
+            value = value - sent.double()
+        total += float((value ** 2).sum())
+    return math.sqrt(total)
+
+
+def check_examples(metrics: Mapping[str, object] | None) -> str | None:
+    """The reason a reply's example count is unusable (it weights the reply), or None."""
+    if metrics is None:
+        return "no metrics record"
+    value = metrics.get(NUM_EXAMPLES)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{NUM_EXAMPLES} missing or not a number ({value!r})"
+    if not math.isfinite(value) or value != int(value) or value < 1:
+        return f"{NUM_EXAMPLES} = {value!r}: expected a positive integer"
+    return None
+
+
+def all_finite(tensors: Tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())

@@ -19,23 +19,34 @@ from fedpeft.server.federation import (
     eval_due,
     eval_subset,
     evaluate_global,
+    reported_rank,
     sample_clients,
 )
 from fedpeft.strategies import Upload, build_method
 
-from fedpeft.config import load_config
-from fedpeft.payload import ClientState
+from fedpeft.config import ConfigError, load_config
+from fedpeft.payload import ClientState, Payload
+from fedpeft.privacy import BUDGET_SPENT
 from fedpeft.runtime import default_threads, get_workspace, set_torch_threads
+from fedpeft.wire import payload_to_records, serialized_nbytes
 
 
 def run_plain(config: str | None, overrides: list[str], out: Path | None = None,
-              log: bool = True) -> list[dict]:
+              log: bool = True, count_bytes: bool = False) -> list[dict]:
+    """``count_bytes``: add ``bytes_down``/``bytes_up`` per round and ``client_bytes`` per client,
+    the Flower serialisation of each payload's records (the Flower run's messages also carry the
+    config record, ~1 KB each)."""
     cfg = load_config(config, overrides)
     set_torch_threads(default_threads())
     method = build_method(cfg)
     ws = get_workspace(cfg)
     state = method.init(ws.adapter_model(cfg.model.rank).state())
     states: dict[int, ClientState] = {}
+    ranks: dict[int, int] = {}  # ranks clients reported (rank pruning)
+    epsilon = 0.0
+    if cfg.privacy.client_level != "off":
+        raise ConfigError("privacy.client_level needs Flower's DP strategy wrappers: use "
+                          "`fedpeft simulate` (this loop runs without Flower's strategies)")
     rows = []
     for rnd in range(cfg.federation.rounds + 1):
         start = time.perf_counter()
@@ -44,15 +55,30 @@ def run_plain(config: str | None, overrides: list[str], out: Path | None = None,
             uploads, train_s = [], 0.0
             fed = cfg.federation
             for pid in sample_clients(fed.clients, fed.clients_per_round, fed.seed, rnd):
-                profile = client_profile(cfg, pid)
+                profile = client_profile(cfg, pid, reported_rank=ranks.get(pid))
+                down = method.downlink(state, profile)
                 res = client_round(
-                    cfg, method, ws, method.downlink(state, profile), partition_id=pid,
+                    cfg, method, ws, down, partition_id=pid,
                     rank=profile.rank, server_round=rnd,
                     client_state=states.setdefault(pid, ClientState()),
                 )
                 train_s += res.metrics["train_s"]
+                epsilon = max(epsilon, res.metrics.get("epsilon", 0.0))
+                if res.metrics.get(BUDGET_SPENT):  # DP budget spent: it did not train
+                    row["clients_budget_spent"] = row.get("clients_budget_spent", 0) + 1
+                    continue
+                ranks[pid] = reported_rank(res.metrics) or profile.rank
+                if count_bytes:
+                    sizes = {"down": _nbytes(down), "up": _nbytes(res.payload)}
+                    row["bytes_down"] = row.get("bytes_down", 0) + sizes["down"]
+                    row["bytes_up"] = row.get("bytes_up", 0) + sizes["up"]
+                    row.setdefault("client_bytes", []).append(
+                        {"partition": pid, "rank": profile.rank, **sizes})
                 uploads.append(Upload(profile, res.payload, res.num_examples, res.metrics))
-            state = method.aggregate(state, uploads)
+            if uploads:
+                state = method.aggregate(state, uploads)
+            if cfg.privacy.enabled:
+                row["epsilon"] = epsilon  # the largest client epsilon so far
             row.update(train_s=train_s, round_s=time.perf_counter() - start)
         if eval_due(cfg, rnd):
             ev = evaluate_global(cfg, method, state, ws, eval_subset(cfg, rnd))
@@ -65,6 +91,10 @@ def run_plain(config: str | None, overrides: list[str], out: Path | None = None,
         out.mkdir(parents=True, exist_ok=True)
         (out / "plain_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+def _nbytes(payload: Payload) -> int:
+    return serialized_nbytes(payload_to_records(payload))
 
 
 def main() -> None:

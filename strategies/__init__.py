@@ -1,8 +1,9 @@
 """Federated methods, one module each; importing this package registers all of them."""
 
-from . import fedit  # noqa: F401  (registers the method)
+from . import fedit, ffa_lora, flexlora, flora, hetlora, lora_fair  # noqa: F401  (registers the methods)
 from .base import (
     METHODS,
+    RANK_KEY,
     ClientProfile,
     ClientState,
     Method,
@@ -16,6 +17,7 @@ from .base import (
 
 __all__ = [
     "METHODS",
+    "RANK_KEY",
     "ClientProfile",
     "ClientState",
     "Method",

@@ -17,10 +17,15 @@ from typing import Any, ClassVar
 import torch
 
 from fedpeft.adapters import AdapterModel
-from fedpeft.config import ConfigError, FedConfig, parse_dataclass
+from fedpeft.config import ConfigError, FedConfig, federation_ranks, parse_dataclass
 from fedpeft.payload import ClientState, Payload, Scalar, Tensors
 
 __all__ = ["ClientState", "Payload", "Scalar", "Tensors"]
+
+# ClientState.values key: the LoRA rank a client holds from now on, when a method changes it
+# (HetLoRA's rank pruning). The trainer reports it as the ``next_rank`` metric and the server
+# sends that rank next time; a node's ``--node-config rank=N`` caps it (client/app.py).
+RANK_KEY = "fedpeft.rank"
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,15 @@ class Method:
     Options: ClassVar[type] = NoOptions
     default_lr: ClassVar[float | None] = None  # used when train.lr = 0
     mixed_ranks: ClassVar[bool] = False  # may clients hold different LoRA ranks?
+    # Sample-level DP-SGD ([privacy] enabled): sound for a client that trains its adapter with
+    # gradients (everything it uploads is post-processing of DP-SGD's output). A method that
+    # is not (or not yet checked) sets False and says why in ``dp_refusal``.
+    dp_compatible: ClassVar[bool] = True
+    dp_refusal: ClassVar[str] = ""
+    # Client-level DP ([privacy] client_level): Flower's fixed-clipping wrappers clip each
+    # client's update and noise the mean, which is sound only when the aggregate is a mean of
+    # the uploads and every client gets the same downlink (the state's tensors of those keys).
+    client_dp: ClassVar[bool] = False
 
     def __init__(self, options: Any, cfg: FedConfig) -> None:
         self.options = options
@@ -133,13 +147,46 @@ def build_method(cfg: FedConfig) -> Method:
         raise ConfigError(f"method.name = {name!r} is not allowed: one of {', '.join(METHODS)}")
     cls = METHODS[name]
     options = parse_dataclass(cls.Options, cfg.method.options, "method")
+    check_ranks(cls, cfg)
+    check_privacy(cls, cfg)
     return cls(options, cfg)
+
+
+def check_privacy(cls: type[Method], cfg: FedConfig) -> None:
+    """Refuse [privacy] settings a method cannot honour soundly, with the reason."""
+    priv = cfg.privacy
+    if priv.enabled and not cls.dp_compatible:
+        reason = cls.dp_refusal or "its client does not train the adapter with gradients"
+        raise ConfigError(f"privacy.enabled = true is not supported with method.name = "
+                          f"{cls.name!r}: {reason}")
+    if priv.client_level != "off" and not cls.client_dp:
+        able = ", ".join(n for n, c in METHODS.items() if c.client_dp) or "none registered"
+        raise ConfigError(
+            f"privacy.client_level = {priv.client_level!r} needs a method whose aggregate is a "
+            f"mean of the uploads with one downlink for all ({able}); method.name = "
+            f"{cls.name!r} aggregates otherwise, so clipped-and-noised means would not bound "
+            "one client's influence"
+        )
+
+
+def check_ranks(cls: type[Method], cfg: FedConfig) -> None:
+    """A method with one shared rank refuses a mixed-rank federation (instead of failing later
+    on tensor shapes)."""
+    ranks = federation_ranks(cfg)
+    if cls.mixed_ranks or ranks == [cfg.model.rank]:
+        return
+    mixed = ", ".join(n for n, c in METHODS.items() if c.mixed_ranks) or "none registered"
+    raise ConfigError(
+        f"method.name = {cls.name!r} needs every client at one LoRA rank (model.rank = "
+        f"{cfg.model.rank}), but federation.rank_mix = {cfg.federation.rank_mix!r} gives clients "
+        f"ranks {ranks}: use a mixed-rank method ({mixed}) or set federation.rank_mix = ''"
+    )
 
 
 def method_help() -> str:
     lines = []
     for name, cls in METHODS.items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # 1st paragraph
         lines.append(f"{name}: {doc}")
         for f in dataclasses.fields(cls.Options):
             lines.append(f"    method.{f.name} = {f.default!r}  {f.metadata.get('help', '')}")

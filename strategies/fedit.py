@@ -11,6 +11,7 @@ class FedIT(Method):
     """FedAvg on LoRA A and B separately, weighted by examples (the baseline)."""
 
     default_lr = 0.002
+    client_dp = True  # a weighted mean of the uploads, the same downlink for every client
 
     def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
         return Payload(weighted_mean(uploads, state.tensors))

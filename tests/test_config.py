@@ -3,9 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fedpeft.strategies import build_method
 
 from fedpeft.config import ConfigError, load_config, parse_override, to_toml
-from fedpeft.strategies import build_method
 
 
 def test_defaults_are_valid() -> None:
@@ -41,7 +41,8 @@ def test_round_trip_through_toml(tmp_path: Path) -> None:
         ("model.rank=2.5", "model.rank = 2.5: expected an integer"),
         ('data.partitioner="random"', "data.partitioner = 'random' is not allowed: one of 'iid'"),
         ("federation.clients_per_round=500", "clients_per_round = 500 exceeds federation.clients"),
-        ('model.name="gpt9"', "model.name = 'gpt9' is not allowed: one of 'minilm-l6', 'tiny-bert'"),
+        ('model.name="gpt9"',
+         "model.name = 'gpt9' is not allowed: one of 'minilm-l6', 'tiny-bert'"),
         ("train.lr=-1", "train.lr = -1.0 is out of range"),
         ('train.device="tpu"', "train.device = 'tpu': expected 'cpu', 'cuda' or 'cuda:N'"),
         ("data.dirichlet_alpha=0", "data.dirichlet_alpha = 0.0 is out of range: float > 0"),
@@ -54,16 +55,16 @@ def test_bad_values_name_the_key_and_allowed_values(override: str, message: str)
 
 
 def test_unknown_method_and_option() -> None:
-    with pytest.raises(ConfigError, match="method.name = 'fedfoo' is not allowed: one of fedit"):
+    with pytest.raises(ConfigError, match=r"method.name = 'fedfoo' is not allowed: one of fedit"):
         build_method(load_config(None, ['method.name="fedfoo"']))
-    with pytest.raises(ConfigError, match="unknown key method.bogus"):
+    with pytest.raises(ConfigError, match=r"unknown key method.bogus"):
         build_method(load_config(None, ["method.bogus=1"]))
 
 
 def test_override_syntax() -> None:
     assert parse_override("a.b=3") == (["a", "b"], 3)
     assert parse_override("a.b=hello") == (["a", "b"], "hello")
-    with pytest.raises(ConfigError, match="expected section.key=value"):
+    with pytest.raises(ConfigError, match=r"expected section.key=value"):
         parse_override("nonsense")
 
 

@@ -15,7 +15,7 @@ def test_rotten_tomatoes_fixed_split() -> None:
     assert len(train) + len(test) == 7403 + 5405
     assert train.label_names == ("rotten", "fresh")
     assert not set(train.texts[:200]) & set(test.texts)
-    again_train, again_test = load_task_data(DataConfig(test_size=1000))
+    _, again_test = load_task_data(DataConfig(test_size=1000))
     assert again_test.texts == test.texts
 
 
@@ -69,7 +69,7 @@ def test_user_files(tmp_path: Path) -> None:
 def test_user_file_errors(tmp_path: Path) -> None:
     csv = tmp_path / "d.csv"
     csv.write_text("body,label\nx,1\n")
-    with pytest.raises(ConfigError, match="has no text column 'text'.*columns found: body, label"):
+    with pytest.raises(ConfigError, match=r"has no text column 'text'.*columns found: body, label"):
         load_user_file(DataConfig(dataset="file", path=str(csv)))
     csv.write_text("text,label\nx,pos\ny,maybe\n")
     with pytest.raises(ConfigError, match=r"labels \['maybe'\] are outside the task's classes"):

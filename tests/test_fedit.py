@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import torch
+from fedpeft.strategies import ClientProfile, Payload, Upload, build_method
 
 from fedpeft.config import load_config
-from fedpeft.strategies import ClientProfile, Payload, Upload, build_method
 
 
 def _upload(tensors: dict[str, torch.Tensor], n: int) -> Upload:

@@ -64,7 +64,7 @@ def test_global_adapter_changed_and_reloads_with_peft(tiny_run: Path) -> None:
     saved = load_file(str(tiny_run / "adapter" / "adapter_model.safetensors"))
     b_keys = [k for k in saved if "lora_B" in k]
     assert b_keys and any(saved[k].abs().sum() > 0 for k in b_keys)  # B starts at zero
-    head = [k for k in saved if "classifier" in k and k.endswith("weight")][0]
+    head = next(k for k in saved if "classifier" in k and k.endswith("weight"))
     assert not torch.equal(saved[head], initial[head])
     result = evaluate_adapter_dir(tiny_run / "adapter")
     rows = MetricsLog.read(tiny_run / "metrics.jsonl")

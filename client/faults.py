@@ -1,0 +1,115 @@
+"""Fault injection for tests: a Flower client mod that makes chosen clients misbehave.
+
+The ``[faults]`` config section (``fedpeft.config.FaultsConfig``) names the faulty clients, by
+partition id or as fractions of all clients drawn by seed. Everything happens here, around the
+ClientApp's train function (``ClientApp(mods=[inject_faults])``), never inside a method:
+
+- ``crash``: the ClientApp raises, so Flower returns an error reply;
+- ``hang``: the client sleeps ``faults.hang_s`` before it trains and replies (a straggler or a
+  vanished node: the server's ``federation.round_timeout_s`` gives up on it);
+- ``nan``, ``wrong_shape``, ``oversized``, ``explode``: the client trains, then corrupts its
+  reply (a NaN in every tensor, one tensor a row short, an extra 8 MB tensor, every tensor times
+  1e4).
+
+Which client does what in which round is a pure function of the config, the round and the
+partition id (:func:`fault_assignment`), so tests can compute the expected counts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedpeft.config import FAULT_KINDS, FedConfig, from_dict
+from fedpeft.wire import CONFIG_RECORD, SCALARS, TENSORS, from_array_record, to_array_record
+
+OVERSIZED_KEY = "fedpeft.fault.padding"
+OVERSIZED_FLOATS = 2 * 1024 * 1024  # 8 MB of float32
+EXPLODE_FACTOR = 1e4
+
+
+class InjectedFault(RuntimeError):
+    """The exception a ``crash`` client raises (reported to the server as an error reply)."""
+
+
+def faults_enabled(cfg: FedConfig) -> bool:
+    faults = cfg.faults
+    return any(getattr(faults, kind) or getattr(faults, f"{kind}_fraction")
+               for kind in FAULT_KINDS)
+
+
+def fault_assignment(cfg: FedConfig, server_round: int) -> dict[int, str]:
+    """partition id -> fault kind for ``server_round`` (clients without a fault are absent).
+
+    Listed ids come first; the fraction-chosen clients are then dealt, kind after kind, from a
+    permutation of the remaining clients drawn with ``federation.seed`` (and the round when
+    ``faults.redraw``), ``round(fraction * clients)`` clients per kind."""
+    faults, clients = cfg.faults, cfg.federation.clients
+    if not faults_enabled(cfg) or (faults.rounds and server_round not in faults.rounds):
+        return {}
+    out = {pid: kind for kind in FAULT_KINDS for pid in getattr(faults, kind)}
+    counts = [round(getattr(faults, f"{kind}_fraction") * clients) for kind in FAULT_KINDS]
+    if any(counts):
+        key = [cfg.federation.seed, 13, *([server_round] if faults.redraw else [])]
+        free = [int(p) for p in np.random.default_rng(key).permutation(clients) if p not in out]
+        start = 0
+        for kind, count in zip(FAULT_KINDS, counts, strict=True):
+            out.update({pid: kind for pid in free[start:start + count]})
+            start += count
+    return out
+
+
+def fault_for(cfg: FedConfig, partition_id: int, server_round: int) -> str | None:
+    return fault_assignment(cfg, server_round).get(partition_id)
+
+
+@functools.lru_cache(maxsize=4)
+def _config(cfg_json: str) -> FedConfig:
+    return from_dict(json.loads(cfg_json))
+
+
+def inject_faults(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower mod: apply this client's fault for this round, if the config gives it one."""
+    if msg.metadata.message_type != MessageType.TRAIN or CONFIG_RECORD not in msg.content:
+        return call_next(msg, context)
+    cfg = _config(str(msg.content[CONFIG_RECORD]["json"]))
+    if not faults_enabled(cfg):
+        return call_next(msg, context)
+    scalars = msg.content[SCALARS]
+    partition, server_round = int(scalars["fedpeft.partition"]), int(scalars["fedpeft.round"])
+    kind = fault_for(cfg, partition, server_round)
+    if kind == "crash":
+        raise InjectedFault(f"injected fault: client {partition} crashes in round {server_round}")
+    if kind == "hang":
+        time.sleep(cfg.faults.hang_s)
+    reply = call_next(msg, context)
+    if kind in (None, "hang") or reply.has_error() or TENSORS not in reply.content:
+        return reply
+    reply.content[TENSORS] = to_array_record(corrupt(kind, from_array_record(
+        reply.content[TENSORS])))
+    return reply
+
+
+def corrupt(kind: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The upload a client with fault ``kind`` sends instead of ``tensors``."""
+    out = {k: v.clone() for k, v in tensors.items()}
+    keys = sorted(out)
+    if kind == "nan":
+        for value in out.values():
+            value.view(-1)[0] = float("nan")
+    elif kind == "wrong_shape":
+        key = next(k for k in keys if out[k].dim() >= 1 and out[k].shape[0] > 1)
+        out[key] = out[key][:-1].clone()
+    elif kind == "oversized":
+        out[OVERSIZED_KEY] = torch.ones(OVERSIZED_FLOATS, dtype=torch.float32)
+    elif kind == "explode":
+        out = {k: v * EXPLODE_FACTOR for k, v in out.items()}
+    else:
+        raise ValueError(f"unknown fault kind {kind!r}")
+    return out

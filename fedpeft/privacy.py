@@ -1,0 +1,324 @@
+"""Differential privacy on the clients: DP-SGD with Opacus on the trainable adapter tensors.
+
+Sample-level DP (``[privacy] enabled``), per client k with n_k examples and batch size B:
+- Poisson sampling with rate q_k = min(1, B / n_k): every local step includes each example
+  independently, so the batch size varies around B (Opacus's accounting assumes exactly this).
+- The noise multiplier sigma_k is computed once from the target (epsilon, delta) for the whole
+  planned run, ``rounds x local_steps`` steps at rate q_k (Opacus ``get_noise_multiplier``), where
+  ``rounds`` is ``privacy.rounds`` or every round of the federation. It depends only on public
+  numbers, so every round of a client uses the same sigma_k.
+- The client's accountant history (list of (sigma, q, steps)) lives in its ``ClientState``
+  (Flower's ``Context.state``), so epsilon composes over every round the client took part in.
+  Server aggregation is post-processing; client subsampling gives no amplification here.
+- Before training, the client checks that this round keeps it within the budget; if not it
+  does not train and replies "budget spent" (``BUDGET_SPENT`` metric), which the server counts.
+
+Opacus is used in hooks mode without wrapping (``GradSampleHooks``, i.e. ``wrap_model=False``):
+the hooks go on the modules that own trainable tensors only (peft's ``lora_A``/``lora_B``
+Linears, the head), and ``DPOptimizer`` clips and noises only parameters with
+``requires_grad``. One model object serves many virtual clients per worker, so every hook and
+per-sample attribute is removed again when the round ends, also on errors.
+
+Guards (methods.md section 6): no trainable tensor, or a trainable tensor outside the adapter, is
+refused; every trainable tensor must receive a per-sample gradient; after the first step every
+trainable tensor must have changed (the Opacus + peft failure where the adapter silently never
+updates while epsilon accrues). Batch sampling and noise come from the OS entropy pool, never
+from the run's public seed: a server that knew the seed could subtract the noise and see which
+examples were sampled. DP runs are therefore not bit-reproducible.
+
+A data-independent regulariser (``Method.extra_loss``, e.g. HetLoRA's rank-tail penalty) is not
+privatised: its gradient is added after clipping and noising, which is post-processing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.adapters import AdapterModel
+from fedpeft.config import ConfigError, FedConfig, PrivacyConfig
+from fedpeft.payload import ClientState, Payload
+from fedpeft.training import Encoded, TrainResult, make_optimizer
+
+ACCOUNTANT_KEY = "fedpeft.privacy.accountant"  # ClientState.values: JSON of the accountant
+BUDGET_SPENT = "budget_spent"  # metric: 1 when a client refused to train (budget spent)
+History = list[tuple[float, float, int]]  # Opacus accountant history: (sigma, q, steps)
+_EPS_SLACK = 1e-9  # relative slack when comparing a composed epsilon with the target
+
+
+class PrivacyError(RuntimeError):
+    """DP-SGD cannot run soundly on this model (the message says why)."""
+
+
+# ---- accounting ------------------------------------------------------------------------
+def planned_rounds(cfg: FedConfig) -> int:
+    return cfg.privacy.rounds or cfg.federation.rounds
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    """Poisson sampling rate q = B / n (1 when a client holds fewer than B examples)."""
+    if num_examples < 1:
+        raise PrivacyError("DP-SGD needs at least one training example")
+    return min(1.0, batch_size / num_examples)
+
+
+def _accountant(mechanism: str, history: History | None = None) -> Any:
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=mechanism)
+    acc.history = [tuple(h) for h in history or []]
+    return acc
+
+
+def epsilon_of(history: History, delta: float, mechanism: str) -> float:
+    """Epsilon of a composed history (0 before any step), with Opacus's default RDP orders (its
+    "optimal order is the largest alpha" warning means the bound is loose, never too small)."""
+    if not history:
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(_accountant(mechanism, history).get_epsilon(delta=delta))
+
+
+def compose(history: History, sigma: float, q: float, steps: int) -> History:
+    """``history`` plus ``steps`` more steps at (sigma, q), merged as Opacus's ``step`` does."""
+    out = [tuple(h) for h in history]
+    if out and out[-1][0] == sigma and out[-1][1] == q:
+        out[-1] = (sigma, q, int(out[-1][2]) + steps)
+    elif steps:
+        out.append((sigma, q, steps))
+    return out  # type: ignore[return-value]
+
+
+_SIGMAS: dict[tuple[float, float, float, int, str], float] = {}
+
+
+def noise_multiplier(priv: PrivacyConfig, q: float, steps: int) -> float:
+    """sigma reaching (epsilon, delta) after ``steps`` steps at rate ``q`` (cached per process)."""
+    key = (priv.epsilon, priv.delta, q, steps, priv.accountant)
+    if key not in _SIGMAS:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+                _SIGMAS[key] = float(get_noise_multiplier(
+                    target_epsilon=priv.epsilon, target_delta=priv.delta, sample_rate=q,
+                    steps=steps, accountant=priv.accountant))
+        except ValueError as exc:
+            raise ConfigError(f"privacy.epsilon = {priv.epsilon} cannot be reached with delta = "
+                              f"{priv.delta} over {steps} steps at sampling rate {q:.4g}: "
+                              f"{exc}") from exc
+    return _SIGMAS[key]
+
+
+def load_history(state: ClientState, mechanism: str) -> History:
+    raw = state.values.get(ACCOUNTANT_KEY)
+    if raw is None:
+        return []
+    saved = json.loads(str(raw))
+    if saved["mechanism"] != mechanism:
+        raise PrivacyError(f"this client's privacy history was kept by a {saved['mechanism']!r} "
+                           f"accountant, but privacy.accountant = {mechanism!r}")
+    return [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
+
+
+def save_history(state: ClientState, history: History, mechanism: str) -> None:
+    state.values[ACCOUNTANT_KEY] = json.dumps({"mechanism": mechanism, "history": history})
+
+
+def client_level_epsilon(noise: float, releases: int, delta: float) -> float:
+    """Client-level epsilon of ``releases`` Gaussian releases of a mean of clipped updates with
+    noise multiplier ``noise`` (RDP, no amplification by client sampling: conservative)."""
+    return epsilon_of([(noise, 1.0, releases)] if releases else [], delta, "rdp")
+
+
+# ---- the model ----------------------------------------------------------------------------
+def trainable_tensors(adapter: AdapterModel) -> dict[str, torch.nn.Parameter]:
+    """The adapter tensors DP-SGD privatises; refuses models it cannot privatise soundly."""
+    chosen = {k: p for k, p in adapter.params.items() if p.requires_grad}
+    if not chosen:
+        raise PrivacyError("privacy.enabled = true, but the model has no trainable tensors: "
+                           "DP-SGD needs the method to train at least one adapter tensor")
+    ours = {id(p) for p in chosen.values()}
+    stray = [n for n, p in adapter.model.named_parameters()
+             if p.requires_grad and id(p) not in ours]
+    if stray:
+        raise PrivacyError(f"privacy.enabled = true, but {stray[0]} (not an adapter tensor) is "
+                           "trainable: only adapter tensors may train under DP-SGD")
+    return chosen
+
+
+@contextlib.contextmanager
+def per_sample_hooks(model: torch.nn.Module) -> Iterator[None]:
+    """Opacus hooks on ``model`` (no wrapping) for the block; afterwards the shared model is as
+    before: no hooks, no per-sample attributes on parameters or modules."""
+    from opacus.grad_sample import GradSampleHooks
+
+    hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", strict=True)
+    try:
+        yield
+    finally:
+        hooks.cleanup()
+        for module in model.modules():
+            for attr in ("activations", "max_batch_len"):
+                module.__dict__.pop(attr, None)  # not hasattr: peft wrappers forward getattr
+        for param in model.parameters():
+            param.grad = None
+            if hasattr(param, "summed_grad"):
+                del param.summed_grad
+
+
+# ---- training ------------------------------------------------------------------------------
+def dp_train(
+    adapter: AdapterModel,
+    data: Encoded,
+    *,
+    cfg: FedConfig,
+    lr: float,
+    device: torch.device,
+    client_state: ClientState,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+) -> tuple[TrainResult | None, dict[str, float]]:
+    """``train.local_steps`` DP-SGD steps with ``train.optimizer`` at learning rate ``lr`` (the
+    counterpart of ``fedpeft.training.train_steps``). Returns (None, metrics) without training
+    when this round would exceed the client's budget."""
+    priv, steps = cfg.privacy, cfg.train.local_steps
+    params = trainable_tensors(adapter)
+    optimizer = make_optimizer(list(params.values()), cfg.train.optimizer, lr,
+                               cfg.train.weight_decay)
+    n = len(data)
+    if priv.delta >= 1.0 / n:
+        warnings.warn(f"privacy.delta = {priv.delta:g} >= 1/n = {1 / n:.3g} for a client with "
+                      f"{n} examples: such a delta allows leaking a whole record", stacklevel=2)
+    q = sample_rate(n, cfg.train.batch_size)
+    sigma = noise_multiplier(priv, q, planned_rounds(cfg) * steps)
+    history = load_history(client_state, priv.accountant)
+    metrics = {"noise_multiplier": sigma, "sample_rate": q}
+    after = compose(history, sigma, q, steps)
+    epsilon = epsilon_of(after, priv.delta, priv.accountant)  # if this round is trained
+    if epsilon > priv.epsilon * (1 + _EPS_SLACK):
+        spent = epsilon_of(history, priv.delta, priv.accountant)
+        return None, {**metrics, "epsilon": spent, BUDGET_SPENT: 1.0}
+    result = _dp_steps(adapter.model, data, params, optimizer=optimizer, sigma=sigma, q=q,
+                       clip=priv.max_grad_norm, steps=steps, device=device, extra_loss=extra_loss)
+    save_history(client_state, after, priv.accountant)
+    return result, {**metrics, "epsilon": epsilon}
+
+
+def _dp_steps(model: torch.nn.Module, data: Encoded, params: dict[str, torch.nn.Parameter], *,
+              optimizer: torch.optim.Optimizer, sigma: float, q: float, clip: float, steps: int,
+              device: torch.device,
+              extra_loss: Callable[[], torch.Tensor] | None) -> TrainResult:
+    from opacus.optimizers import DPOptimizer
+
+    n = len(data)
+    noise = torch.Generator(device=device)
+    noise.manual_seed(secrets.randbits(63))  # OS entropy: the run's seed is public
+    dp_opt = DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=clip,
+                         expected_batch_size=max(1, round(q * n)), loss_reduction="mean",
+                         generator=noise)
+    rng = np.random.default_rng()  # OS entropy too, for the Poisson batches
+    model.train()
+    losses, examples, busy = [], 0, 0.0
+    with per_sample_hooks(model), warnings.catch_warnings():
+        # torch notes that the first hooked layer's inputs need no grad: expected, harmless
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for step in range(steps):
+            indices = np.flatnonzero(rng.random(n) < q)
+            before = {k: p.detach().clone() for k, p in params.items()} if step == 0 else None
+            start = time.perf_counter()
+            loss = _dp_step(model, data, indices, params, dp_opt, device, extra_loss)
+            busy += time.perf_counter() - start
+            if before is not None:
+                check_changed(before, params)
+            if loss is not None:
+                losses.append(loss)
+            examples += len(indices)
+    mean_loss = float(np.mean(losses)) if losses else float("nan")
+    return TrainResult(mean_loss, steps, examples, busy)
+
+
+def _dp_step(model: torch.nn.Module, data: Encoded, indices: np.ndarray,
+             params: dict[str, torch.nn.Parameter], dp_opt: Any, device: torch.device,
+             extra_loss: Callable[[], torch.Tensor] | None) -> float | None:
+    """One DP-SGD step on the Poisson batch ``indices`` (may be empty: then noise only, as the
+    accounting assumes). Returns the batch loss, or None for an empty batch."""
+    dp_opt.zero_grad(set_to_none=True)
+    loss_value = None
+    if len(indices):
+        batch = {k: v.to(device) for k, v in data.batch(indices).items()}
+        loss = model(**batch).loss
+        loss.backward()
+        loss_value = float(loss.detach())
+        missing = [k for k, p in params.items() if getattr(p, "grad_sample", None) is None]
+        if missing:
+            raise PrivacyError(f"no per-sample gradient for {missing[0]}: it is trainable but "
+                               "unused in the forward pass, or owned by a module Opacus cannot "
+                               "hook (e.g. embedding LoRA)")
+    else:
+        for p in params.values():
+            p.grad_sample = p.new_zeros((0, *p.shape))
+    reg_grads = None
+    if extra_loss is not None:
+        reg = extra_loss()
+        reg_grads = torch.autograd.grad(reg, list(params.values()), allow_unused=True)
+        loss_value = None if loss_value is None else loss_value + float(reg.detach())
+    if dp_opt.pre_step():  # clip per example, sum, add noise, divide by the expected batch
+        if reg_grads is not None:
+            for p, g in zip(params.values(), reg_grads, strict=True):
+                if g is not None:
+                    p.grad = p.grad + g
+        dp_opt.original_optimizer.step()
+    return loss_value
+
+
+def check_changed(before: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter]) -> None:
+    """Fail loudly when a DP step left trainable tensors untouched (Opacus #820 / peft #3409)."""
+    frozen = [k for k, p in params.items() if torch.equal(before[k], p.detach())]
+    if frozen:
+        raise PrivacyError(
+            f"DP-SGD's first step left {len(frozen)} of {len(params)} trainable tensors unchanged "
+            f"(e.g. {frozen[0]}): the known Opacus + peft failure where the adapter never updates "
+            "while epsilon accrues (Opacus #820; move the model to its device before peft wraps "
+            "it, or pin peft 0.13.2)"
+        )
+
+
+# ---- client-level DP, client side -------------------------------------------------------------
+def _flower_dp() -> Any:
+    try:
+        from flwr.supercore import differential_privacy
+    except ImportError:  # older layout
+        from flwr.common import differential_privacy  # type: ignore[no-redef]
+    return differential_privacy
+
+
+def clip_update(uplink: Payload, downlink: Payload, clip: float) -> Payload:
+    """The upload with its update (upload - downlink, over all uploaded tensors) clipped to L2
+    norm ``clip`` by Flower's ``compute_clip_model_update`` (``client_level = client-fixed``)."""
+    keys = list(uplink.tensors)
+    missing = [k for k in keys if k not in downlink.tensors]
+    if missing:
+        raise PrivacyError(f"client-level clipping needs the downlink value of {missing[0]}")
+    up = [uplink.tensors[k].detach().cpu().numpy().copy() for k in keys]
+    down = [downlink.tensors[k].detach().cpu().numpy() for k in keys]
+    _flower_dp().compute_clip_model_update(up, down, clip)
+    tensors = {k: torch.from_numpy(np.asarray(v)).to(uplink.tensors[k].dtype)
+               for k, v in zip(keys, up, strict=True)}
+    return Payload(tensors, dict(uplink.scalars))
+
+
+def update_norm(upload: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """L2 norm of upload - reference over all keys of ``upload``."""
+    return float(np.sqrt(sum(float(np.sum((upload[k].astype(np.float64)
+                                           - reference[k].astype(np.float64)) ** 2))
+                             for k in upload)))
