@@ -119,8 +119,14 @@ class _Progress:
         self._poll()
 
 
+# Flower warnings that do not apply to a fedpeft run (it always sets num-supernodes).
+_NOISE = ("default simulated SuperNodes changed",)
+
+
 def _flower_line_filter(verbose: bool) -> Callable[[str], None]:
     def stream(line: str) -> None:
+        if any(n in line for n in _NOISE) and not verbose:
+            return
         if verbose or "WARNING" in line or "ERROR" in line or "Traceback" in line:
             print(f"  [flower] {line.rstrip()}", file=sys.stderr, flush=True)
 
