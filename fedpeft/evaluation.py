@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 from fedpeft.config import ConfigError, load_config
@@ -22,9 +21,7 @@ def evaluate_adapter_dir(adapter_dir: Path, config: str | None = None) -> dict:
     set_torch_threads(default_threads())
     workspace = get_workspace(cfg)
     base = get_model_spec(cfg.model.name).build(workspace.num_labels)
-    with warnings.catch_warnings():  # peft calls a transformers 5 deprecated alias
-        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
     device = resolve_device(cfg.train.device)
     model.to(device)
     accuracy, loss = evaluate(model, workspace.test_set(0), cfg.eval.batch_size, device)
