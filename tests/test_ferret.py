@@ -1,0 +1,202 @@
+"""Ferret: random-projection maths, unbiasedness, bit-identical global state on every party
+(including catch-up after missed rounds and the dense fallback), uplink bytes, and a short run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TINY
+from fedpeft.client.trainer import client_round
+from fedpeft.strategies import ClientProfile, Upload, build_method
+from fedpeft.strategies import ferret as fr
+from fedpeft.strategies.ferret import (
+    COEF,
+    DELTA,
+    basis_chunks,
+    block_slices,
+    coef_scale,
+    project,
+    reconstruct,
+    select_targets,
+    uplink_nbytes,
+)
+
+from fedpeft.config import ConfigError, load_config
+from fedpeft.payload import ClientState, Payload
+from fedpeft.runtime import get_workspace
+from fedpeft.wire import payload_to_records, serialized_nbytes
+from simulations.plain_loop import run_plain
+
+FERRET = [*TINY, 'method.name="ferret"', "method.block_size=4096", "method.k=3",
+          "train.lr=0.001"]
+
+
+def _explicit_basis(seed: int, rnd: int, block: int, d: int, k: int) -> torch.Tensor:
+    return torch.cat([chunk for _, chunk in basis_chunks(seed, rnd, block, d, k)])
+
+
+@pytest.mark.parametrize("scaling", ["unbiased", "reference"])
+def test_projection_and_reconstruction_match_the_explicit_basis(
+        scaling: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fr, "CHUNK_FLOATS", 40)  # blocks of 20: 2 basis rows per chunk
+    update = torch.randn(50, dtype=torch.float32)
+    k, block_size = 5, 20
+    coefs = project(update, seed=3, rnd=2, k=k, block_size=block_size, scaling=scaling)
+    assert coefs.shape == (3, k) and coefs.dtype == torch.float32
+    expected = torch.empty(50, dtype=torch.float64)
+    for g, sl in block_slices(50, block_size):
+        basis = _explicit_basis(3, 2, g, sl.stop - sl.start, k).double()
+        assert basis.shape == (k, sl.stop - sl.start)
+        assert float(basis.abs().max()) <= 1.0
+        gamma = coef_scale(scaling, k) * basis @ update[sl].double()
+        torch.testing.assert_close(coefs[g].double(), gamma, rtol=1e-5, atol=1e-5)
+        expected[sl] = basis.T @ coefs[g].double()
+    torch.testing.assert_close(reconstruct(coefs, 3, 2, 50, block_size).double(), expected,
+                               rtol=1e-5, atol=1e-5)
+    # other rounds and blocks use other bases
+    assert not torch.equal(_explicit_basis(3, 2, 0, 20, k), _explicit_basis(3, 3, 0, 20, k))
+    assert not torch.equal(_explicit_basis(3, 2, 0, 20, k), _explicit_basis(3, 2, 1, 20, k))
+
+
+@pytest.mark.parametrize(("scaling", "factor"), [("unbiased", 1.0), ("reference", 1 / 3)])
+def test_mean_reconstruction_over_seeds_approaches_the_update(scaling: str,
+                                                             factor: float) -> None:
+    """E[reconstruction] = factor * update. The squared error of the mean of N independent
+    reconstructions has expectation sum_i Var_i / N; a chi-square with 24 degrees of freedom
+    exceeds 3x its mean with probability < 1e-6, so the bound is 3 sum_i s_i^2 / N."""
+    torch.manual_seed(0)
+    d, k, n = 24, 2, 3000
+    update = torch.randn(d, dtype=torch.float32)
+    samples = torch.stack([reconstruct(project(update, s, 1, k, d, scaling), s, 1, d, d)
+                           for s in range(n)]).double()
+    error = float(((samples.mean(0) - factor * update.double()) ** 2).sum())
+    bound = 3 * float(samples.var(0).sum()) / n
+    assert error < bound
+    # and it is a real test: the wrong factor is far outside the bound
+    wrong = 1 / 3 if factor == 1.0 else 1.0
+    assert float(((samples.mean(0) - wrong * update.double()) ** 2).sum()) > 10 * bound
+
+
+def _round(method, state: Payload, rnd: int, clients: list[int], states: dict[int, ClientState],
+           cfg, loaded: dict[str, torch.Tensor], server_before: torch.Tensor) -> Payload:
+    """One round in which every client reconstructs on its own (the per-process cache cleared)
+    and must train from exactly the server's previous global parameters."""
+    ws = get_workspace(cfg)
+    uploads = []
+    for pid in clients:
+        fr._CACHE.clear()
+        profile = ClientProfile(pid, cfg.model.rank)
+        down = method.downlink(state, profile)
+        result = client_round(cfg, method, ws, down, partition_id=pid, rank=cfg.model.rank,
+                              server_round=rnd, client_state=states.setdefault(pid, ClientState()))
+        assert torch.equal(states[pid].tensors[DELTA], state.tensors[DELTA])
+        assert torch.equal(loaded["values"], server_before)
+        assert result.metrics["project_s"] > 0 and result.metrics["reconstruct_s"] > 0
+        uploads.append(Upload(profile, result.payload, result.num_examples, result.metrics))
+    return method.aggregate(state, uploads)
+
+
+def _global_values(method, state: Payload, cfg) -> torch.Tensor:
+    """The targets' values in a model after the server's evaluation load."""
+    model = get_workspace(cfg).adapter_model(cfg.model.rank)
+    model.reset_base()
+    method.load_global(model, state)
+    values = fr.flatten(select_targets(model, method.options.target, method.options.modules))
+    model.reset_base()
+    return values
+
+
+@pytest.mark.parametrize("history", [8, 1])
+def test_every_party_ends_a_round_with_bit_identical_parameters(
+        history: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(None, [*FERRET, f"method.history={history}"])
+    method = build_method(cfg)
+    loaded: dict[str, torch.Tensor] = {}
+    original_load = method.load
+
+    def spy(model, payload, client_state) -> None:  # the targets' values right after load
+        original_load(model, payload, client_state)
+        loaded["values"] = fr.flatten(select_targets(model, "full", method.options.modules))
+
+    monkeypatch.setattr(method, "load", spy)
+    ws = get_workspace(cfg)
+    state = method.init(ws.adapter_model(cfg.model.rank).state())
+    states: dict[int, ClientState] = {}
+    values = _global_values(method, state, cfg)
+    schedule = {1: [0, 1], 2: [1, 2], 3: [2, 3], 4: [0, 3]}  # client 0 misses rounds 2 and 3
+    for rnd, clients in schedule.items():
+        if rnd == 4:  # client 0 is synced to round 0: it catches up on rounds 1..3
+            down = method.downlink(state, ClientProfile(0, cfg.model.rank))
+            catch_up = {fr.hist_key(r) for r in (1, 2, 3)}
+            assert set(down.tensors) == ({DELTA} if history == 1 else catch_up)
+        state = _round(method, state, rnd, clients, states, cfg, loaded, values)
+        new_values = _global_values(method, state, cfg)
+        assert not torch.equal(new_values, values)
+        values = new_values
+    # one more client load at the final state: bit-identical to the server's evaluation model
+    fr._CACHE.clear()
+    spare = ClientState()
+    model = ws.adapter_model(cfg.model.rank)
+    model.reset_base()
+    method.load(model, method.downlink(state, ClientProfile(5, cfg.model.rank)), spare)
+    assert torch.equal(loaded["values"], values)
+    assert torch.equal(spare.tensors[DELTA], state.tensors[DELTA])
+    # reset_base makes the shared model's base pristine and frozen again (other methods use it)
+    model.reset_base()
+    fresh = fr.pristine_model(cfg.model, ws.num_labels, cfg.model.rank)
+    for name, param in select_targets(model, "full", method.options.modules).items():
+        if name.startswith(fr.BASE):
+            other = fresh.model.get_parameter(name[len(fr.BASE):])
+            assert torch.equal(param.detach(), other.detach()) and not param.requires_grad
+    assert set(model.trainable_params()) <= set(model.params.values())
+
+
+def test_full_target_covers_all_linear_layers_and_lora_target_the_adapter() -> None:
+    cfg = load_config(None, FERRET)
+    model = get_workspace(cfg).adapter_model(cfg.model.rank)
+    full = select_targets(model, "full", ["query", "key", "value", "dense"])
+    linears = [n for n, m in model.model.named_modules() if isinstance(m, torch.nn.Linear)
+               and "lora_" not in n and "classifier" not in n]
+    assert len([k for k in full if k.startswith(fr.BASE)]) == 2 * len(linears)  # weight + bias
+    assert set(model.head_keys) <= set(full)
+    assert set(select_targets(model, "lora", [])) == set(model.params)
+
+
+def test_lora_target_round_trip_and_dp_refused() -> None:
+    cfg = load_config(None, [*FERRET, 'method.target="lora"', "federation.rounds=1"])
+    rows = run_plain(None, [*FERRET, 'method.target="lora"', "federation.rounds=1"], log=False)
+    assert rows[-1]["accuracy"] is not None and rows[-1]["project_s"] > 0
+    assert build_method(cfg).expected_upload(
+        build_method(cfg).init({}), ClientProfile(0, 8))[COEF][1] == 3
+    with pytest.raises(ConfigError, match="ferret trains base-model weights"):
+        build_method(load_config(None, [*FERRET, "privacy.enabled=true"]))
+
+
+def test_uplink_bytes_are_the_coefficients_plus_a_constant_header() -> None:
+    """4 bytes per coefficient plus Flower's record overhead (~0.84 KB; its varints and shape
+    string grow by a few bytes with the array's size)."""
+    sizes = {}
+    for g, k in [(83, 4), (83, 8), (5, 3)]:
+        payload = Payload({COEF: torch.randn(g, k)}, {fr.BASIS: 12, fr.SYNCED: 11})
+        sizes[(g, k)] = serialized_nbytes(payload_to_records(payload))
+    header = sizes[(5, 3)] - 4 * 15
+    assert 800 < header < 900
+    for (g, k), nbytes in sizes.items():
+        assert 0 <= nbytes - uplink_nbytes(g * k, header) <= 8
+
+
+def test_short_run_through_the_plain_loop_counts_coefficient_bytes() -> None:
+    rows = run_plain(None, FERRET, log=False, count_bytes=True)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    cfg = load_config(None, FERRET)
+    model = get_workspace(cfg).adapter_model(cfg.model.rank)
+    total = fr.layout(select_targets(model, "full", ["query", "key", "value", "dense"]))[1]
+    coefs = math.ceil(total / 4096) * 3
+    for row in rows[1:]:
+        assert row["project_s"] > 0 and row["reconstruct_s"] >= 0 and row["train_s"] > 0
+        for client in row["client_bytes"]:
+            assert 4 * coefs + 800 < client["up"] < 4 * coefs + 900
+            assert client["up"] < 4 * total / 10  # far below the targets' own size
+    assert all(math.isfinite(r["loss"]) for r in rows)
