@@ -5,8 +5,9 @@ Per wrapped layer, with p_k the example weights of the round's clients:
     A_bar = sum p_k A_k,   B_bar = sum p_k B_k,   dW = sum p_k B_k A_k   (the ideal update)
     dB*   = argmin_dB  sum_j [1 - cos(dW[:, j], ((B_bar + dB) A_bar)[:, j])] / d_in
                        + lam * ||dB||_F^2
-solved iteratively with autograd (Adam by default, early stopping), and the server sends A_bar and
-B_bar + dB*; clients train both factors from there. The head is averaged as in FedIT.
+solved iteratively with autograd (L-BFGS by default; Adam or the reference code's SGD as options),
+and the server sends A_bar and B_bar + dB*; clients train both factors from there. The head is
+averaged as in FedIT.
 
 ``solver = "lstsq"`` replaces the cosine objective by the Frobenius one, whose closed form is
 dB = (dW - B_bar A_bar) A_bar^T (A_bar A_bar^T + lam I)^-1. It is NOT the paper's method.
@@ -17,14 +18,25 @@ Implementation notes (where the reference code is followed or not):
 - dB starts at 0 (the reference code draws it Xavier-uniform): 0 minimises the regulariser and,
   when the clients agree (dW = B_bar A_bar), is already optimal, so agreement changes nothing.
 - As in the reference code the loss is summed over layers (same-shaped layers are solved in one
-  batch) and the early stop watches the summed loss (|change| < tol for ``patience`` steps).
+  batch) and the stop watches the summed loss (|change| < tol).
 - The iterations run on dB / sigma with sigma = RMS of the layer's B_bar (the same minimiser; the
   cosine term is invariant to the scale of B, so without this the step size would depend on how
-  far training has gone). ``lr`` is the optimiser's step size in those units.
+  far training has gone). ``lr`` (adam / sgd) is the step size in those units.
+- Solver: the reference code runs SGD (lr 0.01, <= 1000 steps, early stop). L-BFGS with a
+  strong-Wolfe line search minimises the same objective without a step size to tune, never ends
+  above where it began and stops at once on a zero gradient. Adam (normalised steps of ~lr) took
+  clients that nearly agree (0.1% spread) to a cosine loss of 3e-6 from < 1e-6 at dB = 0, and
+  moved B of identical clients by 0.2% of its RMS from rounding-size gradients; adam / sgd now
+  return their best iterate and stop on a zero gradient. Measured at MiniLM-L6's shapes (12
+  layers, 384 x 384, r = 8, 5 disagreeing clients): L-BFGS 14 iterations, 0.1 s, objective
+  0.72004 from 0.73684; Adam 67 steps, 0.72005.
+- A_bar, B_bar and dW are formed in float64 from the uploads, so agreeing clients give
+  B_bar A_bar = dW to float64 rounding.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,17 +46,24 @@ from fedpeft.config import ConfigError, FedConfig, option
 
 from .base import Method, Payload, Upload, register, weighted_mean
 
+# Gradient size (in units of B_bar's RMS) below which dB is at a stationary point: clients that
+# agree give gradients of rounding size (~1e-17), which must not be mistaken for a direction.
+_GRAD_TOL = 1e-9
+
 
 @dataclass
 class FairOptions:
     lam: float = option(0.01, "regulariser weight lambda (paper 0.01; reference code 1.0)", min=0)
     solver: str = option("cosine", "cosine = the paper's iterative objective; lstsq = closed-form "
                          "Frobenius variant (NOT the paper's method)", choices=("cosine", "lstsq"))
-    iterations: int = option(1000, "most optimiser steps per layer (cosine solver)", min=1)
-    lr: float = option(0.01, "optimiser step size, in units of B_bar's RMS (cosine)", gt=0)
-    optimizer: str = option("adam", "optimiser of the cosine objective", choices=("adam", "sgd"))
-    tol: float = option(1e-6, "early stop when |loss change| < tol ...", min=0)
-    patience: int = option(5, "... for this many consecutive steps", min=1)
+    iterations: int = option(1000, "most iterations per round (cosine solver)", min=1)
+    optimizer: str = option("lbfgs", "solver of the cosine objective: lbfgs (line search, "
+                            "monotone), or adam / sgd (reference code: sgd) with early stop",
+                            choices=("lbfgs", "adam", "sgd"))
+    lr: float = option(0.01, "adam / sgd step size, in units of B_bar's RMS", gt=0)
+    tol: float = option(1e-6, "stop when |loss change| < tol (adam / sgd: for ``patience`` "
+                        "steps)", min=0)
+    patience: int = option(5, "adam / sgd: consecutive calm steps before stopping", min=1)
 
 
 def column_cosine_loss(ideal: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
@@ -79,33 +98,70 @@ def _stacked_loss(ideal_t: torch.Tensor, ideal_norm: torch.Tensor, b: torch.Tens
 def cosine_correction(ideal: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Tensor,
                       opts: FairOptions) -> tuple[torch.Tensor, int]:
     """Iterative solution of the paper's objective for a stack of same-shaped layers (ideal
-    (L, d_out, d_in), b_bar (L, d_out, r), a_bar (L, r, d_in)); returns dB and the steps taken.
-    Layers with B_bar = 0 or an ideal update of 0 get no correction."""
+    (L, d_out, d_in), b_bar (L, d_out, r), a_bar (L, r, d_in)); returns dB and the iterations
+    taken. Layers with B_bar = 0 or an ideal update of 0 get no correction."""
     sigma = b_bar.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
     active = (sigma.flatten() > 0) & (ideal.flatten(1).abs().amax(1) > 0)
     correction = torch.zeros_like(b_bar)
     if not bool(active.any()):
         return correction, 0
     ideal, b_bar, a_bar, sigma = ideal[active], b_bar[active], a_bar[active], sigma[active]
-    ideal_t, a_t = ideal.transpose(1, 2), a_bar.transpose(1, 2)
-    ideal_norm = ideal.norm(dim=1)
-    delta = torch.zeros_like(b_bar, requires_grad=True)  # dB / sigma, per layer
+    ideal_t, a_t, ideal_norm = ideal.transpose(1, 2), a_bar.transpose(1, 2), ideal.norm(dim=1)
+
+    def objective(delta: torch.Tensor) -> torch.Tensor:  # delta = dB / sigma, per layer
+        step_db = sigma * delta
+        return (_stacked_loss(ideal_t, ideal_norm, b_bar + step_db, a_t)
+                + opts.lam * step_db.pow(2).sum())
+
+    solve = _lbfgs if opts.optimizer == "lbfgs" else _first_order
+    delta, steps = solve(objective, torch.zeros_like(b_bar), opts)
+    correction[active] = sigma * delta
+    return correction, steps
+
+
+def _lbfgs(objective: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor,
+           opts: FairOptions) -> tuple[torch.Tensor, int]:
+    """L-BFGS with a strong-Wolfe line search: the objective never increases, and a start with
+    a zero gradient (clients that agree) is returned untouched."""
+    delta = start.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([delta], lr=1.0, max_iter=opts.iterations, history_size=20,
+                                  tolerance_grad=_GRAD_TOL, tolerance_change=opts.tol,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = objective(delta)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return delta.detach(), int(optimizer.state[delta].get("n_iter", 0))
+
+
+def _first_order(objective: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor,
+                 opts: FairOptions) -> tuple[torch.Tensor, int]:
+    """Adam or SGD (the reference code's) with its early stop (|loss change| < tol for
+    ``patience`` steps). Returns the best iterate seen: Adam normalises the gradient's size, so
+    near the optimum it keeps taking steps of about ``lr`` and can end above where it began."""
+    delta = start.clone().requires_grad_(True)
     make = torch.optim.Adam if opts.optimizer == "adam" else torch.optim.SGD
     optimizer = make([delta], lr=opts.lr)
+    best, best_value = start.clone(), float("inf")
     previous, calm, steps = float("inf"), 0, 0
     while steps < opts.iterations and calm < opts.patience:
         optimizer.zero_grad()
-        step_db = sigma * delta
-        loss = (_stacked_loss(ideal_t, ideal_norm, b_bar + step_db, a_t)
-                + opts.lam * step_db.pow(2).sum())
+        loss = objective(delta)
+        value = float(loss.detach())
+        if value < best_value:
+            best, best_value = delta.detach().clone(), value
         loss.backward()
+        if float(delta.grad.abs().max()) <= _GRAD_TOL:  # stationary: nothing to gain
+            break
         optimizer.step()
         steps += 1
-        value = float(loss.detach())
         calm = calm + 1 if abs(previous - value) < opts.tol else 0
         previous = value
-    correction[active] = (sigma * delta).detach()
-    return correction, steps
+    return best, steps
 
 
 def ideal_update(uploads: list[Upload], a_key: str, b_key: str,
@@ -116,6 +172,14 @@ def ideal_update(uploads: list[Upload], a_key: str, b_key: str,
         b, a = up.payload.tensors[b_key].double(), up.payload.tensors[a_key].double()
         total = total + p * (b @ a)
     return total
+
+
+def mean64(uploads: list[Upload], key: str, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k p_k X_k in float64. The solver must see A_bar and B_bar at the precision of the
+    ideal update: with float32 means, B_bar A_bar differs from an agreeing clients' dW by
+    rounding, and Adam (which normalises the gradient's size) turns that into real steps."""
+    return torch.tensordot(weights, torch.stack([u.payload.tensors[key].double()
+                                                 for u in uploads]), dims=1)
 
 
 @register("lora-fair")
@@ -141,8 +205,8 @@ class LoRAFAIR(Method):
             shape = (*means[pair.b_key].shape, means[pair.a_key].shape[-1])
             groups.setdefault(shape, []).append(pair)
         for pairs in groups.values():  # same-shaped layers are solved together
-            a_bar = torch.stack([means[p.a_key].double() for p in pairs])
-            b_bar = torch.stack([means[p.b_key].double() for p in pairs])
+            a_bar = torch.stack([mean64(uploads, p.a_key, weights) for p in pairs])
+            b_bar = torch.stack([mean64(uploads, p.b_key, weights) for p in pairs])
             ideal = torch.stack([ideal_update(uploads, p.a_key, p.b_key, weights) for p in pairs])
             corrected = b_bar + self.correction(ideal, b_bar, a_bar)
             for pair, b_new in zip(pairs, corrected, strict=True):

@@ -1,0 +1,219 @@
+"""LoRA-FAIR: the server's corrected B brings the product closer to the ideal update (the weighted
+mean of B_k A_k) than FedIT's product of means, changes nothing when clients agree, and is what
+the clients start the next round from."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TINY
+from fedpeft.client.trainer import client_round
+from fedpeft.strategies import ClientProfile, Upload, build_method, method_help
+from fedpeft.strategies.lora_fair import (
+    FairOptions,
+    _stacked_loss,
+    column_cosine_loss,
+    cosine_correction,
+    lstsq_correction,
+)
+
+from fedpeft.config import ConfigError, load_config
+from fedpeft.payload import ClientState, Payload
+from fedpeft.runtime import get_workspace
+from fedpeft.wire import payload_to_records, records_to_payload
+
+PROFILE = ClientProfile(0, 4)
+HEAD = "base_model.model.classifier.weight"
+Tensors = dict[str, torch.Tensor]
+
+
+def _fair(*overrides: str):
+    return build_method(load_config(None, ['method.name="lora-fair"', *overrides]))
+
+
+def _client(gen: torch.Generator, layers: int, d_out: int, d_in: int, r: int) -> Tensors:
+    """One client's peft-shaped upload: heterogeneous A and B per layer, plus a head."""
+    out: Tensors = {}
+    for i in range(layers):
+        stem = f"base_model.model.bert.encoder.layer.{i}.attention.self.query"
+        out[f"{stem}.lora_A.weight"] = torch.randn(r, d_in, generator=gen) / math.sqrt(d_in)
+        out[f"{stem}.lora_B.weight"] = 0.05 * torch.randn(d_out, r, generator=gen)
+    out[HEAD] = torch.randn(2, d_out, generator=gen)
+    return out
+
+
+def _uploads(seed: int, clients: int = 4, shape: tuple[int, int, int, int] = (2, 24, 20, 4),
+             ) -> list[Upload]:
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 200, (clients,), generator=gen).tolist()
+    return [Upload(PROFILE, Payload(_client(gen, *shape)), n) for n in sizes]
+
+
+def _pairs(tensors: Tensors) -> list[tuple[str, str]]:
+    return [(k, k.replace("lora_A", "lora_B")) for k in tensors if k.endswith("lora_A.weight")]
+
+
+def _weights(uploads: list[Upload]) -> torch.Tensor:
+    w = torch.tensor([u.num_examples for u in uploads], dtype=torch.float64)
+    return w / w.sum()
+
+
+def _mean(uploads: list[Upload], key: str) -> torch.Tensor:
+    return sum(p * u.payload.tensors[key].double()
+               for p, u in zip(_weights(uploads), uploads, strict=True))
+
+
+def _ideal(uploads: list[Upload], a_key: str, b_key: str) -> torch.Tensor:
+    return sum(p * (u.payload.tensors[b_key].double() @ u.payload.tensors[a_key].double())
+               for p, u in zip(_weights(uploads), uploads, strict=True))
+
+
+def _distances(uploads: list[Upload], new: Tensors) -> dict[str, tuple[float, float]]:
+    """Per layer and measure: (FedIT's product of means, the method's product) vs the ideal.
+    ``cos`` = 1 - mean column cosine (the paper's measure), ``fro`` = relative Frobenius error."""
+    out = {}
+    for a_key, b_key in _pairs(new):
+        ideal = _ideal(uploads, a_key, b_key)
+        fedit = _mean(uploads, b_key) @ _mean(uploads, a_key)
+        fair = new[b_key].double() @ new[a_key].double()
+        for name, measure in (("cos", column_cosine_loss),
+                              ("fro", lambda x, y: (x - y).norm() / x.norm())):
+            out[f"{a_key}:{name}"] = (float(measure(ideal, fedit)), float(measure(ideal, fair)))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_corrected_product_is_closer_to_the_ideal_update_than_fedits(seed: int) -> None:
+    uploads = _uploads(seed)
+    new = _fair().aggregate(Payload(uploads[0].payload.tensors), uploads).tensors
+    for key, (fedit, fair) in _distances(uploads, new).items():
+        assert fedit > 0.05, key  # the clients really disagree
+        if key.endswith(":cos"):  # the paper's measure (direction only: the Frobenius error
+            assert fair < fedit - 0.05 * fedit, (key, fedit, fair)  # may grow; not asserted)
+    for a_key, _ in _pairs(new):  # A (and the head) are FedIT's weighted means
+        assert torch.allclose(new[a_key].double(), _mean(uploads, a_key), atol=1e-6)
+    assert torch.allclose(new[HEAD].double(), _mean(uploads, HEAD), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_closed_form_option_is_closer_too_and_is_the_frobenius_minimiser(seed: int) -> None:
+    uploads = _uploads(seed)
+    method = _fair('method.solver="lstsq"')
+    new = method.aggregate(Payload(uploads[0].payload.tensors), uploads).tensors
+    for key, (fedit, fair) in _distances(uploads, new).items():
+        if key.endswith(":fro"):  # the variant's own objective
+            assert fair < fedit - 0.01 * fedit, (key, fedit, fair)
+    # Stationary point of ||ideal - (B_bar + dB) A_bar||^2 + lam ||dB||^2 (convex: the minimum).
+    a_key, b_key = _pairs(new)[0]
+    a_bar, b_bar = _mean(uploads, a_key), _mean(uploads, b_key)
+    ideal = _ideal(uploads, a_key, b_key)
+    delta = lstsq_correction(ideal, b_bar, a_bar, 0.01).requires_grad_(True)
+    loss = (ideal - (b_bar + delta) @ a_bar).pow(2).sum() + 0.01 * delta.pow(2).sum()
+    (grad,) = torch.autograd.grad(loss, delta)
+    assert float(grad.abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("solver", ["cosine", "lstsq"])
+def test_identical_clients_change_nothing(solver: str) -> None:
+    gen = torch.Generator().manual_seed(7)
+    same = _client(gen, 2, 24, 20, 4)
+    uploads = [Upload(PROFILE, Payload({k: v.clone() for k, v in same.items()}), n)
+               for n in (3, 50, 8)]
+    new = _fair(f'method.solver="{solver}"').aggregate(Payload(same), uploads).tensors
+    for key, value in same.items():
+        assert torch.allclose(new[key], value, rtol=1e-5, atol=1e-7), key
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam", "sgd"])
+def test_no_solver_ends_above_where_it_began(optimizer: str) -> None:
+    """Clients that nearly agree (0.1% spread): the correction may only lower the objective
+    (Adam's normalised steps alone would end above dB = 0)."""
+    gen = torch.Generator().manual_seed(5)
+    a0 = torch.randn(2, 4, 20, generator=gen, dtype=torch.float64) / math.sqrt(20)
+    b0 = 0.05 * torch.randn(2, 24, 4, generator=gen, dtype=torch.float64)
+    a_k = a0 + 1e-3 * torch.randn(3, *a0.shape, generator=gen, dtype=torch.float64) * a0.std()
+    b_k = b0 + 1e-3 * torch.randn(3, *b0.shape, generator=gen, dtype=torch.float64) * b0.std()
+    ideal = (b_k @ a_k).mean(0)
+    a_bar, b_bar = a_k.mean(0), b_k.mean(0)
+    opts = FairOptions(optimizer=optimizer)
+    delta, _ = cosine_correction(ideal, b_bar, a_bar, opts)
+
+    def objective(db: torch.Tensor) -> float:
+        loss = sum(column_cosine_loss(ideal[i], (b_bar + db)[i] @ a_bar[i]) for i in range(2))
+        return float(loss) + opts.lam * float(db.pow(2).sum())
+
+    assert objective(delta) <= objective(torch.zeros_like(delta)) + 1e-15
+
+
+def test_efficient_loss_matches_the_column_cosine_definition() -> None:
+    gen = torch.Generator().manual_seed(3)
+    ideal = torch.randn(3, 24, 20, generator=gen, dtype=torch.float64)
+    b = torch.randn(3, 24, 4, generator=gen, dtype=torch.float64)
+    a = torch.randn(3, 4, 20, generator=gen, dtype=torch.float64)
+    reference = sum(column_cosine_loss(ideal[i], b[i] @ a[i]) for i in range(3))
+    fast = _stacked_loss(ideal.transpose(1, 2), ideal.norm(dim=1), b, a.transpose(1, 2))
+    assert float(fast) == pytest.approx(float(reference), rel=1e-10)
+
+
+def test_larger_lambda_shrinks_the_correction() -> None:
+    """At B's scale O(1) the regulariser matters: lambda 1.0 (reference code) keeps dB smaller
+    than the paper's 0.01, and both improve the cosine over dB = 0."""
+    gen = torch.Generator().manual_seed(11)
+    a_k = torch.randn(4, 1, 4, 20, generator=gen, dtype=torch.float64) / math.sqrt(20)
+    b_k = torch.randn(4, 1, 24, 4, generator=gen, dtype=torch.float64)
+    ideal = torch.einsum("kor,krd->od", b_k[:, 0], a_k[:, 0]).unsqueeze(0) / 4
+    a_bar, b_bar = a_k.mean(0), b_k.mean(0)
+    start = float(column_cosine_loss(ideal[0], b_bar[0] @ a_bar[0]))
+    norms = {}
+    for lam in (0.01, 1.0):
+        delta, steps = cosine_correction(ideal, b_bar, a_bar, FairOptions(lam=lam))
+        assert 0 < steps <= 1000
+        assert float(column_cosine_loss(ideal[0], (b_bar + delta)[0] @ a_bar[0])) < start
+        norms[lam] = float(delta.norm())
+    assert norms[1.0] < norms[0.01]
+
+
+def test_defaults_options_and_the_non_paper_label() -> None:
+    method = _fair()
+    assert method.options.lam == 0.01
+    assert method.options.solver == "cosine"
+    assert _fair("method.lam=1.0").options.lam == 1.0
+    with pytest.raises(ConfigError, match=r"method\.lam"):
+        _fair("method.lam=-0.1")
+    with pytest.raises(ConfigError, match="lam > 0"):
+        _fair('method.solver="lstsq"', "method.lam=0")
+    with pytest.raises(ConfigError, match=r"method\.solver"):
+        _fair('method.solver="svd"')
+    fair_help = method_help().split("lora-fair:")[1]
+    assert "NOT the paper's method" in fair_help
+    assert "0.01" in fair_help and "1.0" in fair_help
+
+
+def test_downlink_is_averaged_a_and_corrected_b_and_clients_start_from_it() -> None:
+    cfg = load_config(None, [*TINY, 'method.name="lora-fair"', "model.rank=4"])
+    method = build_method(cfg)
+    workspace = get_workspace(cfg)
+    adapter = workspace.adapter_model(cfg.model.rank)
+    state = method.init(adapter.state())
+    gen = torch.Generator().manual_seed(0)
+    uploads = [Upload(PROFILE, Payload({k: v + 0.05 * torch.randn(v.shape, generator=gen)
+                                        for k, v in state.tensors.items()}), n)
+               for n in (10, 30, 5)]
+    new = method.aggregate(state, uploads)
+    down = records_to_payload(payload_to_records(method.downlink(new, PROFILE)))
+    assert set(down.tensors) == set(state.tensors)
+    for a_key, b_key in _pairs(down.tensors):
+        assert torch.allclose(down.tensors[a_key].double(), _mean(uploads, a_key), atol=1e-6)
+        b_bar = _mean(uploads, b_key)
+        assert not torch.allclose(down.tensors[b_key].double(), b_bar, atol=1e-6)  # corrected
+        assert torch.allclose(down.tensors[b_key], new.tensors[b_key])
+    method.load(adapter, down, ClientState())
+    for key, value in adapter.state().items():
+        assert torch.equal(value, down.tensors[key]), key
+    assert method.trainable(adapter) is None  # LoRA training on both factors from there
+    result = client_round(cfg, method, workspace, down, partition_id=0, rank=cfg.model.rank,
+                          server_round=2, client_state=ClientState())
+    moved = {k for k, v in result.payload.tensors.items() if not torch.equal(v, down.tensors[k])}
+    assert any("lora_A" in k for k in moved) and any("lora_B" in k for k in moved)
