@@ -49,8 +49,10 @@ SETUP = (
     "other keys at their defaults (AdamW, batch 16, LoRA r = 8, alpha = 16 on query/value, max "
     "length 64, seed 0; LoRA-FAIR: lambda 0.01, the paper's cosine objective solved by L-BFGS). "
     "One seed per cell. Accuracy on the fixed held-out split (500-snippet subset in between, all "
-    "1,000 at the last round). Bytes: Flower serialisation of every client payload "
-    "(`simulations/plain_loop.py`, one process). Command: `python -m simulations.compare_methods`."
+    "1,000 at the last round); final loss = test cross-entropy at the last round. Wall s: a "
+    "2-core machine shared with other work, so timings vary by +-50% between runs. Bytes: Flower "
+    "serialisation of every client payload (`simulations/plain_loop.py`, one process). Command: "
+    "`python -m simulations.compare_methods`."
 )
 
 
@@ -75,22 +77,24 @@ def summarise(record: dict[str, Any]) -> dict[str, Any]:
     """compare_ranks' per-run summary, without its per-rank breakdown (one rank here)."""
     out = summarise_rows(record)
     del out["per_rank_message_bytes"], out["label"]
-    trained = len(record["rows"]) - 1
-    out.update(split=record["split"], lr=record["lr"], total_bytes_per_round=out["total_bytes"]
-               / trained, bytes_by_round=[r.get("bytes_down", 0) + r.get("bytes_up", 0)
-                                          for r in record["rows"]])
+    rows = record["rows"]
+    out.update(split=record["split"], lr=record["lr"],
+               total_bytes_per_round=out["total_bytes"] / (len(rows) - 1),
+               message_bytes=steady_message_bytes(rows), final_loss=rows[-1]["loss"],
+               bytes_by_round=[r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in rows])
     return out
 
 
 def split_table(split: str, runs: list[dict[str, Any]]) -> list[str]:
     lrs = ", ".join(f"{s['method']} {s['lr']:g}" for s in runs)
     lines = [f"### {SPLIT_TITLES[split]}", "",
-             f"| method (client lr: {lrs}) | final acc | best acc | total bytes | bytes / round "
-             "(down + up) | wall s |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"| method (client lr: {lrs}) | final acc | best acc | final loss | total bytes | "
+             "bytes / round (down + up) | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for s in runs:
         lines.append(
             f"| {s['method']} | {s['final_accuracy']:.3f} | {s['best_accuracy']:.3f} | "
+            f"{s['final_loss']:.3f} | "
             f"{human_bytes(s['total_bytes'])} | {human_bytes(s['total_bytes_per_round'])} "
             f"({human_bytes(s['bytes_down_per_round'])} + {human_bytes(s['bytes_up_per_round'])})"
             f" | {s['wall_s']:.0f} |")
@@ -102,10 +106,20 @@ def split_table(split: str, runs: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {s['method']} | {cells} |")
     by = {s["method"]: s for s in runs}
     if "fedit" in by and "ffa-lora" in by:
+        ffa, fedit = by["ffa-lora"]["message_bytes"], by["fedit"]["message_bytes"]
         ratio = by["ffa-lora"]["total_bytes"] / by["fedit"]["total_bytes"]
-        lines += ["", f"FFA-LoRA / FedIT bytes: {ratio:.3f} (A never travels; the head and "
-                  "the message framing do, both ways)."]
+        lines += ["", f"FFA-LoRA / FedIT: one client message from round 2 on {human_bytes(ffa)} "
+                  f"/ {human_bytes(fedit)} = {ffa / fedit:.3f} (A never travels; B, the head and "
+                  f"the framing do); all bytes of the run {ratio:.3f} (B = 0 serialises small, "
+                  "so FFA-LoRA's first downlink is nearly empty while FedIT's carries A)."]
     return [*lines, ""]
+
+
+def steady_message_bytes(rows: list[dict[str, Any]]) -> float:
+    """Mean bytes of one client message (down or up) from round 2 on, when B is no longer 0."""
+    sizes = [c[way] for r in rows if r["round"] >= 2 for c in r.get("client_bytes", [])
+             for way in ("down", "up")]
+    return sum(sizes) / len(sizes)
 
 
 def markdown(by_split: dict[str, list[dict[str, Any]]], common: list[str]) -> str:
