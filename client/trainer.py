@@ -75,7 +75,7 @@ def client_round(
                                                "partition_id": float(partition_id)})
         result = dp_result
     else:
-        params = [adapter.params[k] for k in adapter.trainable_keys()]
+        params = adapter.trainable_params()  # adapter tensors + base weights a method unfroze
         optimizer = make_optimizer(params, cfg.train.optimizer, learning_rate(cfg, method),
                                    cfg.train.weight_decay)
         rng = np.random.default_rng([cfg.federation.seed, server_round, partition_id])
@@ -96,5 +96,6 @@ def client_round(
         "rank": float(rank),
         "next_rank": float(client_state.values.get(RANK_KEY, rank)),
         **dp_metrics,
+        **method.client_metrics(client_state),
     }
     return ClientResult(uplink, len(data), metrics)

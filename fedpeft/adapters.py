@@ -47,6 +47,7 @@ class AdapterModel:
         lora_keys = {k for p in self.pairs.values() for k in (p.a_key, p.b_key)}
         self.head_keys: list[str] = [k for k in self.params if k not in lora_keys]
         self._w0: dict[str, torch.Tensor] = {}  # pristine base weights of layers given a delta
+        self._p0: dict[str, torch.Tensor] = {}  # pristine base parameters set by set_param_delta
 
     def state(self) -> Tensors:
         """Detached copies of every adapter (and head) tensor."""
@@ -88,7 +89,31 @@ class AdapterModel:
         with torch.no_grad():
             for layer, w0 in self._w0.items():
                 self.base_weight(layer).copy_(w0)
+            for name, p0 in self._p0.items():
+                param = self.model.get_parameter(name)
+                param.copy_(p0)
+                param.requires_grad_(False)
         self._w0.clear()
+        self._p0.clear()
+
+    def set_param_delta(self, name: str, delta: torch.Tensor, trainable: bool = False) -> None:
+        """Set base parameter ``name`` (a ``named_parameters`` name, any module) to P0 + ``delta``,
+        optionally unfrozen; ``reset_base`` restores P0 and freezes it again (Ferret trains base
+        weights of a model object that other virtual clients and methods share)."""
+        param = self.model.get_parameter(name)
+        if tuple(delta.shape) != tuple(param.shape):
+            raise ValueError(f"{name}: delta {tuple(delta.shape)} != {tuple(param.shape)}")
+        if name not in self._p0:
+            self._p0[name] = param.detach().clone()
+        with torch.no_grad():
+            p0 = self._p0[name]
+            param.copy_(p0 + delta.to(device=p0.device, dtype=p0.dtype))
+        param.requires_grad_(trainable)
+
+    def trainable_params(self) -> list[torch.nn.Parameter]:
+        """Every parameter that trains: the adapter tensors ``set_trainable`` chose plus any base
+        parameter ``set_param_delta`` unfroze."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def set_trainable(self, keys: set[str] | None = None) -> None:
         """Train exactly ``keys`` (all adapter tensors when None); everything else stays frozen."""

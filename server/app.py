@@ -14,6 +14,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 from fedpeft.strategies import ClientProfile, Method, Upload, build_method
+from fedpeft.strategies.base import CLIENT_TIMINGS
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
@@ -129,6 +130,8 @@ class FedPeftStrategy(Strategy):
                               "clients_budget_spent": spent,
                               **({"epsilon": self.epsilon} if self.cfg.privacy.enabled else {}),
                               "train_s": train_s,
+                              **{k: sum(u.metrics.get(k, 0.0) for u in uploads)
+                                 for k in CLIENT_TIMINGS if any(k in u.metrics for u in uploads)},
                               "aggregated": int(aggregated)})
         return None, stats
 
@@ -295,7 +298,7 @@ def run_server(grid: Grid, cfg: FedConfig, out: Path, resume: bool = False) -> d
 # failed + rejected + timed_out + resized + budget_spent); other stats: the last attempt's.
 _SUMMED = ("bytes_down", "bytes_up", "clients_sampled", "clients_ok", "clients_failed",
            "clients_rejected", "clients_timed_out", "clients_resized", "clients_budget_spent",
-           "train_s")
+           "train_s", *CLIENT_TIMINGS)
 
 
 def _train_round(driver: Strategy, strategy: FedPeftStrategy, grid: Grid, rnd: int) -> dict:

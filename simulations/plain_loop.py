@@ -23,6 +23,7 @@ from fedpeft.server.federation import (
     sample_clients,
 )
 from fedpeft.strategies import Upload, build_method
+from fedpeft.strategies.base import CLIENT_TIMINGS
 
 from fedpeft.config import ConfigError, load_config
 from fedpeft.payload import ClientState, Payload
@@ -63,6 +64,9 @@ def run_plain(config: str | None, overrides: list[str], out: Path | None = None,
                     client_state=states.setdefault(pid, ClientState()),
                 )
                 train_s += res.metrics["train_s"]
+                for key in CLIENT_TIMINGS:  # a method's own client timings (Ferret's)
+                    if key in res.metrics:
+                        row[key] = row.get(key, 0.0) + res.metrics[key]
                 epsilon = max(epsilon, res.metrics.get("epsilon", 0.0))
                 if res.metrics.get(BUDGET_SPENT):  # DP budget spent: it did not train
                     row["clients_budget_spent"] = row.get("clients_budget_spent", 0) + 1

@@ -1,6 +1,6 @@
 """Federated methods, one module each; importing this package registers all of them."""
 
-from . import fedit, ffa_lora, flexlora, flora, hetlora, lora_fair  # noqa: F401  (registers the methods)
+from . import fedit, ferret, ffa_lora, flexlora, flora, hetlora, lora_fair  # noqa: F401  (registers the methods)
 from .base import (
     METHODS,
     RANK_KEY,

@@ -27,6 +27,10 @@ __all__ = ["ClientState", "Payload", "Scalar", "Tensors"]
 # sends that rank next time; a node's ``--node-config rank=N`` caps it (client/app.py).
 RANK_KEY = "fedpeft.rank"
 
+# Per-client seconds a method may report through ``Method.client_metrics`` (Ferret's random
+# projection and reconstruction); the server and the plain loop sum them per round like train_s.
+CLIENT_TIMINGS = ("project_s", "reconstruct_s")
+
 
 @dataclass(frozen=True)
 class ClientProfile:
@@ -109,6 +113,11 @@ class Method:
 
     def uplink(self, model: AdapterModel, payload: Payload, client_state: ClientState) -> Payload:
         return Payload(model.state())
+
+    def client_metrics(self, client_state: ClientState) -> dict[str, float]:
+        """Extra per-round client metrics (e.g. Ferret's ``project_s``), reported next to
+        ``train_s``; called once after ``uplink``."""
+        return {}
 
 
 def weighted_mean(uploads: Iterable[Upload], keys: Iterable[str],
