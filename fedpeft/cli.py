@@ -15,16 +15,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from fedpeft.config import ConfigError, FedConfig, config_help, load_config, to_toml
 
 SERVERAPP = "fedpeft.server.app:app"
+ERROR_FILE = "error.json"  # = fedpeft.server.app.ERROR_FILE; not imported: it pulls in torch
 CLIENTAPP = "fedpeft.client.app:app"
 
 
@@ -48,6 +51,43 @@ def preflight(cfg: FedConfig) -> None:
     get_model_spec(cfg.model.name).tokenizer()
     partition_indices(cfg.data, cfg.federation.clients)
     _check_model_and_device(cfg)
+
+
+def preflight_isolated(cfg: FedConfig) -> None:
+    """:func:`preflight` in a forked child process. The checks import torch and transformers,
+    load the data and build the model: done in this process, the CLI would hold that (~0.5 GB)
+    for the whole run while it only waits for the simulation. In-process when this process
+    already holds torch (tests, notebooks: nothing to save; and OpenMP is not fork-safe)."""
+    if not hasattr(os, "fork") or "torch" in sys.modules:
+        preflight(cfg)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a ConfigError's message goes back through the pipe
+        os.close(read_fd)
+        code = 0
+        try:
+            preflight(cfg)
+        except ConfigError as exc:
+            os.write(write_fd, str(exc).encode())
+            code = 2
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode(errors="replace")
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code == 2:
+        raise ConfigError(message)
+    if code != 0:
+        raise RuntimeError(f"the configuration check failed (exit {code}); traceback above")
 
 
 def _check_model_and_device(cfg: FedConfig) -> None:
@@ -135,14 +175,13 @@ def _flower_line_filter(verbose: bool) -> Callable[[str], None]:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.launcher import run_simulation_app, write_app_dir
-    from fedpeft.server.app import ERROR_FILE
 
     done = -1
     if args.resume:
         cfg, out, done = _resume_target(args)
     else:
         cfg, out = _load(args), Path(args.out or "runs/latest").resolve()
-    preflight(cfg)
+    preflight_isolated(cfg)
     fed = cfg.federation
     if done >= fed.rounds:
         print(f"fedpeft: {out} finished all {fed.rounds} rounds; nothing to resume")
@@ -177,7 +216,6 @@ def _finish(out: Path, rc: int, started: float) -> int:
     """Report the run's outcome: the ServerApp's own error message if it left one, else the
     results."""
     from fedpeft.reporting import MetricsLog, human_bytes, results_table
-    from fedpeft.server.app import ERROR_FILE
 
     error_path = out / ERROR_FILE
     if error_path.is_file():

@@ -1,0 +1,79 @@
+"""The benchmark's measuring parts (process-tree sampler, profile summary) and the CLI's
+forked configuration check that keeps torch out of the waiting CLI process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedpeft import cli
+from simulations.benchmark import TreeSampler, summarise_profile
+
+# A parent that starts a child in its own session which allocates ~60 MB and outlives it.
+_TREE = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c",
+                  "import time; x = bytearray(60 * 2**20); time.sleep(3)"],
+                 start_new_session=True)
+time.sleep(1.5)
+"""
+
+
+def test_sampler_sees_orphaned_descendants_and_their_memory(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _TREE])
+    sampler = TreeSampler(proc.pid, period_s=0.1).start()
+    proc.wait()
+    time.sleep(0.8)  # the child is orphaned now, in another session: still counted
+    orphans = [p for p in sampler.tree() if p != proc.pid]
+    sampler.stop()
+    assert orphans, "the orphaned child left the tree"
+    memory = sampler.memory()
+    assert memory["peak_processes"] >= 2
+    assert memory["peak_rss_mib"] >= 60
+    assert memory["peak_pss_mib"] <= memory["peak_rss_mib"] + 1
+    assert memory["tree_cpu_s"] >= 0
+
+
+def test_sampler_records_when_lines_appear(tmp_path: Path) -> None:
+    watched = tmp_path / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    sampler = TreeSampler(proc.pid, watch=watched, period_s=0.1, watch_s=0.01).start()
+    watched.write_text("{}\n")
+    time.sleep(0.3)
+    watched.write_text("{}\n{}\n")
+    time.sleep(0.3)
+    sampler.stop()
+    proc.wait()
+    assert len(sampler.line_times) == 2
+    assert 0.2 < sampler.line_times[1] - sampler.line_times[0] < 0.6
+
+
+def test_profile_summary_shares_of_wall_time(tmp_path: Path) -> None:
+    raw = tmp_path / "server.raw"
+    raw.write_text("main (a.py);poll (b.py) 30\nmain (a.py);work (c.py);inner (c.py) 20\n")
+    text = summarise_profile(raw, seconds=2, rate=50)  # 100 samples of wall time
+    assert "50 on-CPU samples" in text and "= 50% of one core" in text
+    assert " 30.0%  poll (b.py)" in text
+    assert " 50.0%  main (a.py)" in text  # inclusive: counted once per stack
+    assert " 20.0%  work (c.py)" in text
+
+
+def test_error_file_name_matches_the_server() -> None:
+    from fedpeft.server.app import ERROR_FILE
+
+    assert cli.ERROR_FILE == ERROR_FILE
+
+
+def test_forked_preflight_reports_config_errors(tmp_path: Path) -> None:
+    """In a fresh CLI process (no torch yet) the check runs in a forked child: its
+    ConfigError must still reach the user as one clear message with exit status 2."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fedpeft.cli", "simulate", "--out", str(tmp_path),
+         "--set", 'model.name="tiny-bert"', "--set", 'model.target_modules=["nope"]'],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2, out.stderr
+    assert "model.target_modules = ['nope'] matched no layer" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
