@@ -34,6 +34,7 @@ import collections
 import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -226,6 +227,10 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def _launch(cmd: list[str], log: Path, watch: Path | None, timeout_s: float,
             hook: Callable[[TreeSampler], object] | None = None) -> tuple[int, float, TreeSampler]:
     """Run ``cmd`` in its own session with output to ``log``; sample its tree while it runs
@@ -313,21 +318,31 @@ def measure(clients: int, rounds: int, extra: list[str], work: Path,
     """Both runs for one client count and the derived figures (steady = rounds 2..)."""
     sim = run_simulation(clients, rounds, extra, work, timeout_s)
     plain = run_plain_loop(clients, rounds, extra, work, timeout_s)
-    steady_sim, steady_plain = _mean(sim["round_s"][1:]), _mean(plain["round_s"][1:])
-    return {
-        "clients": clients, "rounds": rounds, "overrides": overrides(clients, rounds, extra),
-        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "startup_s": sim["startup_s"],
-        "round1_s": sim["round_s"][0],
-        "steady_round_s": steady_sim,
-        "steady_server_round_s": _mean(sim["server_round_s"][1:]),
-        "steady_train_s": _mean(sim["train_s"][1:]),
-        "plain_steady_round_s": steady_plain,
-        "plain_steady_train_s": _mean(plain["train_s"][1:]),
-        "overhead_ratio": steady_sim / steady_plain if steady_sim and steady_plain else None,
-        "peak_rss_mib": sim["peak_rss_mib"], "peak_pss_mib": sim["peak_pss_mib"],
-        "simulation": sim, "plain": plain,
-    }
+    return derive({"clients": clients, "rounds": rounds,
+                   "overrides": overrides(clients, rounds, extra),
+                   "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "simulation": sim, "plain": plain})
+
+
+def derive(result: dict[str, Any]) -> dict[str, Any]:
+    """The table's figures from a result's raw per-round lists. Steady figures are medians of
+    rounds 2..R (robust to a round slowed by other work on the shared cores; the means are
+    kept as ``*_mean``)."""
+    sim, plain = result["simulation"], result["plain"]
+    steady = {"steady_round_s": sim["round_s"][1:],
+              "steady_server_round_s": sim["server_round_s"][1:],
+              "steady_train_s": sim["train_s"][1:],
+              "plain_steady_round_s": plain["round_s"][1:],
+              "plain_steady_train_s": plain["train_s"][1:]}
+    figures: dict[str, Any] = {"startup_s": sim["startup_s"], "round1_s": sim["round_s"][0],
+                               "peak_rss_mib": sim["peak_rss_mib"],
+                               "peak_pss_mib": sim["peak_pss_mib"]}
+    for key, values in steady.items():
+        figures[key], figures[f"{key}_mean"] = _median(values), _mean(values)
+    for suffix in ("", "_mean"):
+        ours, plain_s = figures[f"steady_round_s{suffix}"], figures[f"plain_steady_round_s{suffix}"]
+        figures[f"overhead_ratio{suffix}"] = ours / plain_s if ours and plain_s else None
+    return {**result, **figures}
 
 
 # -------------------------------------------------------------------------------- profiling
@@ -391,14 +406,16 @@ COLUMNS = (
     ("plain_steady_round_s", "plain round s", "{:.2f}"),
     ("plain_steady_train_s", "plain train_s", "{:.2f}"),
     ("overhead_ratio", "overhead ratio", "{:.2f}"),
+    ("overhead_ratio_mean", "ratio of means", "{:.2f}"),
     ("peak_rss_mib", "peak RSS MiB (tree)", "{:.0f}"),
     ("peak_pss_mib", "peak PSS MiB (tree)", "{:.0f}"),
 )
 
 NOTES = (
-    "Steady = rounds 2..R (round 1 starts the actors, builds the model in each and tokenises "
-    "partitions). Round s: between consecutive metrics.jsonl rows of the Flower run (checkpoint, "
-    "messages, aggregation included), evaluation (only at round 0 and the last round: "
+    "Steady = median of rounds 2..R (round 1 starts the actors, builds the model in each and "
+    "tokenises partitions; ratio of means: the same with means). Round s: between consecutive "
+    "metrics.jsonl rows of the Flower run (checkpoint, messages, aggregation included), "
+    "evaluation (only at round 0 and the last round: "
     f"eval.every={NO_EVAL}) subtracted. train_s: forward/backward/optimizer summed over the "
     "round's clients (the simulation's actors run in parallel, so it can exceed the round). "
     "Plain: simulations/plain_loop.py with the same config (same clients, data and seeds), one "
@@ -412,7 +429,8 @@ NOTES = (
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     parts = ["# Simulation benchmark", ""]
-    for tag, by_size in results.items():
+    for tag in sorted(results, key=lambda t: (not t.startswith("before"), t)):
+        by_size = results[tag]
         rows = [by_size[k] for k in sorted(by_size, key=int)]
         parts += [f"## {tag}", "", "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
                   "|" + "---|" * len(COLUMNS)]
@@ -459,9 +477,12 @@ def main() -> None:
     if args.rounds < 3:
         parser.error("--rounds must be at least 3")
     if args.report_only:
-        print(markdown(json.loads(args.out.with_suffix(".json").read_text())))
-        args.out.with_suffix(".md").write_text(
-            markdown(json.loads(args.out.with_suffix(".json").read_text())))
+        path = args.out.with_suffix(".json")
+        results = {tag: {n: derive(r) for n, r in by_size.items()}
+                   for tag, by_size in json.loads(path.read_text()).items()}
+        write_json_atomic(path, results)
+        args.out.with_suffix(".md").write_text(markdown(results))
+        print(markdown(results))
         return
     if args.profile > 0:
         profile(args)
