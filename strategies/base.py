@@ -198,5 +198,7 @@ def method_help() -> str:
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # 1st paragraph
         lines.append(f"{name}: {doc}")
         for f in dataclasses.fields(cls.Options):
-            lines.append(f"    method.{f.name} = {f.default!r}  {f.metadata.get('help', '')}")
+            default = (f.default_factory() if f.default is dataclasses.MISSING  # type: ignore[misc]
+                       else f.default)
+            lines.append(f"    method.{f.name} = {default!r}  {f.metadata.get('help', '')}")
     return "\n".join(lines)

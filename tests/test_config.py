@@ -71,3 +71,15 @@ def test_override_syntax() -> None:
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/x.toml")
+
+
+def test_method_help_lists_every_method_with_real_defaults() -> None:
+    """`fedpeft methods` shows each registered method and each option's actual default, also for
+    options whose default is a factory (a list)."""
+    from fedpeft.strategies import METHODS, method_help
+
+    text = method_help()
+    for name in METHODS:
+        assert f"\n{name}: " in f"\n{text}"
+    assert "MISSING" not in text
+    assert "method.modules = ['query', 'key', 'value', 'dense']" in text
