@@ -25,6 +25,7 @@ from fedpeft.server.federation import (
 from fedpeft.strategies import Upload, build_method
 from fedpeft.strategies.base import CLIENT_TIMINGS
 
+from fedpeft.adapters import build_adapter_model
 from fedpeft.config import ConfigError, load_config
 from fedpeft.payload import ClientState, Payload
 from fedpeft.privacy import BUDGET_SPENT
@@ -41,7 +42,11 @@ def run_plain(config: str | None, overrides: list[str], out: Path | None = None,
     set_torch_threads(default_threads())
     method = build_method(cfg)
     ws = get_workspace(cfg)
-    state = method.init(ws.adapter_model(cfg.model.rank).state())
+    # A freshly built adapter, as the ServerApp does: the workspace's cached model may carry the
+    # training of an earlier run in this process (experiment scripts run several back to back).
+    pristine = build_adapter_model(cfg.model, ws.num_labels, cfg.model.rank)
+    state = method.init(pristine.state())
+    del pristine
     states: dict[int, ClientState] = {}
     ranks: dict[int, int] = {}  # ranks clients reported (rank pruning)
     epsilon = 0.0

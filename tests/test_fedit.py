@@ -27,3 +27,16 @@ def test_fedit_is_example_weighted_mean_of_each_factor() -> None:
     assert all(torch.allclose(alone.tensors[k], clients[0][k]) for k in keys)
     # Downlink sends every adapter tensor.
     assert set(method.downlink(new, ClientProfile(0, 4)).tensors) == set(keys)
+
+
+def test_plain_loop_runs_back_to_back_start_from_the_same_adapter() -> None:
+    """Experiment scripts run several plain-loop runs in one process; the cached workspace model
+    is trained by the first, so the second must not take its initial global adapter from it."""
+    from simulations.plain_loop import run_plain
+
+    from tests.conftest import TINY
+
+    first = run_plain(None, [*TINY, 'method.name="fedit"'], log=False)
+    second = run_plain(None, [*TINY, 'method.name="fedit"'], log=False)
+    assert [r["loss"] for r in first] == [r["loss"] for r in second]
+    assert first[-1]["loss"] != first[0]["loss"]  # it trained, so a leak would show
