@@ -162,6 +162,7 @@ class ServerOptions:
     insecure: bool = False
     verbose: bool = False
     timeout_s: float | None = None
+    resume: Path | None = None  # a run folder to continue after its last finished round
 
 
 def deployment_config(opts: ServerOptions, num_keys: int) -> FedConfig:
@@ -186,6 +187,31 @@ def deployment_config(opts: ServerOptions, num_keys: int) -> FedConfig:
     train, _ = load_task_data(cfg.data)  # the coordinator's held-out split for evaluation
     labels = json.dumps(list(train.label_names))
     return load_config(opts.config, [*opts.overrides, *fed, f"data.labels={labels}"])
+
+
+def resume_config(opts: ServerOptions, num_keys: int) -> tuple[FedConfig, Path, int]:
+    """(config, run folder, last finished round) for ``fedpeft server --resume DIR``: the run's
+    own config (DIR/config.toml, which already holds the device count and the label order);
+    options that change it, or a different number of devices, are refused."""
+    from fedpeft.reporting import MetricsLog
+    from fedpeft.server.checkpoint import check_resumable, load_checkpoint
+
+    out = opts.resume.resolve()
+    saved = out / "config.toml"
+    if opts.config:
+        raise ConfigError(f"--resume {out} takes its config from {saved}; drop {opts.config}")
+    if not saved.is_file():
+        raise ConfigError(f"--resume {out}: no config.toml there (not a fedpeft run folder?)")
+    cfg = load_config(str(saved), opts.overrides)
+    devices = opts.clients or num_keys
+    if devices != cfg.federation.clients:
+        raise ConfigError(f"--resume {out}: the run was started with {cfg.federation.clients} "
+                          f"devices, this coordinator would wait for {devices}; register the "
+                          "same devices (--node-keys) or pass --clients")
+    ckpt = load_checkpoint(out)
+    check_resumable(ckpt, cfg, out)
+    MetricsLog(out / "metrics.jsonl", ckpt.metrics)  # drop rows of a round that did not finish
+    return cfg, out, ckpt.round
 
 
 def _server_tls(opts: ServerOptions) -> CertPaths | None:
@@ -343,14 +369,21 @@ def run_server(opts: ServerOptions, emit: Emit = say) -> int:
     keys = _node_keys(opts)
     if opts.insecure:
         _insecure_warning(emit)
-    cfg = deployment_config(opts, len(keys))
-    out = opts.out.resolve()
+    done = -1
+    if opts.resume:
+        cfg, out, done = resume_config(opts, len(keys))
+    else:
+        cfg, out = deployment_config(opts, len(keys)), opts.out.resolve()
+    fed = cfg.federation
+    if done >= fed.rounds:
+        emit(f"fedpeft: {out} finished all {fed.rounds} rounds; nothing to resume")
+        return 0
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "summary.json", ERROR_FILE):
+    for stale in ("summary.json", ERROR_FILE, *(() if opts.resume else ("metrics.jsonl",))):
         (out / stale).unlink(missing_ok=True)
     config_file = out / "config.toml"
-    config_file.write_text(to_toml(cfg))
-    fed = cfg.federation
+    if not opts.resume:
+        config_file.write_text(to_toml(cfg))
     coord = Coordinator(opts, tls, emit)
     guard = (launcher.sigterm_as_keyboard_interrupt()
              if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else contextlib.nullcontext())
@@ -363,13 +396,17 @@ def run_server(opts: ServerOptions, emit: Emit = say) -> int:
             scheme = "TLS, SuperNode authentication on" if tls else "INSECURE"
             emit(f"fedpeft: {cfg.method.name} on {cfg.model.name}, {fed.rounds} rounds; "
                  f"listening on {opts.host}:{opts.port} ({scheme}); waiting for {fed.clients} "
-                 f"devices ({fed.clients_per_round} per round); writing to {out}")
+                 f"devices ({fed.clients_per_round} per round); writing to {out}"
+                 + (f"; resuming after round {done}" if opts.resume else ""))
             app_dir = launcher.write_app_dir(coord.home / "app", SERVERAPP, CLIENTAPP,
-                                             {"config-file": "", "out-dir": ""})
+                                             {"config-file": "", "out-dir": "", "resume": ""})
             run_config = coord.home / "run_config.toml"
             run_config.write_text(tomli_w.dumps({"config-file": str(config_file),
-                                                 "out-dir": str(out)}))
-            with _Progress(out / "metrics.jsonl", fed.rounds, emit):
+                                                 "out-dir": str(out),
+                                                 "resume": "1" if opts.resume else ""}))
+            progress = _Progress(out / "metrics.jsonl", fed.rounds, emit)
+            progress.seen = done + 1  # the first run showed the rounds before the resume
+            with progress:
                 rc = coord.submit(app_dir, run_config, out, _flower_line_filter(opts.verbose))
             traffic = coord.gateway.stats.snapshot() if coord.gateway else {}
     finally:
@@ -610,7 +647,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         config=args.config, overrides=list(args.overrides),
         certs=Path(args.certs) if args.certs else None, host=args.host, port=args.port,
         node_keys=[Path(k) for k in args.node_keys], clients=args.clients, out=Path(args.out),
-        insecure=args.insecure, verbose=args.verbose, timeout_s=args.timeout)
+        insecure=args.insecure, verbose=args.verbose, timeout_s=args.timeout,
+        resume=Path(args.resume) if args.resume else None)
     try:
         return run_server(opts)
     except (DeployError, CertsError) as exc:
@@ -657,6 +695,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     srv.add_argument("--timeout", type=float, help="give up after this many seconds")
+    srv.add_argument("--resume", metavar="DIR",
+                     help="continue the run in DIR (a previous --out) after its last finished "
+                          "round, with the config it was started with")
     srv.add_argument("--insecure", action="store_true",
                      help="no TLS, no SuperNode authentication (trusted test networks only)")
     srv.add_argument("--verbose", action="store_true", help="show all of Flower's log lines")

@@ -262,6 +262,66 @@ def test_every_started_process_is_stopped(deployment: Deployment) -> None:
     assert alive == []
 
 
+
+def _tiny_run_settings(rounds: int) -> list[str]:
+    out: list[str] = []
+    for item in ('model.name="tiny-bert"', f"federation.rounds={rounds}", "train.local_steps=2",
+                 "train.batch_size=8", "eval.subset=100", "data.test_size=200",
+                 'data.partitioner="iid"'):
+        out += ["--set", item]
+    return out
+
+
+@pytest.mark.slow
+def test_a_stopped_coordinator_resumes_after_its_last_finished_round(tmp_path: Path) -> None:
+    """SIGTERM the coordinator mid-run, then `fedpeft server --resume OUT` with the same
+    devices: the run continues after the last checkpointed round and ends with every round."""
+    pki = make_certs(tmp_path / "pki", [], nodes=2)
+    out, logs, env, rounds = tmp_path / "out", tmp_path / "logs", _env(tmp_path / "home"), 3
+    logs.mkdir()
+    data = {i: _csv(tmp_path / f"d{i}.csv", i) for i in (1, 2)}
+    trackers: list[_Tracker] = []
+
+    def start(args: list[str], tag: str) -> _Tracker:
+        port = free_port()
+        server = spawn([*FEDPEFT, "server", "--certs", str(pki.root), "--host", "127.0.0.1",
+                        "--port", str(port), "--timeout", "150", *args], env,
+                       logs / f"server-{tag}.log")
+        trackers.append(server)
+        _wait_listening(port, server.proc, 90)
+        for i in (1, 2):
+            trackers.append(spawn(_client(f"127.0.0.1:{port}", pki.ca_cert, pki.node_key(i),
+                                          data[i], ["--max-wait", "5"]), env,
+                                  logs / f"device{i}-{tag}.log"))
+        return server
+
+    try:
+        first = start(["--out", str(out), *_tiny_run_settings(rounds)], "first")
+        deadline = time.monotonic() + 120
+        while len(MetricsLog.read(out / "metrics.jsonl")) < 2:  # round 0 and round 1 done
+            assert first.proc.poll() is None, (logs / "server-first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (logs / "server-first.log").read_text()[-3000:]
+            time.sleep(0.2)
+        os.kill(first.proc.pid, signal.SIGTERM)
+        first_rc = _wait(first.proc, 60)
+        for device in trackers[1:3]:
+            _wait(device.proc, 40)
+        second = start(["--resume", str(out)], "second")
+        second_rc = _wait(second.proc, 150)
+    finally:
+        stop_all(trackers, print)
+    log = (logs / "server-second.log").read_text()
+    assert first_rc not in (0, -999), (logs / "server-first.log").read_text()[-3000:]
+    assert second_rc == 0, log[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert 1 <= summary["resumed_after"] < rounds
+    assert f"resuming after round {summary['resumed_after']}" in log
+    rows = MetricsLog.read(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == list(range(rounds + 1))
+    assert all(r["clients_ok"] == 2 for r in rows[1:]), rows
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
 def _start_and_signal(cmd: list[str], env: dict[str, str], log: Path, ready: str,
                       sig: int) -> tuple[int, list[int], list[int]]:
     tracker = spawn(cmd, env, log)
