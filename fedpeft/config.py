@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 
 class ConfigError(ValueError):
@@ -78,8 +77,8 @@ class FederationConfig:
 class TrainConfig:
     local_steps: int = option(5, "optimizer steps per client per round", min=1)
     batch_size: int = option(16, "examples per step", min=1)
-    lr: float = option(0.0, "client learning rate (0 = the method's default: fedit 0.002, "
-                                  "ffa-lora 0.02)", min=0)
+    lr: float = option(0.0, "client learning rate (0 = the method's default: ffa-lora 0.02, "
+                                  "ferret 5e-5, every other method 0.002)", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0)
     optimizer: str = option("adamw", "client optimizer", choices=("adamw", "sgd"))
     device: str = option("cpu", "cpu, cuda or cuda:N")
@@ -113,7 +112,7 @@ class PrivacyConfig:
                          "every round; fewer = less noise, and a client sampled more often "
                          "stops training once its budget is spent)", min=0)
     client_level: str = option("off", "client-level DP with Flower's fixed-clipping wrappers "
-                               "(weighted-mean methods only)",
+                               "(fedit and ffa-lora; unweighted mean of the sampled clients)",
                                choices=("off", "server-fixed", "client-fixed"))
     client_noise: float = option(1.0, "client-level noise multiplier z (noise std = z * "
                                  "client_clip / clients_per_round)", gt=0)
@@ -455,7 +454,7 @@ def to_toml(cfg: FedConfig) -> str:
 
 
 def config_help() -> str:
-    """Every key with its default, allowed values and meaning (for `fedpeft config --help`)."""
+    """Every key with its default, allowed values and meaning (for `fedpeft config`)."""
     lines = []
     for name, cls in SECTIONS.items():
         lines.append(f"[{name}]")

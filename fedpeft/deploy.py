@@ -646,10 +646,14 @@ def cmd_server(args: argparse.Namespace) -> int:
     opts = ServerOptions(
         config=args.config, overrides=list(args.overrides),
         certs=Path(args.certs) if args.certs else None, host=args.host, port=args.port,
-        node_keys=[Path(k) for k in args.node_keys], clients=args.clients, out=Path(args.out),
+        node_keys=[Path(k) for k in args.node_keys], clients=args.clients,
+        out=Path(args.out or "runs/deploy"),
         insecure=args.insecure, verbose=args.verbose, timeout_s=args.timeout,
         resume=Path(args.resume) if args.resume else None)
     try:
+        if opts.resume and args.out and opts.out.resolve() != opts.resume.resolve():
+            raise ConfigError(f"--resume {opts.resume} continues in that folder; drop --out "
+                              f"{args.out}")
         return run_server(opts)
     except (DeployError, CertsError) as exc:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
@@ -691,7 +695,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--node-keys", nargs="+", default=[], metavar="KEY.pub",
                      help="SuperNode public keys to admit (default: CERTS/node-*.pub)")
     srv.add_argument("--clients", type=int, help="devices to wait for (default: one per key)")
-    srv.add_argument("--out", default="runs/deploy", help="output folder (default runs/deploy)")
+    srv.add_argument("--out", help="output folder (default runs/deploy)")
     srv.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     srv.add_argument("--timeout", type=float, help="give up after this many seconds")

@@ -33,7 +33,7 @@ from fedpeft.reporting import (
     summarize,
     write_json_atomic,
 )
-from fedpeft.runtime import default_threads, get_workspace, set_torch_threads
+from fedpeft.runtime import Workspace, default_threads, get_workspace, set_torch_threads
 from fedpeft.wire import (
     CONFIG_RECORD,
     METRICS_RECORD,
@@ -49,6 +49,7 @@ from .federation import (
     client_profile,
     eval_due,
     eval_subset,
+    evaluate_export,
     evaluate_global,
     reported_rank,
     sample_clients,
@@ -91,6 +92,7 @@ class FedPeftStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
         uploads, failed, rejected, resized, spent = [], 0, 0, 0, 0
+        client_eps: dict[int, float] = {}  # partition id -> that client's DP-SGD epsilon so far
         for reply in replies:
             node = reply.metadata.src_node_id
             profile = self.pending.get(node)
@@ -105,7 +107,7 @@ class FedPeftStrategy(Strategy):
             if self._note_rank(server_round, node, profile, reply):
                 resized += 1
                 continue
-            if self._note_privacy(reply):
+            if self._note_privacy(reply, profile, client_eps):
                 spent += 1
                 continue
             payload = records_to_payload(reply.content)
@@ -128,7 +130,8 @@ class FedPeftStrategy(Strategy):
         stats = MetricRecord({"clients_ok": ok, "clients_failed": failed,
                               "clients_rejected": rejected, "clients_resized": resized,
                               "clients_budget_spent": spent,
-                              **({"epsilon": self.epsilon} if self.cfg.privacy.enabled else {}),
+                              **(self._privacy_stats(server_round, client_eps)
+                                 if self.cfg.privacy.enabled else {}),
                               "train_s": train_s,
                               **{k: sum(u.metrics.get(k, 0.0) for u in uploads)
                                  for k in CLIENT_TIMINGS if any(k in u.metrics for u in uploads)},
@@ -180,12 +183,26 @@ class FedPeftStrategy(Strategy):
             "now on", server_round, profile.partition_id, rank, profile.rank)
         return True
 
-    def _note_privacy(self, reply: Message) -> bool:
-        """Keep the largest client epsilon; True when the client's privacy budget is spent (it
-        did not train and sent no tensors)."""
+    def _note_privacy(self, reply: Message, profile: ClientProfile,
+                      client_eps: dict[int, float]) -> bool:
+        """Record the client's epsilon and keep the largest; True when the client's privacy
+        budget is spent (it did not train and sent no tensors)."""
         metrics = reply.content.get(METRICS_RECORD, {})
-        self.epsilon = max(self.epsilon, float(metrics.get("epsilon", 0.0)))
+        if "epsilon" in metrics:
+            client_eps[profile.partition_id] = float(metrics["epsilon"])
+            self.epsilon = max(self.epsilon, client_eps[profile.partition_id])
         return bool(metrics.get(BUDGET_SPENT))
+
+    def _privacy_stats(self, server_round: int, client_eps: dict[int, float]) -> dict:
+        """``epsilon`` (the largest so far) and every participating client's own epsilon, as
+        parallel lists ordered by partition id (a MetricRecord holds no mappings)."""
+        ids = sorted(client_eps)
+        if not ids:
+            return {"epsilon": self.epsilon}
+        log(INFO, "round %d: DP-SGD epsilon per client %s", server_round,
+            ", ".join(f"{i}: {client_eps[i]:.2f}" for i in ids))
+        return {"epsilon": self.epsilon, "epsilon_clients": ids,
+                "epsilon_per_client": [client_eps[i] for i in ids]}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -253,8 +270,10 @@ def run_server(grid: Grid, cfg: FedConfig, out: Path, resume: bool = False) -> d
     metrics = MetricsLog(out / "metrics.jsonl", ckpt.metrics if ckpt else ())
     nodes = _wait_for_nodes(grid, cfg.federation.clients)
     if len(nodes) < cfg.federation.clients_per_round:
-        raise RuntimeError(f"only {len(nodes)} clients connected; "
-                           f"federation.clients_per_round = {cfg.federation.clients_per_round}")
+        raise RuntimeError(f"only {len(nodes)} of {cfg.federation.clients} clients connected; "
+                           f"federation.clients_per_round = {cfg.federation.clients_per_round}. "
+                           "With `flwr run .` in simulation, pass --federation-config "
+                           f"'num-supernodes={cfg.federation.clients}'")
     fed = cfg.federation
     first = 0
     if ckpt is not None:
@@ -280,6 +299,7 @@ def run_server(grid: Grid, cfg: FedConfig, out: Path, resume: bool = False) -> d
         save_checkpoint(out, Checkpoint(rnd, strategy.state, metrics.rows, cfg.to_dict(),
                                         _server_state(strategy, driver, grid)))
     template.save_pretrained(out / "adapter", method.global_adapter(strategy.state))
+    export = _export_report(cfg, method, strategy.state, workspace, metrics.rows)
     rows = metrics.rows
     summary = summarize(rows, method=method.name, clients=fed.clients,
                         clients_per_round=fed.clients_per_round, model=cfg.model.name,
@@ -287,11 +307,26 @@ def run_server(grid: Grid, cfg: FedConfig, out: Path, resume: bool = False) -> d
                         adapter_floats=template.num_floats(),
                         clients_timed_out=sum(r.get("clients_timed_out", 0) for r in rows),
                         rounds_not_aggregated=sum(1 for r in rows if r.get("aggregated") == 0),
-                        resumed_after=ckpt.round if ckpt is not None else None)
+                        resumed_after=ckpt.round if ckpt is not None else None, **export)
     write_json_atomic(out / "summary.json", summary)
     plot_report(metrics.rows, out / "report.png", f"{method.name} on {cfg.model.name}")
     log(INFO, "results\n%s", results_table(metrics.rows))
     return summary
+
+
+def _export_report(cfg: FedConfig, method: Method, state: Payload, workspace: Workspace,
+                   rows: list[dict]) -> dict:
+    """``adapter_exact`` for summary.json; where the export is lossy, why, and its own accuracy
+    next to the global model's (a user who evaluates adapter/ must not be surprised)."""
+    loss = method.export_loss(state)
+    if loss is None:
+        return {"adapter_exact": True}
+    ev = evaluate_export(cfg, method, state, workspace)
+    final = next((r["accuracy"] for r in reversed(rows) if r.get("accuracy") is not None), None)
+    log(WARNING, "adapter/ is not the whole global model: %s. It scores %.3f on the held-out "
+        "split; the global model %s", loss, ev.accuracy,
+        "scored -" if final is None else f"scored {final:.3f}")
+    return {"adapter_exact": False, "adapter_note": loss, "adapter_accuracy": ev.accuracy}
 
 
 # Per-round counts that add up over the attempts of a retried round (so clients_sampled = ok +

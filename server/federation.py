@@ -89,6 +89,21 @@ def evaluate_global(cfg: FedConfig, method: Method, state: Payload, workspace: W
     return EvalResult(accuracy, loss, len(data), time.perf_counter() - start)
 
 
+def evaluate_export(cfg: FedConfig, method: Method, state: Payload,
+                    workspace: Workspace) -> EvalResult:
+    """Accuracy of what ``adapter/`` holds (``method.global_adapter``) on the whole held-out
+    split: what ``fedpeft evaluate OUT/adapter`` reports."""
+    start = time.perf_counter()
+    device = resolve_device(cfg.train.device)
+    adapter = workspace.adapter_model(cfg.model.rank)
+    adapter.model.to(device)
+    adapter.reset_base()
+    adapter.load(method.global_adapter(state))
+    data = workspace.test_set(0)
+    accuracy, loss = evaluate(adapter.model, data, cfg.eval.batch_size, device)
+    return EvalResult(accuracy, loss, len(data), time.perf_counter() - start)
+
+
 def eval_due(cfg: FedConfig, server_round: int) -> bool:
     """Round 0 and the last round always; in between every ``eval.every`` rounds."""
     last = cfg.federation.rounds

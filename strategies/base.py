@@ -90,6 +90,11 @@ class Method:
         """The global adapter at the configured rank (``model.rank``), for export."""
         return state.tensors
 
+    def export_loss(self, state: Payload) -> str | None:
+        """Why ``global_adapter`` is not the whole global model (None: it is). The server then
+        scores the export too and says so, since ``fedpeft evaluate`` sees only the export."""
+        return None
+
     def load_global(self, model: AdapterModel, state: Payload) -> None:
         """Put the global model into ``model`` for server-side evaluation. Methods whose global
         model is more than an adapter (FLoRA's merged base, Ferret's full weights) override it."""

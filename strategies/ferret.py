@@ -346,6 +346,12 @@ class Ferret(Method):
                     tgt.shape)
         return out
 
+    def export_loss(self, state: Payload) -> str | None:
+        if self.options.target != "full":
+            return None
+        return ("a LoRA adapter cannot hold Ferret's full-weight updates: adapter/ has the trained "
+                "head only; the weight updates are in checkpoint/ (ferret.delta)")
+
     def load_global(self, model: AdapterModel, state: Payload) -> None:
         self._apply(model, state.tensors[DELTA], trainable=False)
 

@@ -94,6 +94,10 @@ class FlexLoRA(Method):
         """Export: the rank-``model.rank`` truncation of W_g (the full W_g has a higher rank)."""
         return {**head_of(state.tensors), **self.factors_for(state, self.cfg.model.rank)}
 
+    def export_loss(self, state: Payload) -> str | None:
+        return (f"adapter/ holds the rank-{self.cfg.model.rank} truncated SVD of FlexLoRA's "
+                "aggregate update, whose rank is higher")
+
     def load_global(self, model: AdapterModel, state: Payload) -> None:
         deltas = {layer.name: state.tensors[US + layer.name].double()
                   @ state.tensors[VH + layer.name].double() for layer in self.layers(state)}

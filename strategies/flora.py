@@ -137,6 +137,10 @@ class FLoRA(Method):
             out[layer.b_key], out[layer.a_key] = b.to(delta.dtype), a.to(delta.dtype)
         return out
 
+    def export_loss(self, state: Payload) -> str | None:
+        return (f"adapter/ holds the rank-{self.cfg.model.rank} truncated SVD of FLoRA's merged "
+                "update (base + every round's stacked product), which is dense")
+
     def load_global(self, model: AdapterModel, state: Payload) -> None:
         deltas = {layer.name: state.tensors[DELTA + layer.name]
                   for layer in self.layers(state.tensors)}

@@ -133,6 +133,13 @@ class HetLoRA(Method):
         """The global factors truncated to model.rank (lossless when model.rank >= R)."""
         return {**head_of(state.tensors), **self.factors_for(state, self.cfg.model.rank)}
 
+    def export_loss(self, state: Payload) -> str | None:
+        if self.cfg.model.rank >= self.global_rank(state):
+            return None
+        return (f"adapter/ holds the global factors truncated to model.rank = "
+                f"{self.cfg.model.rank}; the global adapter has rank {self.global_rank(state)} "
+                "(set model.rank to the largest client rank for an exact export)")
+
     def load_global(self, model: AdapterModel, state: Payload) -> None:
         """Evaluate the full rank-R global update (merged into the base: any model rank works)."""
         glob = self.global_rank(state)

@@ -393,6 +393,23 @@ def test_server_requires_certs_unless_insecure(tmp_path: Path, capsys) -> None:
     assert isinstance(CertPaths(tmp_path).node_pubs(), list)
 
 
+def test_server_resume_refusals_name_the_problem(tmp_path: Path, capsys) -> None:
+    """Before anything starts: --resume of a folder that is no run, with another --out, or with
+    another device count than the run was started with."""
+    from fedpeft.cli import main
+    from fedpeft.config import load_config, to_toml
+
+    base = ["server", "--insecure", "--clients", "2", "--resume", str(tmp_path)]
+    assert main([*base, "--out", str(tmp_path / "other")]) == 2
+    assert "continues in that folder; drop --out" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "no config.toml there" in capsys.readouterr().err
+    three = load_config(None, ["federation.clients=3", "federation.clients_per_round=3"])
+    (tmp_path / "config.toml").write_text(to_toml(three))
+    assert main(base) == 2
+    assert "started with 3 devices, this coordinator would wait for 2" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------ device internals
 
 

@@ -51,6 +51,7 @@ from safetensors.torch import load_file
 
 from fedpeft.cli import _finish, main
 from fedpeft.config import FAULT_KINDS, ConfigError, FedConfig, load_config, to_toml
+from fedpeft.evaluation import evaluate_adapter_dir
 from fedpeft.payload import ClientState, Payload
 from fedpeft.reporting import MetricsLog
 from tests.conftest import TINY
@@ -348,6 +349,16 @@ def test_resume_after_a_kill_mid_round_is_bit_identical(
         assert cut.state.scalars[key] == before_kill[key] != ref.state.scalars[key], key
     assert [r["round"] for r in cut.metrics] == [0, 1, 2, 3]
     assert [r["accuracy"] for r in cut.metrics] == [r["accuracy"] for r in ref.metrics]
+    # adapter/ scored with plain peft: the global model's accuracy where the export is exact,
+    # else the accuracy the server reported for the export (and it says why it is lossy)
+    exported = evaluate_adapter_dir(tmp_path / "cut" / "adapter")["accuracy"]
+    lossy = {"ferret", "flexlora", "flora"}  # hetlora here: model.rank = the largest rank
+    assert summary["adapter_exact"] is (method not in lossy)
+    if method in lossy:
+        assert summary["adapter_note"] and exported == pytest.approx(summary["adapter_accuracy"])
+    else:
+        assert "adapter_accuracy" not in summary
+        assert exported == pytest.approx(summary["final_accuracy"])
 
 
 # Scalars that name a run, not model state: Ferret tags its process-wide cache of global
