@@ -144,12 +144,18 @@ class FedPeftStrategy(Strategy):
         sent = self.method.downlink(self.state, profile).tensors
         problem = check_upload(payload, self.method.expected_upload(self.state, profile),
                                self.cfg.federation.max_update_norm, sent)
-        return problem or check_examples(reply.content.get(METRICS_RECORD))
+        return (problem or self.method.check_upload(self.state, profile, payload)
+                or check_examples(reply.content.get(METRICS_RECORD)))
 
     def _aggregate(self, server_round: int, uploads: list[Upload]) -> bool:
         """Aggregate, unless the result is not finite (valid but extreme uploads can overflow):
         then the old state stays and the round counts as not aggregated."""
-        state = self.method.aggregate(self.state, uploads)
+        try:
+            state = self.method.aggregate(self.state, uploads)
+        except (ValueError, RuntimeError) as exc:  # validated uploads that still do not fit
+            log(ERROR, "round %d: aggregating %d valid uploads failed (%s); the global state is "
+                "kept as it was", server_round, len(uploads), exc)
+            return False
         if not all_finite(state.tensors):
             log(ERROR, "round %d: the aggregate of %d valid uploads is not finite; the global "
                 "state is kept as it was", server_round, len(uploads))

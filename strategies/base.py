@@ -100,6 +100,12 @@ class Method:
         model is more than an adapter (FLoRA's merged base, Ferret's full weights) override it."""
         model.load(self.global_adapter(state))
 
+    def check_upload(self, state: Payload, profile: ClientProfile,
+                     payload: Payload) -> str | None:
+        """A method-specific reason to reject a well-formed upload (None: fine); the generic
+        checks (keys, shapes, dtypes, finite values, norm bound) have passed already."""
+        return None
+
     def expected_upload(self, state: Payload, profile: ClientProfile) -> dict[str, tuple[int, ...]]:
         """Keys and shapes a well-formed upload from ``profile`` must have (for validation)."""
         return {k: tuple(v.shape) for k, v in self.downlink(state, profile).tensors.items()}

@@ -307,6 +307,14 @@ class Ferret(Method):
         total = state.tensors[DELTA].numel()
         return {COEF: (num_blocks(total, self.options.block_size), self.options.k)}
 
+    def check_upload(self, state: Payload, profile: ClientProfile,
+                     payload: Payload) -> str | None:
+        now = int(state.scalars[ROUND]) + 1
+        basis = int(payload.scalars.get(BASIS, -1))
+        if basis != now:
+            return f"projected on the bases of round {basis}, expected {now}"
+        return None
+
     def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
         now = int(state.scalars[ROUND]) + 1
         for upload in uploads:

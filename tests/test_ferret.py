@@ -200,3 +200,20 @@ def test_short_run_through_the_plain_loop_counts_coefficient_bytes() -> None:
             assert 4 * coefs + 800 < client["up"] < 4 * coefs + 900
             assert client["up"] < 4 * total / 10  # far below the targets' own size
     assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_an_upload_on_another_rounds_bases_is_rejected_not_fatal() -> None:
+    """A reply projected on the wrong round's bases is a per-client rejection (the server keeps
+    going), and ``aggregate`` itself still refuses such an upload if one ever reached it."""
+    cfg = load_config(None, FERRET)
+    method = build_method(cfg)
+    state = method.init(get_workspace(cfg).adapter_model(cfg.model.rank).state())
+    shape = method.expected_upload(state, ClientProfile(0, cfg.model.rank))[COEF]
+    good = Payload({COEF: torch.zeros(shape)}, {fr.BASIS: 1, fr.SYNCED: 0})
+    stale = Payload({COEF: torch.zeros(shape)}, {fr.BASIS: 0, fr.SYNCED: 0})
+    profile = ClientProfile(0, cfg.model.rank)
+    assert method.check_upload(state, profile, good) is None
+    assert method.check_upload(state, profile, stale) == \
+        "projected on the bases of round 0, expected 1"
+    with pytest.raises(ValueError, match="bases of round 0"):
+        method.aggregate(state, [Upload(profile, stale, 10, {})])
