@@ -87,6 +87,10 @@ def node_workspace(cfg: FedConfig,
     device = str(node_config.get("device", "") or cfg.train.device)
     if device != cfg.train.device:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+    columns = {f"{role}_column": str(node_config[f"{role}-column"])
+               for role in ("text", "label") if node_config.get(f"{role}-column")}
+    if columns:  # the device's own file, its own column names
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **columns))
     return cfg, get_local_workspace(cfg, str(path))
 
 

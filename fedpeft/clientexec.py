@@ -55,6 +55,8 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from fedpeft.config import ConfigError
+
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 # The SuperNode hands out a task before it has all of the message's objects from the SuperLink;
 # flwr-clientapp then retries an object after 1 s, 2 s, ... Polling the local store every 50 ms
@@ -164,7 +166,11 @@ def run_task(address: str, token: str, get_app: Callable[[], ClientApp],
         code = (ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(exc, WrongAppError)
                 else ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
         details = f"{type(exc)}:<'{exc}'>"
-        log(ERROR, "ClientApp raised an exception", exc_info=exc)
+        if isinstance(exc, ConfigError):  # a user error (e.g. this device's data file): one line
+            details = f"fedpeft: {exc}"
+            log(ERROR, "fedpeft: error on this device: %s", exc)
+        else:
+            log(ERROR, "ClientApp raised an exception", exc_info=exc)
         if message is not None:
             reply = Message(Error(code=code, reason=details), reply_to=message)
     finally:

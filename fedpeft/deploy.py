@@ -444,6 +444,8 @@ class ClientOptions:
     verbose: bool = False
     max_wait_s: float | None = None
     isolation: str = "process"  # "subprocess": Flower's default, a new process per message
+    text_column: str = "text"  # this device's own column names (they win over the run's)
+    label_column: str = "label"
 
 
 _FATAL_HINTS = [  # (text in the SuperNode's log, what it means), least specific first
@@ -480,6 +482,7 @@ def _check_client_files(opts: ClientOptions) -> None:
         raise DeployError(f"--data {data}: no such file")
     if data.suffix.lower() not in (".csv", ".jsonl", ".json"):
         raise DeployError(f"--data {data}: expected a .csv or .jsonl file")
+    _check_data_columns(data, opts.text_column, opts.label_column)
     if opts.insecure:
         return
     if opts.ca is None or opts.key is None:
@@ -493,12 +496,32 @@ def _check_client_files(opts: ClientOptions) -> None:
         raise DeployError(str(exc)) from None
 
 
+def _check_data_columns(data: Path, text: str, label: str) -> None:
+    """Before the device connects: its file parses, has rows and has its text and label columns
+    (the labels are checked against the run's classes, which the coordinator sends, with the
+    first task)."""
+    from fedpeft.data import _read_user_file
+
+    try:
+        frame = _read_user_file(data)
+    except ConfigError as exc:
+        raise DeployError(f"--data {data}: {exc}") from None
+    if frame.empty:
+        raise DeployError(f"--data {data}: no rows")
+    missing = [c for c in (text, label) if c not in frame.columns]
+    if missing:
+        raise DeployError(f"--data {data}: no {' or '.join(map(repr, missing))} column (columns "
+                          f"found: {', '.join(map(str, frame.columns))}); name the file's columns "
+                          "with --text-column / --label-column")
+
+
 def supernode_command(opts: ClientOptions, home: Path, runtime_port: int) -> list[str]:
     """``flower-supernode`` in process isolation, its Runtime API on loopback and guarded by a
     fresh shared secret; the node config (a TOML file: no quoting issues) carries the device's
     data file, rank, torch device and threads."""
     node: dict[str, object] = {"data-path": str(opts.data.resolve()), "device": opts.device,
-                               "threads": int(opts.threads)}
+                               "threads": int(opts.threads), "text-column": opts.text_column,
+                               "label-column": opts.label_column}
     if opts.rank is not None:
         node["rank"] = int(opts.rank)
     (home / "node.toml").write_text(tomli_w.dumps(node))
@@ -665,7 +688,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         superlink=args.superlink, data=Path(args.data), ca=Path(args.ca) if args.ca else None,
         key=Path(args.key) if args.key else None, rank=args.rank, device=args.device,
         threads=args.threads, insecure=args.insecure, verbose=args.verbose,
-        max_wait_s=args.max_wait, isolation=args.isolation)
+        max_wait_s=args.max_wait, isolation=args.isolation, text_column=args.text_column,
+        label_column=args.label_column)
     try:
         return run_client(opts, log_path=Path(args.log) if args.log else None)
     except (DeployError, CertsError) as exc:
@@ -713,6 +737,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cli.add_argument("--ca", help="the coordinator's ca.crt")
     cli.add_argument("--key", help="this device's node-N.key (mode 0600)")
     cli.add_argument("--data", required=True, help="this device's CSV or JSONL training data")
+    cli.add_argument("--text-column", default="text",
+                     help="the text column of --data (default text)")
+    cli.add_argument("--label-column", default="label",
+                     help="the label column of --data (default label)")
     cli.add_argument("--rank", type=int, help="this device's LoRA rank (mixed-rank methods)")
     cli.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     cli.add_argument("--threads", type=int, default=0,

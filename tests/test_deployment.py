@@ -457,3 +457,37 @@ def test_node_data_wins_over_the_server_partition(tmp_path: Path) -> None:
         assert len(data) == 3 and data.labels.tolist() == [1, 1, 1]
     sim_cfg, _ = node_workspace(cfg, {"partition-id": 0})  # simulation: unchanged
     assert sim_cfg is cfg
+
+
+def test_device_data_is_checked_before_connecting_and_own_columns_win(
+        tmp_path: Path, capsys) -> None:
+    """A file without its columns stops `fedpeft client` with one line before it connects; the
+    device's own column names reach its workspace; labels outside the run's classes are one
+    clear ConfigError (which the device executor reports without a traceback)."""
+    from fedpeft.client.app import node_workspace
+
+    from fedpeft.cli import main
+    from fedpeft.config import ConfigError, load_config
+
+    pki = make_certs(tmp_path / "pki", [], nodes=1)
+    base = ["client", "--superlink", "127.0.0.1:1", "--ca", str(pki.ca_cert), "--key",
+            str(pki.node_key(1))]
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text('review,verdict\n"nice",fresh\n"dull",rotten\n')
+    assert main([*base, "--data", str(renamed)]) == 2
+    err = capsys.readouterr().err
+    assert "no 'text' or 'label' column (columns found: review, verdict)" in err
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    assert main([*base, "--data", str(empty)]) == 2
+    assert "no rows" in capsys.readouterr().err
+
+    cfg = load_config(None, ['model.name="tiny-bert"', 'data.labels=["rotten", "fresh"]'])
+    own = {"data-path": str(renamed), "text-column": "review", "label-column": "verdict"}
+    node_cfg, workspace = node_workspace(cfg, own)
+    assert (node_cfg.data.text_column, node_cfg.data.label_column) == ("review", "verdict")
+    assert workspace.partition(0, 100).labels.tolist() == [1, 0]
+    odd = tmp_path / "odd.csv"
+    odd.write_text('text,label\n"nice",great\n"dull",rotten\n')
+    with pytest.raises(ConfigError, match=r"labels \['great'\] are outside the task's classes"):
+        node_workspace(cfg, {"data-path": str(odd)})[1].partition(0, 100)
