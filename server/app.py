@@ -342,6 +342,23 @@ _SUMMED = ("bytes_down", "bytes_up", "clients_sampled", "clients_ok", "clients_f
            "train_s", *CLIENT_TIMINGS)
 
 
+def _client_bytes(strategy: FedPeftStrategy, messages: list[Message],
+                  replies: list[Message]) -> list[dict]:
+    """Serialised bytes of each sampled client's own messages, with its partition and rank
+    (the downlink differs per client under the rank methods and Ferret's catch-up)."""
+    up = {r.metadata.src_node_id: serialized_nbytes(r.content) for r in replies
+          if r.has_content()}
+    out = []
+    for message in messages:
+        node = message.metadata.dst_node_id
+        profile = strategy.pending.get(node)
+        out.append({"partition": profile.partition_id if profile else None,
+                    "rank": profile.rank if profile else None,
+                    "bytes_down": serialized_nbytes(message.content),
+                    "bytes_up": up.get(node, 0)})
+    return sorted(out, key=lambda c: (c["partition"] is None, c["partition"] or 0))
+
+
 def _train_round(driver: Strategy, strategy: FedPeftStrategy, grid: Grid, rnd: int) -> dict:
     """One training round: send, wait (``round_timeout_s``), validate, aggregate. A round with
     fewer than ``min_replies`` good replies is retried with a fresh sample of clients
@@ -354,9 +371,9 @@ def _train_round(driver: Strategy, strategy: FedPeftStrategy, grid: Grid, rnd: i
         messages = list(driver.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
         replies = send_and_receive(grid, messages, fed.round_timeout_s or None)
         _, stats = driver.aggregate_train(rnd, replies)
-        counts = {"bytes_down": sum(serialized_nbytes(m.content) for m in messages),
-                  "bytes_up": sum(serialized_nbytes(r.content) for r in replies
-                                  if r.has_content()),
+        clients = _client_bytes(strategy, messages, replies)
+        counts = {"bytes_down": sum(c["bytes_down"] for c in clients),
+                  "bytes_up": sum(c["bytes_up"] for c in clients),
                   "clients_sampled": len(messages),
                   "clients_timed_out": len(messages) - len(replies), **dict(stats)}
         if counts["clients_timed_out"]:
@@ -365,6 +382,7 @@ def _train_round(driver: Strategy, strategy: FedPeftStrategy, grid: Grid, rnd: i
                 len(messages), fed.round_timeout_s)
         for key, value in counts.items():
             row[key] = row.get(key, 0) + value if key in _SUMMED else value
+        row["client_bytes"] = row.get("client_bytes", []) + clients
         row["retries"] = attempt
         row["clients_aggregated"] = int(stats.get("clients_ok", 0)) if stats.get("aggregated") \
             else 0

@@ -356,3 +356,28 @@ def test_mixed_rank_run_end_to_end(name: str) -> None:
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
     assert rows[-1]["loss"] != pytest.approx(rows[0]["loss"])  # the global model changed
     assert all(r["bytes_down"] > 0 and r["bytes_up"] > 0 for r in rows[1:])
+
+
+@pytest.mark.slow
+def test_mixed_rank_flower_simulation_counts_bytes_per_client(tmp_path) -> None:
+    """HetLoRA through the real Flower simulation (SuperLink + Ray): every sampled client's own
+    downlink and uplink bytes in metrics.jsonl, larger for a larger rank, summing to the
+    round's totals."""
+    from fedpeft.cli import main
+    from fedpeft.reporting import MetricsLog
+
+    args = ["simulate", "--method", "hetlora", "--out", str(tmp_path)]
+    for item in [*TINY, "federation.clients_per_round=6", 'federation.rank_mix="2:0.5,8:0.5"']:
+        args += ["--set", item]
+    assert main(args) == 0
+    rows = MetricsLog.read(tmp_path / "metrics.jsonl")
+    cfg = load_config(None, [*TINY, 'federation.rank_mix="2:0.5,8:0.5"'])
+    for row in rows[1:]:
+        clients = row["client_bytes"]
+        assert [c["partition"] for c in clients] == list(range(6))
+        assert [c["rank"] for c in clients] == [assigned_rank(cfg, p) for p in range(6)]
+        assert sum(c["bytes_down"] for c in clients) == row["bytes_down"]
+        assert sum(c["bytes_up"] for c in clients) == row["bytes_up"]
+        by_rank = {r: {c["bytes_up"] for c in clients if c["rank"] == r} for r in (2, 8)}
+        assert len(by_rank[2]) == len(by_rank[8]) == 1  # one size per rank
+        assert by_rank[2].pop() < by_rank[8].pop()
