@@ -87,6 +87,10 @@ def node_workspace(cfg: FedConfig,
     device = str(node_config.get("device", "") or cfg.train.device)
     if device != cfg.train.device:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+    profile = {key.replace("-", "_"): int(str(node_config[key]))
+               for key in ("batch-size", "local-steps") if node_config.get(key)}
+    if profile:  # the device's own training profile
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **profile))
     columns = {f"{role}_column": str(node_config[f"{role}-column"])
                for role in ("text", "label") if node_config.get(f"{role}-column")}
     if columns:  # the device's own file, its own column names

@@ -445,6 +445,8 @@ class ClientOptions:
     max_wait_s: float | None = None
     isolation: str = "process"  # "subprocess": Flower's default, a new process per message
     text_column: str = "text"  # this device's own column names (they win over the run's)
+    batch_size: int | None = None  # this device's own training profile (None: the run's)
+    local_steps: int | None = None
     label_column: str = "label"
 
 
@@ -524,6 +526,10 @@ def supernode_command(opts: ClientOptions, home: Path, runtime_port: int) -> lis
                                "label-column": opts.label_column}
     if opts.rank is not None:
         node["rank"] = int(opts.rank)
+    if opts.batch_size is not None:
+        node["batch-size"] = int(opts.batch_size)
+    if opts.local_steps is not None:
+        node["local-steps"] = int(opts.local_steps)
     (home / "node.toml").write_text(tomli_w.dumps(node))
     cmd = ["flower-supernode", "--superlink", opts.superlink, "--isolation", opts.isolation,
            "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config",
@@ -689,7 +695,11 @@ def cmd_client(args: argparse.Namespace) -> int:
         key=Path(args.key) if args.key else None, rank=args.rank, device=args.device,
         threads=args.threads, insecure=args.insecure, verbose=args.verbose,
         max_wait_s=args.max_wait, isolation=args.isolation, text_column=args.text_column,
-        label_column=args.label_column)
+        label_column=args.label_column, batch_size=args.batch_size, local_steps=args.local_steps)
+    for flag, value in (("--batch-size", opts.batch_size), ("--local-steps", opts.local_steps)):
+        if value is not None and value < 1:
+            print(f"fedpeft: error: {flag} {value}: expected a positive integer", file=sys.stderr)
+            return EXIT_USAGE
     try:
         return run_client(opts, log_path=Path(args.log) if args.log else None)
     except (DeployError, CertsError) as exc:
@@ -741,6 +751,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="the text column of --data (default text)")
     cli.add_argument("--label-column", default="label",
                      help="the label column of --data (default label)")
+    cli.add_argument("--batch-size", type=int,
+                     help="this device's examples per step (default: the run's train.batch_size)")
+    cli.add_argument("--local-steps", type=int,
+                     help="this device's optimizer steps per round (default: the run's "
+                          "train.local_steps)")
     cli.add_argument("--rank", type=int, help="this device's LoRA rank (mixed-rank methods)")
     cli.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     cli.add_argument("--threads", type=int, default=0,

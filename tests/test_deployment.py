@@ -486,6 +486,11 @@ def test_device_data_is_checked_before_connecting_and_own_columns_win(
     own = {"data-path": str(renamed), "text-column": "review", "label-column": "verdict"}
     node_cfg, workspace = node_workspace(cfg, own)
     assert (node_cfg.data.text_column, node_cfg.data.label_column) == ("review", "verdict")
+    assert (node_cfg.train.batch_size, node_cfg.train.local_steps) == (16, 5)  # the run's
+    weak, _ = node_workspace(cfg, {**own, "batch-size": 4, "local-steps": 2})  # its own profile
+    assert (weak.train.batch_size, weak.train.local_steps) == (4, 2)
+    assert main([*base, "--data", str(renamed), "--local-steps", "0"]) == 2
+    assert "--local-steps 0: expected a positive integer" in capsys.readouterr().err
     assert workspace.partition(0, 100).labels.tolist() == [1, 0]
     odd = tmp_path / "odd.csv"
     odd.write_text('text,label\n"nice",great\n"dull",rotten\n')
