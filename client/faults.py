@@ -27,6 +27,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedpeft.config import FAULT_KINDS, FedConfig, from_dict
+from fedpeft.sampling import sample_clients
 from fedpeft.wire import CONFIG_RECORD, SCALARS, TENSORS, from_array_record, to_array_record
 
 OVERSIZED_KEY = "fedpeft.fault.padding"
@@ -54,6 +55,8 @@ def fault_assignment(cfg: FedConfig, server_round: int) -> dict[int, str]:
     if not faults_enabled(cfg) or (faults.rounds and server_round not in faults.rounds):
         return {}
     out = {pid: kind for kind in FAULT_KINDS for pid in getattr(faults, kind)}
+    if faults.of_sampled:
+        return {**out, **_of_sampled(cfg, server_round, set(out))}
     counts = [round(getattr(faults, f"{kind}_fraction") * clients) for kind in FAULT_KINDS]
     if any(counts):
         key = [cfg.federation.seed, 13, *([server_round] if faults.redraw else [])]
@@ -62,6 +65,25 @@ def fault_assignment(cfg: FedConfig, server_round: int) -> dict[int, str]:
         for kind, count in zip(FAULT_KINDS, counts, strict=True):
             out.update({pid: kind for pid in free[start:start + count]})
             start += count
+    return out
+
+
+def _of_sampled(cfg: FedConfig, server_round: int, taken: set[int]) -> dict[int, str]:
+    """``faults.of_sampled``: each kind hits its fraction of the round's sample (the first
+    attempt's: a retry's fresh sample is not targeted). A fraction that is not a whole number of
+    clients per round is carried over, so the counts add up over rounds (0.05 of 10 sampled:
+    1, 0, 1, 0, ...)."""
+    fed = cfg.federation
+    sampled = sample_clients(fed.clients, fed.clients_per_round, fed.seed, server_round)
+    rng = np.random.default_rng([fed.seed, 17, server_round])
+    free = [int(p) for p in rng.permutation(sampled) if int(p) not in taken]
+    out: dict[int, str] = {}
+    for kind in FAULT_KINDS:
+        per_round = getattr(cfg.faults, f"{kind}_fraction") * len(sampled)
+        count = int(np.floor(per_round * server_round + 0.5)) - int(
+            np.floor(per_round * (server_round - 1) + 0.5))
+        out.update({pid: kind for pid in free[:count]})
+        free = free[count:]
     return out
 
 

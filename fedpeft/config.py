@@ -143,6 +143,9 @@ class FaultsConfig:
                                      min=0, max=1)
     redraw: bool = option(False, "draw the fraction-chosen clients anew every round (by seed "
                           "and round) instead of once per run")
+    of_sampled: bool = option(False, "the fractions are of each round's sampled clients, not of "
+                              "all clients: exactly that share of every round's sample "
+                              "misbehaves (fractional counts carried over between rounds)")
     rounds: list[int] = option([], "rounds in which faults happen (empty = every round)")
     hang_s: float = option(60.0, "seconds a hanging client sleeps before it replies", gt=0)
 

@@ -34,6 +34,7 @@ from fedpeft.reporting import (
     write_json_atomic,
 )
 from fedpeft.runtime import Workspace, default_threads, get_workspace, set_torch_threads
+from fedpeft.sampling import sample_clients
 from fedpeft.wire import (
     CONFIG_RECORD,
     METRICS_RECORD,
@@ -52,7 +53,6 @@ from .federation import (
     evaluate_export,
     evaluate_global,
     reported_rank,
-    sample_clients,
 )
 from .validation import all_finite, check_examples, check_upload
 

@@ -17,14 +17,6 @@ from fedpeft.runtime import Workspace
 from fedpeft.training import evaluate, resolve_device
 
 
-def sample_clients(num_clients: int, per_round: int, seed: int, server_round: int,
-                   attempt: int = 0) -> list[int]:
-    """Indices of the clients sampled in ``server_round`` (deterministic by seed and round;
-    a retry of a short round, ``attempt`` > 0, draws a fresh sample)."""
-    rng = np.random.default_rng([seed, server_round, 7, *([attempt] if attempt else [])])
-    return sorted(rng.choice(num_clients, size=min(per_round, num_clients), replace=False).tolist())
-
-
 def client_profile(cfg: FedConfig, partition_id: int, node_id: int = 0,
                    reported_rank: int | None = None) -> ClientProfile:
     """The profile the server assumes for a client: the rank the client last reported (its node

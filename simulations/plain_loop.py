@@ -20,7 +20,6 @@ from fedpeft.server.federation import (
     eval_subset,
     evaluate_global,
     reported_rank,
-    sample_clients,
 )
 from fedpeft.strategies import Upload, build_method
 from fedpeft.strategies.base import CLIENT_TIMINGS
@@ -30,6 +29,7 @@ from fedpeft.config import ConfigError, load_config
 from fedpeft.payload import ClientState, Payload
 from fedpeft.privacy import BUDGET_SPENT
 from fedpeft.runtime import default_threads, get_workspace, set_torch_threads
+from fedpeft.sampling import sample_clients
 from fedpeft.wire import payload_to_records, serialized_nbytes
 
 

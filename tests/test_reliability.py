@@ -42,7 +42,6 @@ from fedpeft.server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedpeft.server.federation import sample_clients
 from fedpeft.server.validation import check_examples, check_upload
 from fedpeft.strategies import METHODS, build_method
 from flwr.app import Context, Error, Message, RecordDict
@@ -54,6 +53,7 @@ from fedpeft.config import FAULT_KINDS, ConfigError, FedConfig, load_config, to_
 from fedpeft.evaluation import evaluate_adapter_dir
 from fedpeft.payload import ClientState, Payload
 from fedpeft.reporting import MetricsLog
+from fedpeft.sampling import sample_clients
 from tests.conftest import TINY
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +115,16 @@ def test_fault_assignment_is_exact_disjoint_and_seeded() -> None:
     redrawn = _faults_cfg("faults.nan_fraction=0.1", "faults.redraw=true")
     assert fault_assignment(redrawn, 1) != fault_assignment(redrawn, 2)
     assert len(fault_assignment(redrawn, 2)) == 10
+    sampled = _faults_cfg("faults.crash_fraction=0.1", "faults.nan_fraction=0.05",
+                          "faults.of_sampled=true")  # 10 of 100 sampled: 1 and 0.5 a round
+    fed = sampled.federation
+    nan_per_round = []
+    for rnd in range(1, 11):
+        plan = fault_assignment(sampled, rnd)
+        assert set(plan) <= set(sample_clients(fed.clients, fed.clients_per_round, fed.seed, rnd))
+        assert list(plan.values()).count("crash") == 1  # 10% of the sample, every round
+        nan_per_round.append(list(plan.values()).count("nan"))
+    assert nan_per_round == [1, 0] * 5  # 5% of 10: carried over, 5 in 10 rounds
     only = _faults_cfg("faults.nan=[1]", "faults.rounds=[2, 4]")
     assert [bool(fault_assignment(only, r)) for r in range(1, 6)] == [False, True, False, True,
                                                                        False]
