@@ -97,6 +97,10 @@ class EvalConfig:
 class SimulationConfig:
     cpus_per_client: int = option(1, "CPU cores per virtual client (actors = cores / this)", min=1)
     threads_per_client: int = option(0, "torch threads per actor (0 = cpus_per_client)", min=0)
+    reuse_workspace: bool = option(True, "keep the base model and the tokenised partitions in "
+                                   "each actor across virtual clients (false: build them for "
+                                   "every client round, as a naive ClientApp does; an ablation "
+                                   "for simulations/benchmark.py)")
 
 
 @dataclass

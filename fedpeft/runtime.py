@@ -77,9 +77,14 @@ def _workspace(model_json: str, data_json: str) -> Workspace:
 
 
 def get_workspace(cfg: FedConfig) -> Workspace:
-    """The process's workspace for this model and data (other config sections don't matter)."""
+    """The process's workspace for this model and data (other config sections don't matter);
+    a fresh one every call with ``simulation.reuse_workspace = false`` (the benchmark's
+    ablation: model built and partition tokenised per client round)."""
     as_json = functools.partial(json.dumps, sort_keys=True)
-    return _workspace(as_json(asdict(cfg.model)), as_json(asdict(cfg.data)))
+    key = (as_json(asdict(cfg.model)), as_json(asdict(cfg.data)))
+    if not cfg.simulation.reuse_workspace:
+        return _workspace.__wrapped__(*key)
+    return _workspace(*key)
 
 
 @dataclass

@@ -77,3 +77,18 @@ def test_forked_preflight_reports_config_errors(tmp_path: Path) -> None:
     assert "model.target_modules = ['nope'] matched no layer" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_workspace_reuse_and_its_ablation() -> None:
+    """An actor keeps one workspace (model, tokenised partitions) across virtual clients; with
+    simulation.reuse_workspace = false each client round builds its own (the 'before')."""
+    from fedpeft.config import load_config
+    from fedpeft.runtime import get_workspace
+    from tests.conftest import TINY
+
+    reuse = load_config(None, TINY)
+    assert get_workspace(reuse) is get_workspace(reuse)
+    fresh = load_config(None, [*TINY, "simulation.reuse_workspace=false"])
+    first, second = get_workspace(fresh), get_workspace(fresh)
+    assert first is not second and first is not get_workspace(reuse)
+    assert first.adapter_model(4) is not second.adapter_model(4)
