@@ -16,7 +16,7 @@ from fedpeft.strategies import RANK_KEY, ClientState, Method, build_method
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.config import FedConfig, from_dict
+from fedpeft.config import ConfigError, FedConfig, from_dict
 from fedpeft.privacy import BUDGET_SPENT
 from fedpeft.runtime import (
     Workspace,
@@ -115,8 +115,8 @@ def own_rank(node_rank: object, state: ClientState) -> int | None:
 
 def _rank_mismatch(msg: Message, method: Method, own: int, sent: int) -> Message:
     """Reply without training: tell the server this node's rank (it sends that rank next time)."""
-    if not method.mixed_ranks:
-        raise ValueError(
+    if not method.mixed_ranks:  # a user error on this device: one line in both logs
+        raise ConfigError(
             f"this node holds LoRA rank {own} but method {method.name!r} trains every client at "
             f"rank {sent}: start the node without --node-config rank or use a mixed-rank method"
         )
