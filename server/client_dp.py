@@ -19,7 +19,9 @@ clipping and the noise are Flower's code; what is ours:
 - Client-level epsilon per round, by Opacus's RDP accountant with no amplification by client
   sampling (as Flower's own accountant requires), reported as ``client_epsilon``.
 - In ``client-fixed`` mode the server still checks each update's norm and rejects one above C.
-- Flower's wrapper skips the whole round's aggregation when any client replied with an error.
+- Flower's wrapper skips the whole round's aggregation when any client replied with an error;
+  error replies are therefore taken out first and count as zero updates, as a missing client
+  does (the round goes on with the rest; they are counted in ``clients_failed``).
 """
 
 from __future__ import annotations
@@ -127,6 +129,11 @@ class ClientLevelDP(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
         replies = list(replies)
+        failed = [r for r in replies if r.has_error()]
+        for reply in failed:
+            log(WARNING, "round %d: client-level DP: node %d failed (%s); it counts as a zero "
+                "update", server_round, reply.metadata.src_node_id, reply.error.reason)
+        replies = [r for r in replies if not r.has_error()]
         reference = _np(self.bridge.global_tensors())
         for reply in replies:
             self._canonical(server_round, reply, reference)
@@ -134,11 +141,11 @@ class ClientLevelDP(Strategy):
         if arrays is not None:
             self.bridge.set_global(from_array_record(arrays))
             self.releases += 1
-        if stats is None:  # the wrapper refused the round (a client replied with an error)
-            failed = sum(r.has_error() for r in replies)
-            stats = MetricRecord({"clients_ok": 0, "clients_failed": failed,
-                                  "clients_rejected": 0, "train_s": 0.0, "aggregated": 0})
+        if stats is None:  # the wrapper refused the round
+            stats = MetricRecord({"clients_ok": 0, "clients_failed": 0, "clients_rejected": 0,
+                                  "train_s": 0.0, "aggregated": 0})
         out = dict(stats)
+        out["clients_failed"] = int(out.get("clients_failed", 0)) + len(failed)
         out["client_epsilon"] = client_level_epsilon(self.cfg.privacy.client_noise,
                                                      self.releases, self.cfg.privacy.delta)
         return None, MetricRecord(out)

@@ -329,6 +329,24 @@ def test_server_side_clipping_unweighted_fixed_denominator(
     assert stats["client_epsilon"] == pytest.approx(eps.get_epsilon(delta=1e-5))
 
 
+def test_a_failed_client_counts_as_zero_and_the_round_goes_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's wrapper skips a round with any error reply; ours takes the error out first, so
+    it counts as a zero update (like a missing client) and the other replies are aggregated."""
+    _flower_ids(monkeypatch)
+    _, inner, dp, start, nodes = _client_dp("server-fixed", noise=1e-12)
+    upload = _update(start, 1e-3, 2)
+    crashed = SimpleNamespace(metadata=SimpleNamespace(src_node_id=nodes[2]),
+                              error=SimpleNamespace(reason="injected fault"),
+                              has_error=lambda: True, has_content=lambda: False)
+    replies = [_reply(nodes[0], upload, 5), _reply(nodes[1], start, 5), crashed]
+    _, stats = dp.aggregate_train(1, replies)
+    assert stats["aggregated"] == 1 and stats["clients_failed"] == 1
+    key = "m.lora_B.weight"  # node 1's zero update is dropped too: only node 0's moves it
+    expected = start[key].double() + (upload[key] - start[key]).double() / 3
+    assert torch.allclose(inner.state.tensors[key].double(), expected, atol=1e-5)
+
+
 def test_noise_std_is_z_clip_over_m(monkeypatch: pytest.MonkeyPatch) -> None:
     _flower_ids(monkeypatch)
     np.random.seed(0)  # Flower's wrapper draws from numpy's global generator
