@@ -56,6 +56,9 @@ def round_line(row: dict, rounds: int) -> str:
         f"down {human_bytes(row.get('bytes_down', 0))}",
         f"{row.get('wall_s', 0):.1f}s",
     ]
+    if row.get("project_s") is not None:  # Ferret: random-basis cost next to training
+        parts.append(f"train {row.get('train_s', 0):.1f}s project {row['project_s']:.1f}s "
+                     f"reconstruct {row.get('reconstruct_s', 0):.1f}s (summed over clients)")
     if row.get("epsilon") is not None:
         parts.append(f"eps {row['epsilon']:.2f}")
     if row.get("clients_failed") or row.get("clients_rejected"):
@@ -72,15 +75,19 @@ def round_line(row: dict, rounds: int) -> str:
 
 def results_table(rows: list[dict]) -> str:
     """A Markdown table of the rounds (printed at the end of a run)."""
-    head = "| round | accuracy | loss | clients ok/sampled | bytes up | bytes down | wall s |"
-    lines = [head, "|---:|---:|---:|---:|---:|---:|---:|"]
+    ferret = any(r.get("project_s") is not None for r in rows)
+    head = ("| round | accuracy | loss | clients ok/sampled | bytes up | bytes down | train s "
+            + ("| project s " if ferret else "") + "| wall s |")
+    lines = [head, "|" + "---:|" * (8 + ferret)]
     for r in rows:
         acc = f"{r['accuracy']:.3f}" if r.get("accuracy") is not None else "-"
         loss = f"{r['loss']:.3f}" if r.get("loss") is not None else "-"
+        project = f" {r.get('project_s', 0):.1f} |" if ferret else ""
         lines.append(
             f"| {r['round']} | {acc} | {loss} | {r.get('clients_ok', 0)}/"
             f"{r.get('clients_sampled', 0)} | {human_bytes(r.get('bytes_up', 0))} | "
-            f"{human_bytes(r.get('bytes_down', 0))} | {r.get('wall_s', 0):.1f} |"
+            f"{human_bytes(r.get('bytes_down', 0))} | {r.get('train_s', 0):.1f} |{project} "
+            f"{r.get('wall_s', 0):.1f} |"
         )
     return "\n".join(lines)
 

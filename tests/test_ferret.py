@@ -217,3 +217,17 @@ def test_an_upload_on_another_rounds_bases_is_rejected_not_fatal() -> None:
         "projected on the bases of round 0, expected 1"
     with pytest.raises(ValueError, match="bases of round 0"):
         method.aggregate(state, [Upload(profile, stale, 10, {})])
+
+
+def test_progress_and_results_show_projection_time_next_to_training() -> None:
+    from fedpeft.reporting import results_table, round_line
+
+    row = {"round": 1, "accuracy": 0.6, "loss": 0.7, "clients_ok": 2, "clients_sampled": 2,
+           "bytes_up": 100, "bytes_down": 200, "train_s": 9.5, "project_s": 1.25,
+           "reconstruct_s": 0.5, "wall_s": 6.0}
+    assert "train 9.5s project 1.2s reconstruct 0.5s" in round_line(row, 3)
+    table = results_table([row]).splitlines()
+    assert "| train s | project s | wall s |" in table[0]
+    assert table[2].endswith("| 9.5 | 1.2 | 6.0 |")
+    plain = {k: v for k, v in row.items() if k not in ("project_s", "reconstruct_s")}
+    assert "project" not in results_table([plain]) and "project" not in round_line(plain, 3)
