@@ -13,10 +13,11 @@ import json
 from collections.abc import Mapping
 
 from fedpeft.strategies import RANK_KEY, ClientState, Method, build_method
+from fedpeft.strategies.base import check_privacy
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.config import ConfigError, FedConfig, from_dict
+from fedpeft.config import ConfigError, FedConfig, from_dict, validate_privacy
 from fedpeft.privacy import BUDGET_SPENT
 from fedpeft.runtime import (
     Workspace,
@@ -59,6 +60,9 @@ def train(msg: Message, context: Context) -> Message:
     if own is not None and own != sent_rank:
         return _rank_mismatch(msg, method, own, sent_rank)
     cfg, workspace = node_workspace(cfg, context.node_config)
+    if cfg.privacy.enabled:  # a device may ask for DP-SGD itself: refuse what the method can't do
+        check_privacy(type(method), cfg)
+        validate_privacy(cfg)
     result = client_round(
         cfg, method, workspace, downlink,
         partition_id=int(scalars["fedpeft.partition"]),
@@ -91,6 +95,9 @@ def node_workspace(cfg: FedConfig,
                for key in ("batch-size", "local-steps") if node_config.get(key)}
     if profile:  # the device's own training profile
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **profile))
+    if node_config.get("epsilon"):  # this device's own DP-SGD budget (on even if the run's is off)
+        cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
+            cfg.privacy, enabled=True, epsilon=float(str(node_config["epsilon"]))))
     columns = {f"{role}_column": str(node_config[f"{role}-column"])
                for role in ("text", "label") if node_config.get(f"{role}-column")}
     if columns:  # the device's own file, its own column names

@@ -447,6 +447,7 @@ class ClientOptions:
     text_column: str = "text"  # this device's own column names (they win over the run's)
     batch_size: int | None = None  # this device's own training profile (None: the run's)
     local_steps: int | None = None
+    epsilon: float | None = None  # this device's own DP-SGD budget
     label_column: str = "label"
 
 
@@ -530,6 +531,8 @@ def supernode_command(opts: ClientOptions, home: Path, runtime_port: int) -> lis
         node["batch-size"] = int(opts.batch_size)
     if opts.local_steps is not None:
         node["local-steps"] = int(opts.local_steps)
+    if opts.epsilon is not None:
+        node["epsilon"] = float(opts.epsilon)
     (home / "node.toml").write_text(tomli_w.dumps(node))
     cmd = ["flower-supernode", "--superlink", opts.superlink, "--isolation", opts.isolation,
            "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config",
@@ -695,7 +698,12 @@ def cmd_client(args: argparse.Namespace) -> int:
         key=Path(args.key) if args.key else None, rank=args.rank, device=args.device,
         threads=args.threads, insecure=args.insecure, verbose=args.verbose,
         max_wait_s=args.max_wait, isolation=args.isolation, text_column=args.text_column,
-        label_column=args.label_column, batch_size=args.batch_size, local_steps=args.local_steps)
+        label_column=args.label_column, batch_size=args.batch_size, local_steps=args.local_steps,
+        epsilon=args.epsilon)
+    if opts.epsilon is not None and not opts.epsilon > 0:
+        print(f"fedpeft: error: --epsilon {opts.epsilon}: expected a positive number",
+              file=sys.stderr)
+        return EXIT_USAGE
     for flag, value in (("--batch-size", opts.batch_size), ("--local-steps", opts.local_steps)):
         if value is not None and value < 1:
             print(f"fedpeft: error: {flag} {value}: expected a positive integer", file=sys.stderr)
@@ -756,6 +764,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cli.add_argument("--local-steps", type=int,
                      help="this device's optimizer steps per round (default: the run's "
                           "train.local_steps)")
+    cli.add_argument("--epsilon", type=float,
+                     help="train under DP-SGD with this device's own budget (the run's delta "
+                          "and clipping norm), also when the run does not ask for DP")
     cli.add_argument("--rank", type=int, help="this device's LoRA rank (mixed-rank methods)")
     cli.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     cli.add_argument("--threads", type=int, default=0,

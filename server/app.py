@@ -131,7 +131,7 @@ class FedPeftStrategy(Strategy):
                               "clients_rejected": rejected, "clients_resized": resized,
                               "clients_budget_spent": spent,
                               **(self._privacy_stats(server_round, client_eps)
-                                 if self.cfg.privacy.enabled else {}),
+                                 if self.cfg.privacy.enabled or client_eps else {}),
                               "train_s": train_s,
                               **{k: sum(u.metrics.get(k, 0.0) for u in uploads)
                                  for k in CLIENT_TIMINGS if any(k in u.metrics for u in uploads)},

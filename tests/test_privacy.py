@@ -415,3 +415,38 @@ def test_plain_loop_with_dp_counts_clients_whose_budget_is_spent() -> None:
     assert rows[2]["clients_budget_spent"] == rows[3]["clients_budget_spent"] == 2
     assert 0 < rows[1]["epsilon"] == rows[3]["epsilon"] <= 3.0
     assert rows[1]["loss"] == rows[2]["loss"] == rows[3]["loss"]  # nobody trained after round 1
+
+
+def test_a_device_can_ask_for_its_own_dp_budget(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fedpeft client --epsilon 2` (node config epsilon = 2): the device trains under DP-SGD
+    with its own budget in a run that does not ask for DP, and reports its epsilon; a method
+    that cannot do DP-SGD is refused on the device with the reason."""
+    from fedpeft.client import app as client_app
+    from flwr.app import Context, Message, MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpeft.wire import CONFIG_RECORD, config_record
+
+    for attr in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    data = tmp_path / "mine.csv"
+    data.write_text("text,label\n" + "".join(f'"review {i}",{("fresh", "rotten")[i % 2]}\n'
+                                             for i in range(64)))
+    node = {"data-path": str(data), "epsilon": 2.0, "threads": 1}
+    for name in ("fedit", "ferret"):
+        cfg = load_config(None, [*TINY, f'method.name="{name}"', 'data.labels=["rotten", "fresh"]'])
+        method = build_method(cfg)
+        state = method.init(get_workspace(cfg).adapter_model(cfg.model.rank).state())
+        content = payload_to_records(method.downlink(state, ClientProfile(0, cfg.model.rank)),
+                                     {"fedpeft.round": 1, "fedpeft.partition": 0})
+        content[CONFIG_RECORD] = config_record(cfg)
+        msg = Message(content=content, dst_node_id=5, message_type=MessageType.TRAIN,
+                      group_id="1")
+        ctx = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
+        if name == "ferret":
+            with pytest.raises(ConfigError, match=r"not supported with method\.name = 'ferret'"):
+                client_app.train(msg, ctx)
+            continue
+        assert not cfg.privacy.enabled
+        metrics = client_app.train(msg, ctx).content["metrics"]
+        assert 0 < metrics["epsilon"] <= 2.0 and metrics["noise_multiplier"] > 0
