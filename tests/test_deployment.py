@@ -34,6 +34,7 @@ from fedpeft.reporting import MetricsLog
 
 FEDPEFT = [sys.executable, "-m", "fedpeft.cli"]
 ROUNDS = 2
+DEVICE_EPSILON = 8.0  # device 1 asks for DP-SGD itself (the run does not)
 POSITIVE = ["a wonderful, moving film", "great acting and a clever script", "loved every minute",
             "a delightful surprise", "brilliant and funny", "one of the best this year"]
 NEGATIVE = ["a dull, lifeless mess", "boring from start to finish", "awful dialogue",
@@ -192,9 +193,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                              ["--max-wait", "10"]), env, result.logs / "wrong_ca.log")]
         trackers += bad
         for i in (1, 2):  # the refused ones do not get in the way of the registered ones
+            own_dp = ["--epsilon", str(DEVICE_EPSILON)] if i == 1 else []  # device 1 only
             trackers.append(spawn(
                 _client(superlink, pki.ca_cert, pki.node_key(i), _csv(root / f"d{i}.csv", i),
-                        ["--max-wait", "5"]), env, result.logs / f"device{i}.log"))
+                        ["--max-wait", "5", *own_dp]), env, result.logs / f"device{i}.log"))
         result.unregistered_rc = _wait(bad[0].proc, 60)
         result.wrong_ca_rc = _wait(bad[1].proc, 60)
         result.server_rc = _wait(server, 150)
@@ -219,6 +221,10 @@ def test_two_devices_train_two_rounds_over_tls(deployment: Deployment) -> None:
     assert summary["clients"] == 2 and summary["rounds"] == ROUNDS
     assert summary["fleet_http_bytes_up"] >= sum(r["bytes_up"] for r in rows)
     assert summary["fleet_http_refused"] == 1  # the fixture's Control API probe
+    for row in rows[1:]:  # only device 1 trained under DP-SGD, with its own budget
+        assert len(row["epsilon_clients"]) == 1, row
+        assert 0 < row["epsilon_per_client"][0] == row["epsilon"] <= DEVICE_EPSILON
+    assert rows[2]["epsilon"] > rows[1]["epsilon"]  # its accountant lives on between rounds
     assert deployment.control_status == 404
     assert (deployment.out / "adapter" / "adapter_model.safetensors").exists()
     config = (deployment.out / "config.toml").read_text()
