@@ -196,6 +196,38 @@ def test_empty_poisson_batch_is_a_noise_only_step(adapter: AdapterModel) -> None
     assert _no_opacus_left(adapter.model)
 
 
+def test_without_noise_and_clipping_the_dp_gradient_is_the_plain_gradient(
+        adapter: AdapterModel) -> None:
+    """The per-example machinery (Opacus hooks without wrapping, mean loss reduction, sum of
+    clipped per-example gradients over the expected batch) reproduces the ordinary mean
+    gradient exactly when the noise is 0 and the clipping bound never binds."""
+    from opacus.optimizers import DPOptimizer
+
+    dropouts = [m for m in adapter.model.modules() if isinstance(m, torch.nn.Dropout)]
+    saved = [m.p for m in dropouts]
+    for m in dropouts:  # Opacus needs train mode; dropout off makes both passes identical
+        m.p = 0.0
+    try:
+        params = {k: adapter.params[k] for k in adapter.trainable_keys()}
+        batch = _data(_cfg()).batch(np.arange(8))
+        adapter.model.train()
+        adapter.model.zero_grad(set_to_none=True)
+        adapter.model(**batch).loss.backward()
+        plain = {k: p.grad.detach().clone() for k, p in params.items()}
+        adapter.model.zero_grad(set_to_none=True)
+        dp_opt = DPOptimizer(make_optimizer(list(params.values()), "sgd", 0.1, 0.0),
+                             noise_multiplier=0.0, max_grad_norm=1e9, expected_batch_size=8)
+        with privacy.per_sample_hooks(adapter.model):
+            dp_opt.zero_grad(set_to_none=True)
+            adapter.model(**batch).loss.backward()
+            assert dp_opt.pre_step()
+            for key, param in params.items():
+                assert torch.allclose(param.grad, plain[key], rtol=1e-4, atol=1e-9), key
+    finally:
+        for m, p in zip(dropouts, saved, strict=True):
+            m.p = p
+
+
 def test_regulariser_is_added_after_the_noise(adapter: AdapterModel) -> None:
     """A data-independent penalty (like HetLoRA's) still acts under DP-SGD: its gradient is
     added to the noised data gradient, not clipped away with it."""
