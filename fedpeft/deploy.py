@@ -123,6 +123,8 @@ def stop_all(trackers: list[launcher._Tracker], emit: Emit) -> None:
     saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} \
         if main else {}
     try:
+        for tracker in reversed(trackers):  # every tree starts shutting down at once: the
+            tracker.terminate()              # grace periods overlap instead of adding up
         for tracker in reversed(trackers):
             survivors = tracker.stop_all(grace_s=10.0)
             if survivors:
@@ -342,9 +344,9 @@ class Coordinator:
         return 0
 
     def close(self) -> None:
+        stop_all(self.trackers, self.emit)
         if self.gateway is not None:
             self.gateway.stop()
-        stop_all(self.trackers, self.emit)
         shutil.rmtree(self.home, ignore_errors=True)
 
 

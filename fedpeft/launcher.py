@@ -104,6 +104,7 @@ class _Tracker:
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc, self.sessions, self.known = proc, {proc.pid}, {proc.pid: -1}
+        self._terminated: set[tuple[int, int]] = set()  # (pid, start time) sent SIGTERM
         self._stop = threading.Event()
         threading.Thread(target=self._poll, daemon=True).start()
 
@@ -129,11 +130,20 @@ class _Tracker:
         self.known.update(alive)
         return alive
 
+    def terminate(self) -> None:
+        """SIGTERM the whole tree now, once per process; ``stop_all`` then waits for it. Lets a
+        caller with several trackers start all their shutdowns at once."""
+        for pid_start in set(self.scan().items()) - self._terminated:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid_start[0], signal.SIGTERM)
+            self._terminated.add(pid_start)
+
     def stop_all(self, grace_s: float = 10.0) -> list[int]:
         """SIGTERM everything, SIGKILL what is left after ``grace_s``; return survivors' PIDs."""
         self._stop.set()
         for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            deadline, sent = time.monotonic() + wait_s, set()
+            deadline = time.monotonic() + wait_s
+            sent = set(self._terminated) if sig == signal.SIGTERM else set()
             while (alive := self.scan()) and time.monotonic() < deadline:
                 for pid_start in set(alive.items()) - sent:  # once: a 2nd SIGTERM forces uvicorn
                     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -341,7 +341,8 @@ def _start_and_signal(cmd: list[str], env: dict[str, str], log: Path, ready: str
         tracker.scan()
         children = sorted(set(tracker.known) - {tracker.proc.pid})
         os.kill(tracker.proc.pid, sig)
-        rc = _wait(tracker.proc, 30)
+        # the design's bound: 10 s SIGTERM grace + 5 s after SIGKILL + the gateway's 10-s join
+        rc = _wait(tracker.proc, 45)
         time.sleep(0.5)
         return rc, children, sorted(tracker.scan())
     finally:
