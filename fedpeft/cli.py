@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -291,8 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigint_stops_us() -> None:
+    """A process started with SIGINT ignored (e.g. a background job of a non-interactive shell)
+    would never see Ctrl-C / SIGINT; the documented contract is that it stops the run and
+    everything the run started, so take the default handler back."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _sigint_stops_us()
     try:
         return int(args.func(args))
     except ConfigError as exc:

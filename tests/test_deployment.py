@@ -329,8 +329,16 @@ def test_a_stopped_coordinator_resumes_after_its_last_finished_round(tmp_path: P
 
 
 def _start_and_signal(cmd: list[str], env: dict[str, str], log: Path, ready: str,
-                      sig: int) -> tuple[int, list[int], list[int]]:
-    tracker = spawn(cmd, env, log)
+                      sig: int, sigint_ignored: bool = False) -> tuple[int, list[int], list[int]]:
+    """Start ``cmd``, wait for ``ready`` in its log, send ``sig``: (exit code, the children it
+    had started, survivors). ``sigint_ignored``: start it with SIGINT ignored, as a background
+    job of a non-interactive shell is."""
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN) if sigint_ignored else None
+    try:
+        tracker = spawn(cmd, env, log)  # a child inherits an ignored SIGINT
+    finally:
+        if saved is not None:
+            signal.signal(signal.SIGINT, saved)
     try:
         deadline = time.monotonic() + 90
         while ready not in log.read_text(errors="replace"):
@@ -368,7 +376,8 @@ def test_server_stops_superlink_on_sigint(tmp_path: Path) -> None:
            str(free_port()), "--out", str(tmp_path / "out"), "--set", 'model.name="tiny-bert"',
            "--set", "data.test_size=200"]
     rc, children, alive = _start_and_signal(cmd, _env(tmp_path / "home"), tmp_path / "s.log",
-                                            "waiting for 1 devices", signal.SIGINT)
+                                            "waiting for 1 devices", signal.SIGINT,
+                                            sigint_ignored=True)
     assert rc == 130, (tmp_path / "s.log").read_text()
     assert len(children) >= 2  # flower-superlink, its SuperExec, flwr run, ServerApp
     assert alive == []
