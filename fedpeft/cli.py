@@ -111,21 +111,14 @@ def _check_model_and_device(cfg: FedConfig) -> None:
 def _resume_target(args: argparse.Namespace) -> tuple[FedConfig, Path, int]:
     """(config, run folder, last finished round) for ``--resume DIR``; the config is the run's
     own (DIR/config.toml), and options that change it are refused."""
-    from fedpeft.server.checkpoint import check_resumable, load_checkpoint
+    from fedpeft.server.checkpoint import prepare_resume, saved_config
 
     out = Path(args.resume).resolve()
     if args.out and Path(args.out).resolve() != out:
         raise ConfigError(f"--resume {out} continues in that folder; drop --out {args.out}")
-    saved = out / "config.toml"
-    if not saved.is_file():
-        raise ConfigError(f"--resume {out}: no config.toml there (not a fedpeft run folder?)")
+    saved = saved_config(out)
     cfg = _load(argparse.Namespace(**{**vars(args), "config": args.config or str(saved)}))
-    ckpt = load_checkpoint(out)
-    check_resumable(ckpt, cfg, out)
-    from fedpeft.reporting import MetricsLog
-
-    MetricsLog(out / "metrics.jsonl", ckpt.metrics)  # drop rows of a round that did not finish
-    return cfg, out, ckpt.round
+    return cfg, out, prepare_resume(out, cfg)
 
 
 class _Progress:

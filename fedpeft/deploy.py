@@ -195,25 +195,19 @@ def resume_config(opts: ServerOptions, num_keys: int) -> tuple[FedConfig, Path, 
     """(config, run folder, last finished round) for ``fedpeft server --resume DIR``: the run's
     own config (DIR/config.toml, which already holds the device count and the label order);
     options that change it, or a different number of devices, are refused."""
-    from fedpeft.reporting import MetricsLog
-    from fedpeft.server.checkpoint import check_resumable, load_checkpoint
+    from fedpeft.server.checkpoint import prepare_resume, saved_config
 
     out = opts.resume.resolve()
-    saved = out / "config.toml"
+    saved = saved_config(out)
     if opts.config:
         raise ConfigError(f"--resume {out} takes its config from {saved}; drop {opts.config}")
-    if not saved.is_file():
-        raise ConfigError(f"--resume {out}: no config.toml there (not a fedpeft run folder?)")
     cfg = load_config(str(saved), opts.overrides)
     devices = opts.clients or num_keys
     if devices != cfg.federation.clients:
         raise ConfigError(f"--resume {out}: the run was started with {cfg.federation.clients} "
                           f"devices, this coordinator would wait for {devices}; register the "
                           "same devices (--node-keys) or pass --clients")
-    ckpt = load_checkpoint(out)
-    check_resumable(ckpt, cfg, out)
-    MetricsLog(out / "metrics.jsonl", ckpt.metrics)  # drop rows of a round that did not finish
-    return cfg, out, ckpt.round
+    return cfg, out, prepare_resume(out, cfg)
 
 
 def _server_tls(opts: ServerOptions) -> CertPaths | None:
@@ -447,10 +441,10 @@ class ClientOptions:
     max_wait_s: float | None = None
     isolation: str = "process"  # "subprocess": Flower's default, a new process per message
     text_column: str = "text"  # this device's own column names (they win over the run's)
+    label_column: str = "label"
     batch_size: int | None = None  # this device's own training profile (None: the run's)
     local_steps: int | None = None
     epsilon: float | None = None  # this device's own DP-SGD budget
-    label_column: str = "label"
 
 
 _FATAL_HINTS = [  # (text in the SuperNode's log, what it means), least specific first

@@ -50,7 +50,6 @@ from .federation import (
     client_profile,
     eval_due,
     eval_subset,
-    evaluate_export,
     evaluate_global,
     reported_rank,
 )
@@ -327,7 +326,7 @@ def _export_report(cfg: FedConfig, method: Method, state: Payload, workspace: Wo
     loss = method.export_loss(state)
     if loss is None:
         return {"adapter_exact": True}
-    ev = evaluate_export(cfg, method, state, workspace)
+    ev = evaluate_global(cfg, method, state, workspace, subset=0, export=True)
     final = next((r["accuracy"] for r in reversed(rows) if r.get("accuracy") is not None), None)
     log(WARNING, "adapter/ is not the whole global model: %s. It scores %.3f on the held-out "
         "split; the global model %s", loss, ev.accuracy,

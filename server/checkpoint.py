@@ -141,6 +141,25 @@ def check_resumable(ckpt: Checkpoint, cfg: FedConfig, where: Path) -> None:
         )
 
 
+def saved_config(out: Path) -> Path:
+    """A run folder's ``config.toml``: the config a resumed run takes (``--resume DIR``)."""
+    saved = out / "config.toml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {out}: no config.toml there (not a fedpeft run folder?)")
+    return saved
+
+
+def prepare_resume(out: Path, cfg: FedConfig) -> int:
+    """Check that the run in ``out`` can continue under ``cfg``, drop the metrics rows of a round
+    that did not finish, and return the last finished round (``simulate``/``server --resume``)."""
+    from fedpeft.reporting import MetricsLog
+
+    ckpt = load_checkpoint(out)
+    check_resumable(ckpt, cfg, out)
+    MetricsLog(out / "metrics.jsonl", ckpt.metrics)
+    return ckpt.round
+
+
 def _sections(config: dict[str, Any]) -> dict[str, Any]:
     """A saved ``to_dict()`` back into the nested form ``from_dict`` reads."""
     return {k: dict(v) for k, v in config.items()}

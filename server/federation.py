@@ -68,30 +68,20 @@ class EvalResult:
 
 
 def evaluate_global(cfg: FedConfig, method: Method, state: Payload, workspace: Workspace,
-                    subset: int) -> EvalResult:
-    """Accuracy of the global adapter on the held-out split (or its fixed subset)."""
+                    subset: int, export: bool = False) -> EvalResult:
+    """Accuracy of the global model on the held-out split (or its fixed subset). ``export``:
+    of what ``adapter/`` holds instead (``method.global_adapter``), i.e. what ``fedpeft
+    evaluate OUT/adapter`` reports."""
     start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     adapter = workspace.adapter_model(cfg.model.rank)
     adapter.model.to(device)
     adapter.reset_base()
-    method.load_global(adapter, state)
+    if export:
+        adapter.load(method.global_adapter(state))
+    else:
+        method.load_global(adapter, state)
     data = workspace.test_set(subset)
-    accuracy, loss = evaluate(adapter.model, data, cfg.eval.batch_size, device)
-    return EvalResult(accuracy, loss, len(data), time.perf_counter() - start)
-
-
-def evaluate_export(cfg: FedConfig, method: Method, state: Payload,
-                    workspace: Workspace) -> EvalResult:
-    """Accuracy of what ``adapter/`` holds (``method.global_adapter``) on the whole held-out
-    split: what ``fedpeft evaluate OUT/adapter`` reports."""
-    start = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    adapter = workspace.adapter_model(cfg.model.rank)
-    adapter.model.to(device)
-    adapter.reset_base()
-    adapter.load(method.global_adapter(state))
-    data = workspace.test_set(0)
     accuracy, loss = evaluate(adapter.model, data, cfg.eval.batch_size, device)
     return EvalResult(accuracy, loss, len(data), time.perf_counter() - start)
 
