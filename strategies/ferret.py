@@ -317,11 +317,10 @@ class Ferret(Method):
 
     def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
         now = int(state.scalars[ROUND]) + 1
-        for upload in uploads:
-            basis = int(upload.payload.scalars.get(BASIS, -1))
-            if basis != now:
-                raise ValueError(f"ferret: client {upload.profile.partition_id} projected on the "
-                                 f"bases of round {basis}, expected {now}")
+        for upload in uploads:  # the server rejects these first; an invariant here
+            problem = self.check_upload(state, upload.profile, upload.payload)
+            if problem:
+                raise ValueError(f"ferret: client {upload.profile.partition_id} {problem}")
         weights = torch.tensor(weights_by_examples([u.num_examples for u in uploads]),
                                dtype=torch.float64)
         stacked = torch.stack([u.payload.tensors[COEF].to(torch.float64) for u in uploads])
