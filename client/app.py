@@ -2,7 +2,7 @@
 
 Method-agnostic: everything method-specific happens inside the method's ``load``/``uplink``.
 The run's config arrives in every message (a small JSON string), so a device needs no config
-file; model, data and encodings are cached per process by ``fedpeft.runtime``.
+file; model, data and encodings are cached per process by ``fedpeft.core.workspace``.
 """
 
 from __future__ import annotations
@@ -17,22 +17,22 @@ from fedpeft.strategies.base import check_privacy
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.config import ConfigError, FedConfig, from_dict, validate_privacy
-from fedpeft.privacy import BUDGET_SPENT
-from fedpeft.runtime import (
-    Workspace,
-    default_threads,
-    get_local_workspace,
-    get_workspace,
-    set_torch_threads,
-)
-from fedpeft.wire import (
+from fedpeft.core.config import ConfigError, FedConfig, from_dict, validate_privacy
+from fedpeft.core.privacy import BUDGET_SPENT
+from fedpeft.core.wire import (
     CONFIG_RECORD,
     METRICS_RECORD,
     load_client_state,
     payload_to_records,
     records_to_payload,
     save_client_state,
+)
+from fedpeft.core.workspace import (
+    Workspace,
+    default_threads,
+    get_local_workspace,
+    get_workspace,
+    set_torch_threads,
 )
 
 from .faults import inject_faults

@@ -1,6 +1,6 @@
 """Fault injection for tests: a Flower client mod that makes chosen clients misbehave.
 
-The ``[faults]`` config section (``fedpeft.config.FaultsConfig``) names the faulty clients, by
+The ``[faults]`` config section (``fedpeft.core.config.FaultsConfig``) names the faulty clients, by
 partition id or as fractions of all clients drawn by seed. Everything happens here, around the
 ClientApp's train function (``ClientApp(mods=[inject_faults])``), never inside a method:
 
@@ -26,9 +26,9 @@ import torch
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedpeft.config import FAULT_KINDS, FedConfig, from_dict
-from fedpeft.sampling import sample_clients
-from fedpeft.wire import CONFIG_RECORD, SCALARS, TENSORS, from_array_record, to_array_record
+from fedpeft.core.config import FAULT_KINDS, FedConfig, from_dict
+from fedpeft.core.sampling import sample_clients
+from fedpeft.core.wire import CONFIG_RECORD, SCALARS, TENSORS, from_array_record, to_array_record
 
 OVERSIZED_KEY = "fedpeft.fault.padding"
 OVERSIZED_FLOATS = 2 * 1024 * 1024  # 8 MB of float32

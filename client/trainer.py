@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from fedpeft.strategies import RANK_KEY, Method
 
-from fedpeft.config import FedConfig
-from fedpeft.payload import ClientState, Payload
-from fedpeft.privacy import clip_update, dp_train
-from fedpeft.runtime import Workspace
-from fedpeft.training import make_optimizer, resolve_device, train_steps
+from fedpeft.core.config import FedConfig
+from fedpeft.core.payload import ClientState, Payload
+from fedpeft.core.privacy import clip_update, dp_train
+from fedpeft.core.training import make_optimizer, resolve_device, train_steps
+from fedpeft.core.workspace import Workspace
 
 
 @dataclass
@@ -65,7 +65,7 @@ def client_round(
     method.load(adapter, downlink, client_state)
     adapter.set_trainable(method.trainable(adapter))
     dp_metrics: dict[str, float] = {}
-    if cfg.privacy.enabled:  # DP-SGD (fedpeft.privacy): checks the model, own sampling + noise
+    if cfg.privacy.enabled:  # DP-SGD (fedpeft.core.privacy): checks the model, own sampling + noise
         dp_result, dp_metrics = dp_train(adapter, data, cfg=cfg, lr=learning_rate(cfg, method),
                                          device=device, client_state=client_state,
                                          extra_loss=method.extra_loss(adapter))

@@ -21,27 +21,28 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft.adapters import build_adapter_model
-from fedpeft.config import ConfigError, FedConfig, load_config, to_toml
-from fedpeft.payload import Payload
-from fedpeft.privacy import BUDGET_SPENT
-from fedpeft.reporting import (
-    MetricsLog,
-    plot_report,
-    results_table,
-    round_line,
-    summarize,
-    write_json_atomic,
-)
-from fedpeft.runtime import Workspace, default_threads, get_workspace, set_torch_threads
-from fedpeft.sampling import sample_clients
-from fedpeft.wire import (
+from fedpeft.core.adapters import build_adapter_model
+from fedpeft.core.config import ConfigError, FedConfig, load_config, to_toml
+from fedpeft.core.payload import Payload
+from fedpeft.core.privacy import BUDGET_SPENT
+from fedpeft.core.runfiles import ERROR_FILE
+from fedpeft.core.sampling import sample_clients
+from fedpeft.core.wire import (
     CONFIG_RECORD,
     METRICS_RECORD,
     config_record,
     payload_to_records,
     records_to_payload,
     serialized_nbytes,
+)
+from fedpeft.core.workspace import Workspace, default_threads, get_workspace, set_torch_threads
+from fedpeft.run.reporting import (
+    MetricsLog,
+    plot_report,
+    results_table,
+    round_line,
+    summarize,
+    write_json_atomic,
 )
 
 from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
@@ -56,7 +57,6 @@ from .federation import (
 from .validation import all_finite, check_examples, check_upload
 
 app = ServerApp()
-ERROR_FILE = "error.json"  # why the ServerApp stopped (user error or crash), for the CLI
 
 
 class FedPeftStrategy(Strategy):

@@ -21,8 +21,8 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from fedpeft.config import ConfigError, FedConfig, from_dict
-from fedpeft.payload import Payload
+from fedpeft.core.config import ConfigError, FedConfig, from_dict
+from fedpeft.core.payload import Payload
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.safetensors"
@@ -152,7 +152,7 @@ def saved_config(out: Path) -> Path:
 def prepare_resume(out: Path, cfg: FedConfig) -> int:
     """Check that the run in ``out`` can continue under ``cfg``, drop the metrics rows of a round
     that did not finish, and return the last finished round (``simulate``/``server --resume``)."""
-    from fedpeft.reporting import MetricsLog
+    from fedpeft.run.reporting import MetricsLog
 
     ckpt = load_checkpoint(out)
     check_resumable(ckpt, cfg, out)

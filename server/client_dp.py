@@ -2,7 +2,7 @@
 
 ``DifferentialPrivacyServerSideFixedClipping`` (the server clips every client's update) or
 ``DifferentialPrivacyClientSideFixedClipping`` (each client clips its own update with Flower's
-``compute_clip_model_update``, see ``fedpeft.privacy.clip_update``) wraps a small bridge around
+``compute_clip_model_update``, see ``fedpeft.core.privacy.clip_update``) wraps a small bridge around
 ``FedPeftStrategy``: the wrapper hands the bridge the clipped replies, the bridge lets the method
 aggregate them and returns the new mean as an ``ArrayRecord``, the wrapper adds Gaussian noise of
 std ``z * C / m`` (m = clients per round) and the noised mean becomes the method's state. The
@@ -41,10 +41,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedpeft.config import FedConfig
-from fedpeft.payload import Payload
-from fedpeft.privacy import client_level_epsilon, update_norm
-from fedpeft.wire import METRICS_RECORD, TENSORS, from_array_record, to_array_record
+from fedpeft.core.config import FedConfig
+from fedpeft.core.payload import Payload
+from fedpeft.core.privacy import client_level_epsilon, update_norm
+from fedpeft.core.wire import METRICS_RECORD, TENSORS, from_array_record, to_array_record
 
 from .validation import check_upload
 

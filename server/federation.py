@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 from fedpeft.strategies import ClientProfile, Method
 
-from fedpeft.config import FedConfig, parse_rank_mix
-from fedpeft.payload import Payload
-from fedpeft.runtime import Workspace
-from fedpeft.training import evaluate, resolve_device
+from fedpeft.core.config import FedConfig, parse_rank_mix
+from fedpeft.core.payload import Payload
+from fedpeft.core.training import evaluate, resolve_device
+from fedpeft.core.workspace import Workspace
 
 
 def client_profile(cfg: FedConfig, partition_id: int, node_id: int = 0,

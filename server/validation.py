@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedpeft.payload import Payload, Tensors
+from fedpeft.core.payload import Payload, Tensors
 
 NUM_EXAMPLES = "num-examples"
 

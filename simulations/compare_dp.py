@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config import load_config
-from fedpeft.data import load_partition
-from fedpeft.privacy import noise_multiplier, planned_rounds, sample_rate
-from fedpeft.reporting import write_json_atomic
-from fedpeft.runtime import _workspace
+from fedpeft.core.config import load_config
+from fedpeft.core.data import load_partition
+from fedpeft.core.privacy import noise_multiplier, planned_rounds, sample_rate
+from fedpeft.core.workspace import clear_workspaces
+from fedpeft.run.reporting import write_json_atomic
 from simulations.plain_loop import run_plain
 
 COMMON = [
@@ -68,7 +68,7 @@ def run_one(name: str, extra: list[str], runs_dir: Path) -> dict[str, Any]:
     settings = [*overrides(name), *extra]
     # A fresh workspace per run: run_plain takes the template adapter from the process's cached
     # model, which the previous run's clients trained.
-    _workspace.cache_clear()
+    clear_workspaces()
     started = time.perf_counter()
     rows = run_plain(None, settings, log=True)
     result = {"run": name, "overrides": settings, "rows": rows,

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.reporting import human_bytes, write_json_atomic
+from fedpeft.run.reporting import human_bytes, write_json_atomic
 from simulations.compare_ranks import summarise as _summarise
 from simulations.plain_loop import run_plain
 
@@ -198,7 +198,7 @@ def main() -> None:
     args = parser.parse_args()
     runs_dir = args.out / f"{NAME}_runs"
     if args.timings or not (args.report_only or (runs_dir / "rng_timings.json").exists()):
-        from fedpeft.runtime import set_torch_threads
+        from fedpeft.core.workspace import set_torch_threads
 
         set_torch_threads(2)
         grid = [(1, 32768), (2, 65536), (4, 131072), (8, 262144), (64, 131072),

@@ -27,8 +27,8 @@ from typing import Any
 from fedpeft.client.trainer import learning_rate
 from fedpeft.strategies import build_method
 
-from fedpeft.config import load_config
-from fedpeft.reporting import human_bytes, write_json_atomic
+from fedpeft.core.config import load_config
+from fedpeft.run.reporting import human_bytes, write_json_atomic
 from simulations.compare_ranks import summarise as summarise_rows
 from simulations.experiment import experiment_cli, save_figure, timed_run
 

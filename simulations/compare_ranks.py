@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedpeft.reporting import human_bytes, write_json_atomic
+from fedpeft.run.reporting import human_bytes, write_json_atomic
 from simulations.plain_loop import run_plain
 
 RANK_MIX = "2:0.3,8:0.5,16:0.2"

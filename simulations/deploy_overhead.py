@@ -31,11 +31,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedpeft.certs import make_certs
-from fedpeft.data import RT_LABELS, rotten_tomatoes_path
-from fedpeft.deploy import free_port, spawn, stop_all
-from fedpeft.launcher import _Tracker
-from fedpeft.reporting import MetricsLog
+from fedpeft.core.data import RT_LABELS, rotten_tomatoes_path
+from fedpeft.deploy.certs import make_certs
+from fedpeft.deploy.commands import free_port, spawn, stop_all
+from fedpeft.run.launcher import Tracker
+from fedpeft.run.reporting import MetricsLog
 
 
 class ByteRelay:
@@ -85,7 +85,7 @@ class ByteRelay:
         return self.up, self.down
 
 
-def wait_listening(port: int, tracker: _Tracker, timeout_s: float) -> None:
+def wait_listening(port: int, tracker: Tracker, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while tracker.proc.poll() is None and time.monotonic() < deadline:
         try:
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
     settings = [f'model.name="{args.model}"', f"federation.rounds={args.rounds}",
                 f"train.local_steps={args.steps}", "train.batch_size=8", "eval.subset=100",
                 "data.test_size=200", 'data.partitioner="iid"']
-    trackers: list[_Tracker] = []
+    trackers: list[Tracker] = []
     marks: list[tuple[float, int, int]] = []
     try:
         server_cmd = [*fedpeft, "server", "--certs", str(certs.root), "--host", "127.0.0.1",

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedpeft.reporting import write_json_atomic
-from fedpeft.runtime import _workspace
+from fedpeft.core.workspace import clear_workspaces
+from fedpeft.run.reporting import write_json_atomic
 from simulations.plain_loop import run_plain
 
 RESULTS = Path("simulations/results")
@@ -29,7 +29,7 @@ def experiment_cli(doc: str, choices: dict[str, list[str]]) -> argparse.Namespac
 def timed_run(overrides: list[str], path: Path, **fields: Any) -> dict[str, Any]:
     """Run ``plain_loop`` with byte counting from a fresh workspace (the cached template adapter
     would otherwise carry the previous run's training) and store rows, settings and wall time."""
-    _workspace.cache_clear()
+    clear_workspaces()
     started = time.perf_counter()
     rows = run_plain(None, overrides, log=True, count_bytes=True)
     record = {**fields, "overrides": overrides, "rows": rows,

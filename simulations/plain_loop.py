@@ -24,13 +24,13 @@ from fedpeft.server.federation import (
 from fedpeft.strategies import Upload, build_method
 from fedpeft.strategies.base import CLIENT_TIMINGS
 
-from fedpeft.adapters import build_adapter_model
-from fedpeft.config import ConfigError, load_config
-from fedpeft.payload import ClientState, Payload
-from fedpeft.privacy import BUDGET_SPENT
-from fedpeft.runtime import default_threads, get_workspace, set_torch_threads
-from fedpeft.sampling import sample_clients
-from fedpeft.wire import payload_to_records, serialized_nbytes
+from fedpeft.core.adapters import build_adapter_model
+from fedpeft.core.config import ConfigError, load_config
+from fedpeft.core.payload import ClientState, Payload
+from fedpeft.core.privacy import BUDGET_SPENT
+from fedpeft.core.sampling import sample_clients
+from fedpeft.core.wire import payload_to_records, serialized_nbytes
+from fedpeft.core.workspace import default_threads, get_workspace, set_torch_threads
 
 
 def run_plain(config: str | None, overrides: list[str], out: Path | None = None,

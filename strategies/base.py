@@ -1,5 +1,6 @@
 """The method interface: a federated method is pure tensor math with a server half and a client
-half. No Flower here: ``fedpeft.wire`` maps payloads to records, ``server``/``client`` drive rounds.
+half. No Flower here: ``fedpeft.core.wire`` maps payloads to records, ``server``/``client``
+drive rounds.
 
 Server half:  init(template) -> state;  downlink(state, profile) -> payload;
               aggregate(state, uploads) -> state;  global_adapter(state) -> tensors (eval/export).
@@ -16,9 +17,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedpeft.adapters import AdapterModel
-from fedpeft.config import ConfigError, FedConfig, federation_ranks, parse_dataclass
-from fedpeft.payload import ClientState, Payload, Scalar, Tensors
+from fedpeft.core.adapters import AdapterModel
+from fedpeft.core.config import ConfigError, FedConfig, federation_ranks, parse_dataclass
+from fedpeft.core.payload import ClientState, Payload, Scalar, Tensors
 
 __all__ = ["ClientState", "Payload", "Scalar", "Tensors"]
 

@@ -66,8 +66,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpeft.adapters import AdapterModel, build_adapter_model
-from fedpeft.config import FedConfig, ModelConfig, option
+from fedpeft.core.adapters import AdapterModel, build_adapter_model
+from fedpeft.core.config import FedConfig, ModelConfig, option
 
 from .base import ClientProfile, ClientState, Method, Payload, Tensors, Upload, register
 from .lowrank import seed_of, weights_by_examples
@@ -275,7 +275,7 @@ class Ferret(Method):
         return pristine_model(self.cfg.model, int(model.model.config.num_labels), model.rank)
 
     def _server_pristine(self) -> AdapterModel:
-        from fedpeft.runtime import get_workspace
+        from fedpeft.core.workspace import get_workspace
 
         return pristine_model(self.cfg.model, get_workspace(self.cfg).num_labels,
                               self.cfg.model.rank)

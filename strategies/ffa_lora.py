@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpeft.adapters import AdapterModel, lora_pairs
-from fedpeft.config import ConfigError, FedConfig, option
+from fedpeft.core.adapters import AdapterModel, lora_pairs
+from fedpeft.core.config import ConfigError, FedConfig, option
 
 from .base import (
     ClientProfile,

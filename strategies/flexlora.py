@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from fedpeft.adapters import AdapterModel
+from fedpeft.core.adapters import AdapterModel
 
 from .base import ClientProfile, Method, Payload, Upload, register
 from .lowrank import (

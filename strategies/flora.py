@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from fedpeft.adapters import AdapterModel
+from fedpeft.core.adapters import AdapterModel
 
 from .base import ClientProfile, ClientState, Method, Payload, Upload, register
 from .lowrank import (

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpeft.adapters import AdapterModel
-from fedpeft.config import federation_ranks, option
+from fedpeft.core.adapters import AdapterModel
+from fedpeft.core.config import federation_ranks, option
 
 from .base import RANK_KEY, ClientProfile, ClientState, Method, Payload, Upload, register
 from .lowrank import (

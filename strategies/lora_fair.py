@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpeft.adapters import LoraPair, lora_pairs
-from fedpeft.config import ConfigError, FedConfig, option
+from fedpeft.core.adapters import LoraPair, lora_pairs
+from fedpeft.core.config import ConfigError, FedConfig, option
 
 from .base import Method, Payload, Upload, register, weighted_mean
 

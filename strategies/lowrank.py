@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedpeft.adapters import AdapterModel, lora_pairs
-from fedpeft.payload import Tensors
+from fedpeft.core.adapters import AdapterModel, lora_pairs
+from fedpeft.core.payload import Tensors
 
 
 @dataclass(frozen=True)

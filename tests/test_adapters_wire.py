@@ -3,10 +3,10 @@ from __future__ import annotations
 import torch
 from flwr.app import RecordDict
 
-from fedpeft.adapters import build_adapter_model, lora_pairs
-from fedpeft.config import ModelConfig
-from fedpeft.payload import ClientState, Payload
-from fedpeft.wire import (
+from fedpeft.core.adapters import build_adapter_model, lora_pairs
+from fedpeft.core.config import ModelConfig
+from fedpeft.core.payload import ClientState, Payload
+from fedpeft.core.wire import (
     load_client_state,
     payload_to_records,
     records_to_payload,

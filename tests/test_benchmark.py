@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-from fedpeft import cli
 from simulations.benchmark import TreeSampler, summarise_profile
 
 # A parent that starts a child in its own session which allocates ~60 MB and outlives it.
@@ -60,10 +59,11 @@ def test_profile_summary_shares_of_wall_time(tmp_path: Path) -> None:
     assert " 20.0%  work (c.py)" in text
 
 
-def test_error_file_name_matches_the_server() -> None:
-    from fedpeft.server.app import ERROR_FILE
-
-    assert cli.ERROR_FILE == ERROR_FILE
+def test_cli_starts_without_torch() -> None:
+    """The CLI reads the run's files by the names the server writes (fedpeft.core.runfiles)
+    without importing torch: a waiting CLI must not hold the ML stack."""
+    code = "import sys, fedpeft.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_forked_preflight_reports_config_errors(tmp_path: Path) -> None:
@@ -82,8 +82,8 @@ def test_forked_preflight_reports_config_errors(tmp_path: Path) -> None:
 def test_workspace_reuse_and_its_ablation() -> None:
     """An actor keeps one workspace (model, tokenised partitions) across virtual clients; with
     simulation.reuse_workspace = false each client round builds its own (the 'before')."""
-    from fedpeft.config import load_config
-    from fedpeft.runtime import get_workspace
+    from fedpeft.core.config import load_config
+    from fedpeft.core.workspace import get_workspace
     from tests.conftest import TINY
 
     reuse = load_config(None, TINY)

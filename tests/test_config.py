@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from fedpeft.strategies import build_method
 
-from fedpeft.config import ConfigError, load_config, parse_override, to_toml
+from fedpeft.core.config import ConfigError, load_config, parse_override, to_toml
 
 
 def test_defaults_are_valid() -> None:

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedpeft.config import ConfigError, DataConfig
-from fedpeft.data import load_task_data, load_user_file, partition_indices
+from fedpeft.core.config import ConfigError, DataConfig
+from fedpeft.core.data import load_task_data, load_user_file, partition_indices
 
 
 def test_rotten_tomatoes_fixed_split() -> None:

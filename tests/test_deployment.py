@@ -26,11 +26,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from fedpeft.certs import CertPaths, CertsError, certificate_sans, make_certs
-from fedpeft.deploy import free_port, spawn, stop_all
-from fedpeft.gateway import allowed
-from fedpeft.launcher import _Tracker
-from fedpeft.reporting import MetricsLog
+from fedpeft.deploy.certs import CertPaths, CertsError, certificate_sans, make_certs
+from fedpeft.deploy.commands import free_port, spawn, stop_all
+from fedpeft.deploy.gateway import allowed
+from fedpeft.run.launcher import Tracker
+from fedpeft.run.reporting import MetricsLog
 
 FEDPEFT = [sys.executable, "-m", "fedpeft.cli"]
 ROUNDS = 2
@@ -173,7 +173,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     result.logs.mkdir()
     env, port = _env(root / "flwr_home"), free_port()
     superlink = f"127.0.0.1:{port}"
-    trackers: list[_Tracker] = []
+    trackers: list[Tracker] = []
     try:
         server_cmd = [*FEDPEFT, "server", "--certs", str(pki.root), "--host", "127.0.0.1",
                       "--port", str(port), "--out", str(result.out), "--node-keys",
@@ -286,9 +286,9 @@ def test_a_stopped_coordinator_resumes_after_its_last_finished_round(tmp_path: P
     out, logs, env, rounds = tmp_path / "out", tmp_path / "logs", _env(tmp_path / "home"), 3
     logs.mkdir()
     data = {i: _csv(tmp_path / f"d{i}.csv", i) for i in (1, 2)}
-    trackers: list[_Tracker] = []
+    trackers: list[Tracker] = []
 
-    def start(args: list[str], tag: str) -> _Tracker:
+    def start(args: list[str], tag: str) -> Tracker:
         port = free_port()
         server = spawn([*FEDPEFT, "server", "--certs", str(pki.root), "--host", "127.0.0.1",
                         "--port", str(port), "--timeout", "150", *args], env,
@@ -413,7 +413,7 @@ def test_server_resume_refusals_name_the_problem(tmp_path: Path, capsys) -> None
     """Before anything starts: --resume of a folder that is no run, with another --out, or with
     another device count than the run was started with."""
     from fedpeft.cli import main
-    from fedpeft.config import load_config, to_toml
+    from fedpeft.core.config import load_config, to_toml
 
     base = ["server", "--insecure", "--clients", "2", "--resume", str(tmp_path)]
     assert main([*base, "--out", str(tmp_path / "other")]) == 2
@@ -433,7 +433,7 @@ def _fab(tmp_path: Path, clientapp: str) -> bytes:
     import io
     import zipfile
 
-    from fedpeft.launcher import write_app_dir
+    from fedpeft.run.launcher import write_app_dir
 
     app = write_app_dir(tmp_path / clientapp.replace(":", "_"), "fedpeft.server.app:app",
                         clientapp, {"config-file": "", "out-dir": ""})
@@ -446,7 +446,7 @@ def _fab(tmp_path: Path, clientapp: str) -> bytes:
 def test_device_runs_only_the_fedpeft_clientapp(tmp_path: Path) -> None:
     from flwr.supercore.fab import Fab
 
-    from fedpeft.clientexec import WrongAppError, check_fab
+    from fedpeft.deploy.clientexec import WrongAppError, check_fab
 
     ours = "fedpeft.client.app:app"
     check_fab(Fab("h", _fab(tmp_path, ours), {}), ours)
@@ -459,7 +459,7 @@ def test_device_runs_only_the_fedpeft_clientapp(tmp_path: Path) -> None:
 def test_node_data_wins_over_the_server_partition(tmp_path: Path) -> None:
     from fedpeft.client.app import node_workspace
 
-    from fedpeft.config import load_config
+    from fedpeft.core.config import load_config
 
     cfg = load_config(None, ['model.name="tiny-bert"', 'data.labels=["rotten", "fresh"]'])
     path = tmp_path / "only_fresh.csv"
@@ -483,7 +483,7 @@ def test_device_data_is_checked_before_connecting_and_own_columns_win(
     from fedpeft.client.app import node_workspace
 
     from fedpeft.cli import main
-    from fedpeft.config import ConfigError, load_config
+    from fedpeft.core.config import ConfigError, load_config
 
     pki = make_certs(tmp_path / "pki", [], nodes=1)
     base = ["client", "--superlink", "127.0.0.1:1", "--ca", str(pki.ca_cert), "--key",

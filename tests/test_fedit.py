@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from fedpeft.strategies import ClientProfile, Payload, Upload, build_method
 
-from fedpeft.config import load_config
+from fedpeft.core.config import load_config
 
 
 def _upload(tensors: dict[str, torch.Tensor], n: int) -> Upload:

@@ -23,10 +23,10 @@ from fedpeft.strategies.ferret import (
     uplink_nbytes,
 )
 
-from fedpeft.config import ConfigError, load_config
-from fedpeft.payload import ClientState, Payload
-from fedpeft.runtime import get_workspace
-from fedpeft.wire import payload_to_records, serialized_nbytes
+from fedpeft.core.config import ConfigError, load_config
+from fedpeft.core.payload import ClientState, Payload
+from fedpeft.core.wire import payload_to_records, serialized_nbytes
+from fedpeft.core.workspace import get_workspace
 from simulations.plain_loop import run_plain
 
 FERRET = [*TINY, 'method.name="ferret"', "method.block_size=4096", "method.k=3",
@@ -220,7 +220,7 @@ def test_an_upload_on_another_rounds_bases_is_rejected_not_fatal() -> None:
 
 
 def test_progress_and_results_show_projection_time_next_to_training() -> None:
-    from fedpeft.reporting import results_table, round_line
+    from fedpeft.run.reporting import results_table, round_line
 
     row = {"round": 1, "accuracy": 0.6, "loss": 0.7, "clients_ok": 2, "clients_sampled": 2,
            "bytes_up": 100, "bytes_down": 200, "train_s": 9.5, "project_s": 1.25,

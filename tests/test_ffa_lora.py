@@ -11,11 +11,11 @@ from fedpeft.client.trainer import client_round, learning_rate
 from fedpeft.strategies import ClientProfile, Upload, build_method
 from fedpeft.strategies.ffa_lora import SEED_KEY, frozen_factor
 
-from fedpeft.adapters import build_adapter_model
-from fedpeft.config import ConfigError, ModelConfig, load_config
-from fedpeft.payload import ClientState, Payload
-from fedpeft.runtime import get_workspace
-from fedpeft.wire import payload_to_records, records_to_payload, serialized_nbytes
+from fedpeft.core.adapters import build_adapter_model
+from fedpeft.core.config import ConfigError, ModelConfig, load_config
+from fedpeft.core.payload import ClientState, Payload
+from fedpeft.core.wire import payload_to_records, records_to_payload, serialized_nbytes
+from fedpeft.core.workspace import get_workspace
 
 PROFILE = ClientProfile(0, 8)
 

@@ -14,8 +14,8 @@ from fedpeft.strategies import RANK_KEY, ClientProfile, ClientState, Payload, Up
 from fedpeft.strategies.hetlora import HetLoRA
 from fedpeft.strategies.lowrank import fit_rank
 
-from fedpeft.config import ConfigError, load_config
-from fedpeft.runtime import get_workspace
+from fedpeft.core.config import ConfigError, load_config
+from fedpeft.core.workspace import get_workspace
 from simulations.plain_loop import run_plain
 
 MIX = 'federation.rank_mix="2:0.3,8:0.5,16:0.2"'
@@ -146,7 +146,7 @@ def test_client_app_answers_a_wrong_rank_without_training(
     from flwr.app import Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpeft.wire import CONFIG_RECORD, config_record, payload_to_records
+    from fedpeft.core.wire import CONFIG_RECORD, config_record, payload_to_records
 
     for attr in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attr, 1)
@@ -364,7 +364,7 @@ def test_mixed_rank_flower_simulation_counts_bytes_per_client(tmp_path) -> None:
     downlink and uplink bytes in metrics.jsonl, larger for a larger rank, summing to the
     round's totals."""
     from fedpeft.cli import main
-    from fedpeft.reporting import MetricsLog
+    from fedpeft.run.reporting import MetricsLog
 
     args = ["simulate", "--method", "hetlora", "--out", str(tmp_path)]
     for item in [*TINY, "federation.clients_per_round=6", 'federation.rank_mix="2:0.5,8:0.5"']:

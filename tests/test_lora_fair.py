@@ -19,10 +19,10 @@ from fedpeft.strategies.lora_fair import (
     lstsq_correction,
 )
 
-from fedpeft.config import ConfigError, load_config
-from fedpeft.payload import ClientState, Payload
-from fedpeft.runtime import get_workspace
-from fedpeft.wire import payload_to_records, records_to_payload
+from fedpeft.core.config import ConfigError, load_config
+from fedpeft.core.payload import ClientState, Payload
+from fedpeft.core.wire import payload_to_records, records_to_payload
+from fedpeft.core.workspace import get_workspace
 
 PROFILE = ClientProfile(0, 4)
 HEAD = "base_model.model.classifier.weight"

@@ -20,13 +20,13 @@ from flwr.app import MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedpeft import privacy
-from fedpeft.adapters import AdapterModel
-from fedpeft.config import ConfigError, FedConfig, load_config
-from fedpeft.payload import ClientState
-from fedpeft.runtime import Workspace, get_workspace
-from fedpeft.training import make_optimizer, train_steps
-from fedpeft.wire import load_client_state, payload_to_records, save_client_state
+from fedpeft.core import privacy
+from fedpeft.core.adapters import AdapterModel
+from fedpeft.core.config import ConfigError, FedConfig, load_config
+from fedpeft.core.payload import ClientState
+from fedpeft.core.training import make_optimizer, train_steps
+from fedpeft.core.wire import load_client_state, payload_to_records, save_client_state
+from fedpeft.core.workspace import Workspace, get_workspace
 from simulations.plain_loop import run_plain
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the (largest|smallest) alpha")
@@ -457,7 +457,7 @@ def test_a_device_can_ask_for_its_own_dp_budget(tmp_path, monkeypatch: pytest.Mo
     from flwr.app import Context, Message, MessageType
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpeft.wire import CONFIG_RECORD, config_record
+    from fedpeft.core.wire import CONFIG_RECORD, config_record
 
     for attr in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attr, 1)

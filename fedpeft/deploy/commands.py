@@ -1,15 +1,17 @@
 """Real deployment: ``fedpeft server`` on the coordinator host, ``fedpeft client`` on each device.
 
 Coordinator (``run_server``): a ``flower-superlink`` with TLS and SuperNode authentication on a
-private loopback port, a fleet gateway (``fedpeft.gateway``) on the public ``--host:--port`` that
-forwards only the SuperNodes' API, the SuperNode public keys registered with ``flwr supernode
-register``, and the fedpeft run submitted with ``flwr run``; progress is streamed and the usual
-outputs land in ``--out``. Everything it started is stopped on exit, Ctrl-C or SIGTERM.
+private loopback port, a fleet gateway (``fedpeft.deploy.gateway``) on the public
+``--host:--port`` that forwards only the SuperNodes' API, the SuperNode public keys registered
+with ``flwr supernode register``, and the fedpeft run submitted with ``flwr run``; progress is
+streamed and the usual outputs land in ``--out``. Everything it started is stopped on exit,
+Ctrl-C or SIGTERM.
 
 Device (``run_client``): a ``flower-supernode`` with ``--isolation process`` whose node config
 carries the device's data file, LoRA rank, torch device and threads, and, in this process, the
-long-running ClientApp executor of ``fedpeft.clientexec`` (no process start, imports or model load
-per round). The SuperNode dies with this process, also when it is killed (PR_SET_PDEATHSIG).
+long-running ClientApp executor of ``fedpeft.deploy.clientexec`` (no process start, imports or
+model load per round). The SuperNode dies with this process, also when it is killed
+(PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -37,15 +39,17 @@ from pathlib import Path
 
 import tomli_w
 
-from fedpeft import launcher
-from fedpeft.certs import (
+from fedpeft.core.config import ConfigError, FedConfig, load_config
+from fedpeft.core.runfiles import METRICS_FILE
+from fedpeft.deploy.certs import (
     CertPaths,
     CertsError,
     certificate_sans,
     check_private_key_file,
     check_public_key_file,
 )
-from fedpeft.config import ConfigError, FedConfig, load_config, to_toml
+from fedpeft.run import launcher
+from fedpeft.run.session import Progress, flower_line_filter, prepare_out, run_error
 
 CONNECTION = "fedpeft-deploy"
 DEFAULT_PORT = 9092
@@ -71,7 +75,7 @@ def _private_home(prefix: str) -> Path:
 def flower_env(home: Path) -> dict[str, str]:
     """Environment for Flower's CLIs: offline switches, private FLWR_HOME, this venv first."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_")}
-    env.update(launcher._ENV, FLWR_HOME=str(home),
+    env.update(launcher.ENV, FLWR_HOME=str(home),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
     return env
 
@@ -99,7 +103,7 @@ def _die_with_parent() -> None:
 
 
 def spawn(cmd: list[str], env: dict[str, str], output: Path | None,
-          die_with_parent: bool = False) -> launcher._Tracker:
+          die_with_parent: bool = False) -> launcher.Tracker:
     """Start ``cmd`` in its own session (Ctrl-C reaches only us; we stop it), tracked with its
     whole process tree; output to the file ``output``, or to a pipe when None.
 
@@ -113,10 +117,10 @@ def spawn(cmd: list[str], env: dict[str, str], output: Path | None,
     finally:
         if output is not None:
             sink.close()  # type: ignore[union-attr]
-    return launcher._Tracker(proc)
+    return launcher.Tracker(proc)
 
 
-def stop_all(trackers: list[launcher._Tracker], emit: Emit) -> None:
+def stop_all(trackers: list[launcher.Tracker], emit: Emit) -> None:
     """Stop every tracked process tree, newest first; Ctrl-C/SIGTERM are ignored meanwhile so a
     second interrupt cannot leave processes behind."""
     main = threading.current_thread() is threading.main_thread()
@@ -171,8 +175,8 @@ def deployment_config(opts: ServerOptions, num_keys: int) -> FedConfig:
     """The run's config: the TOML plus ``--set``; ``federation.clients`` = the devices to wait
     for (``--clients``, else one per registered key); ``data.labels`` filled from the
     coordinator's task data so every device maps labels to the same indices."""
-    from fedpeft.data import load_task_data
-    from fedpeft.models import get_model_spec
+    from fedpeft.core.data import load_task_data
+    from fedpeft.core.models import get_model_spec
     from fedpeft.strategies import build_method
 
     clients = opts.clients or num_keys
@@ -242,7 +246,7 @@ class Coordinator:
         self.opts, self.tls, self.emit = opts, tls, emit
         self.home = _private_home("fedpeft-deploy-")
         self.env = flower_env(self.home)
-        self.trackers: list[launcher._Tracker] = []
+        self.trackers: list[launcher.Tracker] = []
         self.gateway = None
         self.port = 0
 
@@ -279,7 +283,7 @@ class Coordinator:
         (self.home / "config.toml").write_text(tomli_w.dumps(doc))
 
     def start_gateway(self) -> None:
-        from fedpeft.gateway import FleetGateway
+        from fedpeft.deploy.gateway import FleetGateway
 
         tls = self.tls
         upstream = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
@@ -312,26 +316,26 @@ class Coordinator:
         tracker = spawn(cmd, self.env, None)
         self.trackers.append(tracker)
         lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=launcher._pump, args=(tracker.proc.stdout, lines),
+        threading.Thread(target=launcher.pump, args=(tracker.proc.stdout, lines),
                          daemon=True).start()
         deadline = None if self.opts.timeout_s is None else time.monotonic() + self.opts.timeout_s
         run_id = None
         try:
             with open(logs / "run.log", "a", encoding="utf-8") as run_log:
-                while (raw := launcher._next_line(lines, deadline)) is not None:
-                    line = launcher._ANSI.sub("", raw.decode(errors="replace")
+                while (raw := launcher.next_line(lines, deadline)) is not None:
+                    line = launcher.ANSI.sub("", raw.decode(errors="replace")
                                               if isinstance(raw, bytes) else raw).rstrip("\n")
                     run_log.write(line + "\n")
-                    run_id = run_id or (m.group(1) if (m := launcher._RUN_ID.search(line))
+                    run_id = run_id or (m.group(1) if (m := launcher.RUN_ID.search(line))
                                         else None)
                     stream(line)
-        except launcher._RunTimeout:
+        except launcher.RunTimeout:
             self.emit(f"fedpeft: the run outlived --timeout {self.opts.timeout_s} s")
             return launcher.EXIT_TIMEOUT
         code = tracker.proc.wait()
         if code != 0 or run_id is None:
             return code or launcher.EXIT_FAILED
-        status = launcher._run_status(self.env, run_id, CONNECTION)
+        status = launcher.run_status(self.env, run_id, CONNECTION)
         if not status.startswith("finished:completed"):
             self.emit(f"fedpeft: run {run_id} ended with status {status}")
             return launcher.EXIT_FAILED
@@ -357,9 +361,7 @@ def say(line: str) -> None:
 
 def run_server(opts: ServerOptions, emit: Emit = say) -> int:
     """The whole coordinator side; returns the exit status."""
-    from fedpeft.cli import _flower_line_filter, _Progress
-    from fedpeft.reporting import MetricsLog, human_bytes, results_table
-    from fedpeft.server.app import ERROR_FILE
+    from fedpeft.run.reporting import MetricsLog, human_bytes, results_table
 
     tls = _server_tls(opts)
     keys = _node_keys(opts)
@@ -374,12 +376,7 @@ def run_server(opts: ServerOptions, emit: Emit = say) -> int:
     if done >= fed.rounds:
         emit(f"fedpeft: {out} finished all {fed.rounds} rounds; nothing to resume")
         return 0
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("summary.json", ERROR_FILE, *(() if opts.resume else ("metrics.jsonl",))):
-        (out / stale).unlink(missing_ok=True)
-    config_file = out / "config.toml"
-    if not opts.resume:
-        config_file.write_text(to_toml(cfg))
+    config_file = prepare_out(out, cfg, bool(opts.resume))
     coord = Coordinator(opts, tls, emit)
     guard = (launcher.sigterm_as_keyboard_interrupt()
              if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else contextlib.nullcontext())
@@ -400,17 +397,17 @@ def run_server(opts: ServerOptions, emit: Emit = say) -> int:
             run_config.write_text(tomli_w.dumps({"config-file": str(config_file),
                                                  "out-dir": str(out),
                                                  "resume": "1" if opts.resume else ""}))
-            progress = _Progress(out / "metrics.jsonl", fed.rounds, emit)
+            progress = Progress(out / METRICS_FILE, fed.rounds, emit)
             progress.seen = done + 1  # the first run showed the rounds before the resume
             with progress:
-                rc = coord.submit(app_dir, run_config, out, _flower_line_filter(opts.verbose))
+                rc = coord.submit(app_dir, run_config, out, flower_line_filter(opts.verbose))
             traffic = coord.gateway.stats.snapshot() if coord.gateway else {}
     finally:
         coord.close()
     summary_path = out / "summary.json"
     if rc != 0 or not summary_path.exists():
-        if (out / ERROR_FILE).is_file():  # the ServerApp's own account of why it stopped
-            emit(f"fedpeft: error: {json.loads((out / ERROR_FILE).read_text())['message']}")
+        if (error := run_error(out)) is not None:
+            emit(f"fedpeft: error: {error['message']}")
         emit(f"fedpeft: the run failed (exit {rc}); logs: {out}/superlink.log, run.log")
         return rc or launcher.EXIT_FAILED
     summary = json.loads(summary_path.read_text())
@@ -466,7 +463,7 @@ def check_device(name: str) -> None:
         return  # no torch import here: the ClientApp imports it in the background
     if not name.startswith("cuda"):
         raise DeployError(f"--device {name!r}: expected cpu, cuda or cuda:N")
-    from fedpeft.training import resolve_device
+    from fedpeft.core.training import resolve_device
 
     try:
         resolve_device(name)
@@ -499,10 +496,10 @@ def _check_data_columns(data: Path, text: str, label: str) -> None:
     """Before the device connects: its file parses, has rows and has its text and label columns
     (the labels are checked against the run's classes, which the coordinator sends, with the
     first task)."""
-    from fedpeft.data import _read_user_file
+    from fedpeft.core.data import read_user_file
 
     try:
-        frame = _read_user_file(data)
+        frame = read_user_file(data)
     except ConfigError as exc:
         raise DeployError(f"--data {data}: {exc}") from None
     if frame.empty:
@@ -564,7 +561,7 @@ class _NodeLog:
 
     def _run(self, proc: subprocess.Popen) -> None:
         for raw in proc.stdout:  # type: ignore[union-attr]
-            line = launcher._ANSI.sub("", raw.decode(errors="replace")).rstrip()
+            line = launcher.ANSI.sub("", raw.decode(errors="replace")).rstrip()
             if self.log:
                 self.log.write(line + "\n")
                 self.log.flush()
@@ -601,10 +598,10 @@ def run_client(opts: ClientOptions, emit: Emit = say, log_path: Path | None = No
     check_device(opts.device)
     if opts.insecure:
         _insecure_warning(emit)
-    from fedpeft.clientexec import serve
+    from fedpeft.deploy.clientexec import serve
 
     home = _private_home("fedpeft-node-")
-    trackers: list[launcher._Tracker] = []
+    trackers: list[launcher.Tracker] = []
     node_log: _NodeLog | None = None
     tasks = {"ok": 0, "failed": 0}
 
@@ -655,7 +652,7 @@ def run_client(opts: ClientOptions, emit: Emit = say, log_path: Path | None = No
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from fedpeft.certs import make_certs
+    from fedpeft.deploy.certs import make_certs
 
     try:
         paths = make_certs(Path(args.dir), args.san, args.nodes, days=args.days, force=args.force)

@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpeft.adapters import AdapterModel
-from fedpeft.config import ConfigError, FedConfig, PrivacyConfig
-from fedpeft.payload import ClientState, Payload
-from fedpeft.training import Encoded, TrainResult, make_optimizer
+from fedpeft.core.adapters import AdapterModel
+from fedpeft.core.config import ConfigError, FedConfig, PrivacyConfig
+from fedpeft.core.payload import ClientState, Payload
+from fedpeft.core.training import Encoded, TrainResult, make_optimizer
 
 ACCOUNTANT_KEY = "fedpeft.privacy.accountant"  # ClientState.values: JSON of the accountant
 BUDGET_SPENT = "budget_spent"  # metric: 1 when a client refused to train (budget spent)
@@ -189,7 +189,7 @@ def dp_train(
     extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[TrainResult | None, dict[str, float]]:
     """``train.local_steps`` DP-SGD steps with ``train.optimizer`` at learning rate ``lr`` (the
-    counterpart of ``fedpeft.training.train_steps``). Returns (None, metrics) without training
+    counterpart of ``fedpeft.core.training.train_steps``). Returns (None, metrics) without training
     when this round would exceed the client's budget."""
     priv, steps = cfg.privacy, cfg.train.local_steps
     params = trainable_tensors(adapter)

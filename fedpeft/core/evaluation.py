@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedpeft.config import ConfigError, load_config
-from fedpeft.models import get_model_spec
-from fedpeft.runtime import default_threads, get_workspace, set_torch_threads
-from fedpeft.training import evaluate, resolve_device
+from fedpeft.core.config import ConfigError, load_config
+from fedpeft.core.models import get_model_spec
+from fedpeft.core.training import evaluate, resolve_device
+from fedpeft.core.workspace import default_threads, get_workspace, set_torch_threads
 
 
 def evaluate_adapter_dir(adapter_dir: Path, config: str | None = None) -> dict:

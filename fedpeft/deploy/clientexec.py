@@ -6,8 +6,8 @@ loaded again every round (about 20 s per round on 2 cores). This loop takes the 
 it asks the SuperNode's Runtime API for ClientApp tasks (``AcquireTask``, signed with the shared
 SuperExec secret) and runs each task in this process with the same steps as ``flwr-clientapp``:
 pull the message, context, run and FAB; call the ClientApp; push the reply and the updated
-context. Imports and ``fedpeft.runtime``'s per-process caches (tokenizer, encoded data, model)
-survive from round to round.
+context. Imports and ``fedpeft.core.workspace``'s per-process caches (tokenizer, encoded data,
+model) survive from round to round.
 
 Only the expected ClientApp runs: a FAB whose ``clientapp`` component is another one gets an
 error reply; nothing from the FAB is installed or imported.
@@ -55,7 +55,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from fedpeft.config import ConfigError
+from fedpeft.core.config import ConfigError
 
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 # The SuperNode hands out a task before it has all of the message's objects from the SuperLink;

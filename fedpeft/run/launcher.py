@@ -34,15 +34,15 @@ CONNECTION = "fedpeft-sim"
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 124
 _LOG = logging.getLogger(__name__)
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_RUN_ID = re.compile(r"Successfully started run (\d+)")
-_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+RUN_ID = re.compile(r"Successfully started run (\d+)")
+ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": "local",  # never join a cluster
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
-class _RunTimeout(Exception):
+class RunTimeout(Exception):
     pass
 
 
@@ -98,7 +98,7 @@ def _proc_table() -> dict[int, tuple[int, int, int]]:
     return table
 
 
-class _Tracker:
+class Tracker:
     """Every process descended from ``proc``, also once orphaned: remembered by (pid, start time)
     and by session (SuperExec starts a new session; flwr-simulation and Ray stay in it)."""
 
@@ -155,7 +155,7 @@ class _Tracker:
         return sorted(self.scan())
 
 
-def _start_superlink(home: Path, env: dict[str, str], log_path: Path, trackers: list[_Tracker],
+def _start_superlink(home: Path, env: dict[str, str], log_path: Path, trackers: list[Tracker],
                      timeout_s: float = 60.0) -> int:
     """Start ``flower-superlink`` in its own session on a free port, wait for ``/health``, write
     the connection into ``$FLWR_HOME/config.toml`` and return the port (3 tries: port races)."""
@@ -167,7 +167,7 @@ def _start_superlink(home: Path, env: dict[str, str], log_path: Path, trackers: 
                "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
                "--port", str(port)]
         with open(log_path, "ab") as log_fh:
-            trackers.append(_Tracker(subprocess.Popen(
+            trackers.append(Tracker(subprocess.Popen(
                 cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
                 start_new_session=True)))
         deadline = time.monotonic() + timeout_s
@@ -184,7 +184,7 @@ def _start_superlink(home: Path, env: dict[str, str], log_path: Path, trackers: 
     raise RuntimeError(f"flower-superlink did not become ready; log tail:\n{tail}")
 
 
-def _run_status(env: dict[str, str], run_id: str, connection: str = CONNECTION) -> str:
+def run_status(env: dict[str, str], run_id: str, connection: str = CONNECTION) -> str:
     """The run's final status as the SuperLink reports it, e.g. ``finished:completed``."""
     out = subprocess.run(["flwr", "ls", connection, "--run-id", run_id, "--format", "json"],
                          env=env, capture_output=True, text=True, timeout=60, check=False)
@@ -195,7 +195,7 @@ def _run_status(env: dict[str, str], run_id: str, connection: str = CONNECTION) 
         return f"unknown: {out.stdout.strip()[-300:]} {out.stderr.strip()[-300:]}"
 
 
-def _pump(source: Iterable[str], sink: queue.Queue[str | None]) -> None:
+def pump(source: Iterable[str], sink: queue.Queue[str | None]) -> None:
     for line in source:
         sink.put(line)
     sink.put(None)
@@ -220,10 +220,10 @@ def run_simulation_app(app_dir: Path, run_config: Mapping[str, RunValue], num_su
     home = Path(tempfile.mkdtemp(prefix="fedpeft-sim-", dir=tmp_root))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_")}
     bin_dir = str(Path(sys.executable).parent)  # Flower spawns its CLIs by name: venv first
-    env.update(_ENV, FLWR_HOME=str(home), RAY_TMPDIR=str(home),
+    env.update(ENV, FLWR_HOME=str(home), RAY_TMPDIR=str(home),
                PATH=os.pathsep.join([bin_dir, env.get("PATH", "")]))
     logs = log_dir or home
-    trackers: list[_Tracker] = []
+    trackers: list[Tracker] = []
     client: subprocess.Popen[str] | None = None
     guard = (sigterm_as_keyboard_interrupt() if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
              else contextlib.nullcontext())
@@ -243,39 +243,39 @@ def run_simulation_app(app_dir: Path, run_config: Mapping[str, RunValue], num_su
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       errors="replace", bufsize=1, start_new_session=True)
             lines: queue.Queue[str | None] = queue.Queue()
-            threading.Thread(target=_pump, args=(client.stdout, lines), daemon=True).start()
+            threading.Thread(target=pump, args=(client.stdout, lines), daemon=True).start()
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             run_id = None
             with open(logs / "run.log", "a", encoding="utf-8") as run_log:
-                while (line := _next_line(lines, deadline)) is not None:
-                    line = _ANSI.sub("", line.rstrip("\n"))
+                while (line := next_line(lines, deadline)) is not None:
+                    line = ANSI.sub("", line.rstrip("\n"))
                     run_log.write(line + "\n")
-                    run_id = run_id or (m.group(1) if (m := _RUN_ID.search(line)) else None)
+                    run_id = run_id or (m.group(1) if (m := RUN_ID.search(line)) else None)
                     emit(line)
             code = client.wait()
             if code != 0 or run_id is None:
                 return code or EXIT_FAILED
-            status = _run_status(env, run_id)
+            status = run_status(env, run_id)
             if not status.startswith("finished:completed"):
                 emit(f"[launcher] run {run_id} ended with status {status}")
                 return EXIT_FAILED
             return 0
-    except _RunTimeout:
+    except RunTimeout:
         emit(f"[launcher] timed out after {timeout_s} s")
         return EXIT_TIMEOUT
     finally:
         _cleanup(client, trackers, home)
 
 
-def _next_line(lines: queue.Queue[str | None], deadline: float | None) -> str | None:
-    """The next output line, None at EOF; raise _RunTimeout once ``deadline`` has passed."""
+def next_line(lines: queue.Queue[str | None], deadline: float | None) -> str | None:
+    """The next output line, None at EOF; raise RunTimeout once ``deadline`` has passed."""
     while deadline is None or time.monotonic() < deadline:
         with contextlib.suppress(queue.Empty):
             return lines.get(timeout=0.5)
-    raise _RunTimeout
+    raise RunTimeout
 
 
-def _cleanup(client: subprocess.Popen[str] | None, trackers: list[_Tracker], home: Path) -> None:
+def _cleanup(client: subprocess.Popen[str] | None, trackers: list[Tracker], home: Path) -> None:
     """Stop ``flwr run``, then each SuperLink's whole process tree; remove the private home.
     SIGINT/SIGTERM are ignored meanwhile so that a second Ctrl-C cannot leave processes behind."""
     main = threading.current_thread() is threading.main_thread()

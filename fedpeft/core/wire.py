@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedpeft.config import FedConfig
-from fedpeft.payload import ClientState, Payload
+from fedpeft.core.config import FedConfig
+from fedpeft.core.payload import ClientState, Payload
 
 TENSORS, SCALARS = "tensors", "scalars"
 CONFIG_RECORD = "fedpeft.config"  # the run's config as JSON, sent with every train message

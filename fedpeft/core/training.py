@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedpeft.data import TextData
+from fedpeft.core.data import TextData
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from fedpeft.config import ModelConfig
-from fedpeft.models import BASE_SEED, get_model_spec
+from fedpeft.core.config import ModelConfig
+from fedpeft.core.models import BASE_SEED, get_model_spec
 
 Tensors = dict[str, torch.Tensor]
 _LORA_KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<factor>[AB])\.weight$")
