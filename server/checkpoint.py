@@ -105,9 +105,26 @@ def load_checkpoint(out: Path) -> Checkpoint:
         raise
     except Exception as exc:  # safetensors raises its own, unexported error type
         raise CheckpointError(f"{path} could not be read: {exc}") from exc
-    state = Payload({k: tensors[k] for k in meta["keys"]}, dict(meta["scalars"]))
-    return Checkpoint(int(meta["round"]), state, list(meta["metrics"]), dict(meta["config"]),
-                      dict(meta.get("strategy", {})))
+    keys = _entry(meta, "keys", list, path)
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{path} is damaged: its metadata lists tensor {missing[0]!r}, "
+                              "which the file does not hold")
+    state = Payload({k: tensors[k] for k in keys}, _entry(meta, "scalars", dict, path))
+    return Checkpoint(_entry(meta, "round", int, path), state,
+                      _entry(meta, "metrics", list, path), _entry(meta, "config", dict, path),
+                      dict(meta.get("strategy") or {}))
+
+
+def _entry(meta: dict[str, Any], key: str, kind: type, path: Path) -> Any:
+    """``meta[key]`` when it has type ``kind``; else a CheckpointError naming file and key."""
+    if key not in meta:
+        raise CheckpointError(f"{path} is damaged: its metadata has no {key!r} entry")
+    value = meta[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise CheckpointError(f"{path} is damaged: its metadata entry {key!r} is "
+                              f"{type(value).__name__}, expected {kind.__name__}")
+    return value
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any],
@@ -162,4 +179,8 @@ def prepare_resume(out: Path, cfg: FedConfig) -> int:
 
 def _sections(config: dict[str, Any]) -> dict[str, Any]:
     """A saved ``to_dict()`` back into the nested form ``from_dict`` reads."""
+    bad = [k for k, v in config.items() if not isinstance(v, dict)]
+    if bad:
+        raise CheckpointError(f"the checkpoint's saved config has [{bad[0]}] as a "
+                              f"{type(config[bad[0]]).__name__}, not a table")
     return {k: dict(v) for k, v in config.items()}

@@ -2,8 +2,11 @@
 
 Every section is a dataclass; field metadata carries the allowed values (``choices``) and bounds
 (``min``/``max``, ``gt`` for exclusive lower bounds), so a bad value is rejected with a message that
-names the key and what is allowed. ``[method]`` holds ``name`` plus that method's own options, which
-the method validates itself (``fedpeft.strategies.build_method``).
+names the key and what is allowed. Every float must be finite: NaN compares false with every bound
+and would slip through, and no option gives inf a meaning (no limit is spelled 0 where a limit can
+be off, and training without DP is ``privacy.enabled = false``, not ``privacy.epsilon = inf``).
+``[method]`` holds ``name`` plus that method's own options, which the method validates itself
+(``fedpeft.strategies.build_method``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -60,7 +64,9 @@ class FederationConfig:
     rounds: int = option(15, "federated rounds", min=1)
     clients_per_round: int = option(10, "clients sampled per round", min=1)
     min_replies: int = option(1, "good replies a round needs to aggregate", min=1)
-    round_timeout_s: float = option(0.0, "seconds to wait for replies (0 = no limit)", min=0)
+    round_timeout_s: float = option(0.0, "seconds to wait for replies (0 = no limit; `fedpeft "
+                                    "server` uses 600 unless set)", min=0,
+                                    non_finite="0 means no limit")
     seed: int = option(0, "seed of client sampling and initialisation")
     rank_mix: str = option("", "simulated LoRA ranks per client as rank:fraction pairs, e.g. "
                            "'2:0.3,8:0.5,16:0.2' (assigned by seed; empty = all at model.rank)")
@@ -70,7 +76,8 @@ class FederationConfig:
     max_retries: int = option(2, "retries of a short round (on_short_round = 'retry') before "
                               "it is skipped", min=0)
     max_update_norm: float = option(0.0, "reject an upload whose L2 distance from what the "
-                                    "client was sent exceeds this (0 = no bound)", min=0)
+                                    "client was sent exceeds this (0 = no bound)", min=0,
+                                    non_finite="0 means no bound")
 
 
 @dataclass
@@ -107,7 +114,8 @@ class SimulationConfig:
 class PrivacyConfig:
     enabled: bool = option(False, "sample-level DP-SGD (Opacus) on every client's trainable "
                            "adapter tensors")
-    epsilon: float = option(3.0, "target epsilon per client over the planned rounds", gt=0)
+    epsilon: float = option(3.0, "target epsilon per client over the planned rounds", gt=0,
+                            non_finite="to train without DP set privacy.enabled = false")
     delta: float = option(1e-5, "target delta, in (0, 1); keep it well below 1/n (n = a "
                           "client's examples)", gt=0)
     max_grad_norm: float = option(1.0, "per-example gradient clipping norm C", gt=0)
@@ -235,6 +243,10 @@ def _coerce(key: str, value: Any, ftype: Any, meta: typing.Mapping[str, Any]) ->
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} = {value!r}: expected a number ({allowed})")
         value = float(value)
+        if not math.isfinite(value):
+            hint = meta.get("non_finite", "")
+            raise ConfigError(f"{key} = {value!r} is not a finite number ({allowed})"
+                              + (f"; {hint}" if hint else ""))
     elif ftype is str and not isinstance(value, str):
         raise ConfigError(f"{key} = {value!r}: expected a string ({allowed})")
     if "choices" in meta and value not in meta["choices"]:

@@ -32,6 +32,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 LOOPBACK_SANS = ("127.0.0.1", "localhost")
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
+MAX_DAYS = 3650  # ten years for the server certificate; the CA lives CA_LIFETIMES times as long
+CA_LIFETIMES = 5  # (50 years: far inside x509's year-9999 limit and Python's datetime range)
 
 
 class CertsError(ValueError):
@@ -187,8 +189,9 @@ def make_certs(root: Path, sans: Sequence[str], nodes: int = 2, *, days: int = 3
     """Write a CA, a SuperLink certificate and ``nodes`` key pairs into ``root``."""
     if nodes < 0:
         raise CertsError(f"--nodes {nodes}: expected 0 or more")
-    if days < 1:
-        raise CertsError(f"--days {days}: expected 1 or more")
+    if not 1 <= days <= MAX_DAYS:
+        raise CertsError(f"--days {days}: expected 1 to {MAX_DAYS} (ten years); the CA is valid "
+                         f"{CA_LIFETIMES} times as long")
     names = parse_sans(sans)
     paths = CertPaths(Path(root))
     targets = [paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key]
@@ -200,7 +203,7 @@ def make_certs(root: Path, sans: Sequence[str], nodes: int = 2, *, days: int = 3
                          "replace them (devices then need the new ca.crt and keys)")
     paths.root.mkdir(parents=True, exist_ok=True)
     os.chmod(paths.root, stat.S_IRWXU)
-    ca_key, ca_cert = make_ca(days * 5)
+    ca_key, ca_cert = make_ca(days * CA_LIFETIMES)
     server_key, server_cert = make_server_cert(ca_key, ca_cert, names, days)
     write_file(paths.ca_key, _pem_key(ca_key), PRIVATE_MODE, force)
     write_file(paths.ca_cert, _pem_cert(ca_cert), PUBLIC_MODE, force)
