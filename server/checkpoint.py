@@ -23,9 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from fedpeft.core.config import ConfigError, FedConfig, from_dict
 from fedpeft.core.payload import Payload
+from fedpeft.core.runfiles import CHECKPOINT_DIR, STATE_FILE
 
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.safetensors"
 FORMAT = 1
 _META_KEY = "fedpeft"
 

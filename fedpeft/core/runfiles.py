@@ -5,3 +5,5 @@ ERROR_FILE = "error.json"  # why the ServerApp stopped (user error or crash), fo
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.toml"
+CHECKPOINT_DIR = "checkpoint"  # the server state after its last finished round (checkpoint.py)
+STATE_FILE = "state.safetensors"  # in CHECKPOINT_DIR
