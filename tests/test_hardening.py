@@ -5,8 +5,13 @@ device-made key pairs."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import socket
+import subprocess
+import sys
+import threading
 import typing
 from pathlib import Path
 
@@ -125,3 +130,131 @@ def test_checkpoint_with_mistyped_metadata_is_refused(tmp_path: Path, bad: dict)
     path = _checkpoint(tmp_path, {**_meta(), **bad}, {"w": torch.zeros(2)})
     with pytest.raises(CheckpointError, match=str(path)):
         load_checkpoint(tmp_path)
+
+
+# ------------------------------------------------------------- 4. gateway request-body cap
+
+_GATEWAY = r"""
+import socket, sys, threading, time
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from fedpeft.deploy.gateway import FleetGateway
+
+def port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+async def sink(request):  # a SuperLink stand-in that streams and counts what reaches it
+    n = 0
+    async for chunk in request.stream():
+        n += len(chunk)
+    return PlainTextResponse(str(n))
+
+up_port, gw_port = port(), port()
+app = Starlette(routes=[Route("/{p:path}", sink, methods=["POST"])])
+up = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=up_port, log_level="warning"))
+threading.Thread(target=up.run, daemon=True).start()
+while not up.started:
+    time.sleep(0.05)
+gateway = FleetGateway(f"http://127.0.0.1:{up_port}", False, "127.0.0.1", gw_port)
+gateway.start()
+print(gw_port, flush=True)
+sys.stdin.read()
+"""
+MiB = 2**20
+
+
+def _peak_rss(pid: int) -> int:
+    """Peak resident memory (VmHWM) of a process, in bytes: it catches a body held only briefly."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def _post(port: int, headers: str, chunks: typing.Iterable[bytes] = ()) -> tuple[int, bytes]:
+    """A raw HTTP/1.1 POST to the fleet API; the reply is read in a thread while the body is
+    still being sent (a server that answers early and closes would otherwise reset it away)."""
+    reply: list[bytes] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        reader = threading.Thread(target=lambda: reply.append(_read_reply(sock)), daemon=True)
+        sock.sendall(f"POST /v1/fleet/push-messages HTTP/1.1\r\nHost: gw\r\n{headers}\r\n"
+                     .encode())
+        reader.start()
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+                if reply:
+                    break
+        except OSError:  # the gateway closed the connection after answering
+            pass
+        reader.join(20)
+    assert reply and reply[0], "no reply from the gateway"
+    head, _, body = reply[0].partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    """Status line, headers and the Content-Length bytes of body (what arrived of them)."""
+    data = b""
+    with contextlib.suppress(OSError):
+        while b"\r\n\r\n" not in data and (part := sock.recv(65536)):
+            data += part
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                       if line.startswith(b"content-length:")), 0)
+        while len(body) < length and (part := sock.recv(65536)):
+            body += part
+        data = head + b"\r\n\r\n" + body
+    return data
+
+
+def _chunked(total: int, block: int = MiB) -> typing.Iterator[bytes]:
+    piece = b"x" * block
+    for _ in range(total // block):
+        yield b"%x\r\n" % block + piece + b"\r\n"
+    yield b"0\r\n\r\n"
+
+
+@pytest.fixture
+def gateway_proc() -> typing.Iterator[tuple[subprocess.Popen, int]]:
+    proc = subprocess.Popen([sys.executable, "-c", _GATEWAY], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())  # type: ignore[union-attr]
+        yield proc, port
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_gateway_streams_an_ordinary_body_to_the_superlink(gateway_proc) -> None:
+    _, port = gateway_proc
+    status, body = _post(port, f"Content-Length: {3 * MiB}\r\n", [b"y" * (3 * MiB)])
+    assert (status, body) == (200, str(3 * MiB).encode())
+    status, body = _post(port, "Transfer-Encoding: chunked\r\n", _chunked(2 * MiB))
+    assert (status, body) == (200, str(2 * MiB).encode())
+
+
+def test_gateway_refuses_a_declared_oversize_body_before_reading_it(gateway_proc) -> None:
+    from fedpeft.deploy.gateway import MAX_BODY_BYTES
+
+    _, port = gateway_proc
+    status, _ = _post(port, f"Content-Length: {MAX_BODY_BYTES + 1}\r\n")  # no body sent at all
+    assert status == 413
+
+
+def test_gateway_cuts_off_a_chunked_oversize_body_without_buffering_it(gateway_proc) -> None:
+    from fedpeft.deploy.gateway import MAX_BODY_BYTES
+
+    proc, port = gateway_proc
+    assert _post(port, "Transfer-Encoding: chunked\r\n", _chunked(MiB))[0] == 200  # warm up
+    before = _peak_rss(proc.pid)
+    size = 3 * MAX_BODY_BYTES
+    status, _ = _post(port, "Transfer-Encoding: chunked\r\n", _chunked(size))
+    grown = _peak_rss(proc.pid) - before
+    assert status == 413
+    assert grown < 48 * MiB, f"peak RSS grew by {grown / MiB:.0f} MiB for a {size // MiB} MiB body"
