@@ -70,11 +70,15 @@ def train(msg: Message, context: Context) -> Message:
         server_round=int(scalars["fedpeft.round"]),
         client_state=state,
     )
-    save_client_state(context.state, state)
     if result.metrics.get(BUDGET_SPENT):  # no training, nothing to upload: say so, no tensors
+        save_client_state(context.state, state)
         metrics = MetricRecord({**result.metrics, "num-examples": 0})
         return Message(content=RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
-    content = payload_to_records(result.payload)
+    # [compression] up: the update against the downlink as received, through the filters; top-k
+    # error feedback lives in the client state, so it is saved after packing
+    content = payload_to_records(result.payload, filters=cfg.compression.up,
+                                 reference=downlink.tensors, state=state)
+    save_client_state(context.state, state)
     content[METRICS_RECORD] = MetricRecord({**result.metrics, "num-examples": result.num_examples})
     return Message(content=content, reply_to=msg)
 

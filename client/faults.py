@@ -28,7 +28,13 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedpeft.core.config import FAULT_KINDS, FedConfig, from_dict
 from fedpeft.core.sampling import sample_clients
-from fedpeft.core.wire import CONFIG_RECORD, SCALARS, TENSORS, from_array_record, to_array_record
+from fedpeft.core.wire import (
+    CONFIG_RECORD,
+    SCALARS,
+    has_tensors,
+    replace_tensors,
+    unpack_record,
+)
 
 OVERSIZED_KEY = "fedpeft.fault.padding"
 OVERSIZED_FLOATS = 2 * 1024 * 1024  # 8 MB of float32
@@ -111,10 +117,10 @@ def inject_faults(msg: Message, context: Context, call_next: ClientAppCallable) 
     if kind == "hang":
         time.sleep(cfg.faults.hang_s)
     reply = call_next(msg, context)
-    if kind in (None, "hang") or reply.has_error() or TENSORS not in reply.content:
+    if kind in (None, "hang") or reply.has_error() or not has_tensors(reply.content):
         return reply
-    reply.content[TENSORS] = to_array_record(corrupt(kind, from_array_record(
-        reply.content[TENSORS])))
+    sent = unpack_record(reply.content, reference=unpack_record(msg.content))  # as compressed
+    replace_tensors(reply.content, corrupt(kind, sent))  # the corrupt tensors go uncompressed
     return reply
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft.core.filters import FilterError, parse_chain
+
 
 class ConfigError(ValueError):
     """A user error in the configuration: the message names the key and the allowed values."""
@@ -78,6 +80,12 @@ class FederationConfig:
     max_update_norm: float = option(0.0, "reject an upload whose L2 distance from what the "
                                     "client was sent exceeds this (0 = no bound)", min=0,
                                     non_finite="0 means no bound")
+    weighting: str = option("examples", "aggregation weight of an upload: its example count "
+                             "(bounded below) or 1 for every client",
+                             choices=("examples", "uniform"))
+    max_examples_per_client: int = option(0, "cap on the example count a client may claim for "
+                                          "its weight (0 = no cap; in simulation the server "
+                                          "also caps it at the partition's real size)", min=0)
 
 
 @dataclass
@@ -166,6 +174,18 @@ FAULT_KINDS = ("crash", "hang", "nan", "wrong_shape", "oversized", "explode")
 
 
 @dataclass
+class CompressionConfig:
+    """Filters on what crosses the wire (fedpeft.core.filters), in order, per direction; every
+    message is packed into one array either way. Accepted: fp16, bf16, int8[:BLOCK],
+    int4[:BLOCK], topk:FRACTION (uploads; error feedback on the client), sign (after topk)."""
+
+    up: list[str] = option([], "filters on client uploads, e.g. ['topk:0.1', 'int8'] (applied "
+                           "to the update against the downlink; empty = lossless)")
+    down: list[str] = option([], "filters on server downlinks, e.g. ['fp16'] (casts and "
+                             "quantisation only; empty = lossless)")
+
+
+@dataclass
 class MethodConfig:
     name: str = option("fedit", "federated method (see `fedpeft methods`)")
     options: dict[str, Any] = option({}, "the method's own options")
@@ -182,6 +202,7 @@ class FedConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -377,6 +398,7 @@ def validate(cfg: FedConfig) -> None:
         raise ConfigError(f"train.device = {dev!r}: expected 'cpu', 'cuda' or 'cuda:N'")
     validate_privacy(cfg)
     validate_faults(cfg)
+    validate_compression(cfg)
 
 
 def validate_privacy(cfg: FedConfig) -> None:
@@ -419,6 +441,26 @@ def validate_faults(cfg: FedConfig) -> None:
     if (faults.hang or faults.hang_fraction) and fed.round_timeout_s == 0:
         raise ConfigError("faults.hang / faults.hang_fraction need federation.round_timeout_s > 0; "
                           "without a round timeout the server waits for a hanging client forever")
+
+
+def validate_compression(cfg: FedConfig) -> None:
+    """[compression]: chains that parse, no update-only filter on the downlink, and no lossy
+    upload after the client clips its own update (it would leave the clipping bound)."""
+    for direction in ("up", "down"):
+        specs = getattr(cfg.compression, direction)
+        try:
+            chain = parse_chain(specs)
+        except FilterError as exc:
+            raise ConfigError(f"compression.{direction} = {specs!r}: {exc}") from None
+        if direction == "down" and chain.needs_reference:
+            raise ConfigError(f"compression.down = {specs!r}: topk/sign act on updates, and a "
+                              "client holds no reference for its downlink; use fp16, bf16, "
+                              "int8 or int4")
+        if direction == "up" and chain.lossy and cfg.privacy.client_level == "client-fixed":
+            raise ConfigError(f"compression.up = {specs!r} with privacy.client_level = "
+                              "'client-fixed': the client clips before compressing, so the "
+                              "compressed update could exceed privacy.client_clip; use "
+                              "'server-fixed' (the server clips the decoded update)")
 
 
 def parse_rank_mix(text: str) -> tuple[tuple[int, float], ...]:

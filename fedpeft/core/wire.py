@@ -1,5 +1,12 @@
 """Payloads <-> Flower records, and the bytes they really take when serialised.
 
+A payload's tensors travel packed (``fedpeft.core.packing``): one flat uint8 ``Array`` in the
+``PACKED`` ArrayRecord plus a ``MANIFEST`` ConfigRecord, through the direction's compression
+filters (``fedpeft.core.filters``; ``[compression] up``/``down``). Decoding needs no config: the
+manifest names the chain. Uploads compressed as updates decode against the downlink the client
+received (``reference=``). Per-key ``TENSORS`` records (one Array per tensor, what Flower's DP
+wrappers operate on) are still read, and :func:`unpack_in_place` turns a packed message into one.
+
 Byte counts come from Flower's own serialisation (``deflate`` of every object in the message
 tree: the record dict, each record, each array and its chunks), so they are what the SuperLink
 stores and forwards, not an estimate from tensor sizes.
@@ -8,6 +15,7 @@ stores and forwards, not an estimate from tensor sizes.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -15,9 +23,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedpeft.core.config import FedConfig
-from fedpeft.core.payload import ClientState, Payload
+from fedpeft.core.filters import parse_chain
+from fedpeft.core.packing import PackError, pack, unpack
+from fedpeft.core.payload import ClientState, Payload, Tensors
 
-TENSORS, SCALARS = "tensors", "scalars"
+TENSORS, SCALARS = "tensors", "scalars"  # TENSORS: per-key tensors (one Array each)
+PACKED, MANIFEST = "fedpeft.packed", "fedpeft.manifest"  # all tensors in one Array + its manifest
+RESIDUAL_PREFIX = "fedpeft.residual."  # ClientState.tensors keys of top-k error feedback
 CONFIG_RECORD = "fedpeft.config"  # the run's config as JSON, sent with every train message
 METRICS_RECORD = "metrics"
 
@@ -37,16 +49,87 @@ def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(np.array(arr.numpy())) for key, arr in record.items()}
 
 
-def payload_to_records(payload: Payload, extra: dict[str, Any] | None = None) -> RecordDict:
-    """A payload as a RecordDict; ``extra`` scalars (round config) join the scalars record."""
+def payload_to_records(payload: Payload, extra: dict[str, Any] | None = None, *,
+                       filters: Sequence[str] = (), reference: Tensors | None = None,
+                       state: ClientState | None = None) -> RecordDict:
+    """A payload as a RecordDict: its tensors packed through ``filters``, its scalars plus the
+    ``extra`` ones (round config) in the scalars record.
+
+    ``reference``: what the receiver already holds (an upload's downlink); tensors matching it
+    in key and shape are sent as updates. ``state``: the client's state, whose top-k error
+    feedback (``RESIDUAL_PREFIX`` keys) is added before selection and replaced by what this
+    message did not send."""
+    chain = parse_chain(filters)
+    residuals = residuals_of(state) if state is not None else {}
+    packed = pack(payload.tensors, chain, reference=reference, residuals=residuals)
+    if state is not None:
+        for key in [k for k in state.tensors if k.startswith(RESIDUAL_PREFIX)]:
+            del state.tensors[key]
+        state.tensors.update({RESIDUAL_PREFIX + k: v for k, v in packed.residuals.items()})
     scalars = {**payload.scalars, **(extra or {})}
-    return RecordDict({TENSORS: to_array_record(payload.tensors), SCALARS: ConfigRecord(scalars)})
+    return RecordDict({PACKED: ArrayRecord({"data": Array(packed.buffer)}),
+                       MANIFEST: ConfigRecord({"m": packed.manifest}),
+                       SCALARS: ConfigRecord(scalars)})
 
 
-def records_to_payload(content: RecordDict) -> Payload:
-    tensors = from_array_record(content[TENSORS]) if TENSORS in content else {}
+def residuals_of(state: ClientState) -> Tensors:
+    """The top-k error feedback a client holds, by tensor key."""
+    cut = len(RESIDUAL_PREFIX)
+    return {k[cut:]: v for k, v in state.tensors.items() if k.startswith(RESIDUAL_PREFIX)}
+
+
+def records_to_payload(content: RecordDict, *, reference: Tensors | None = None) -> Payload:
+    """The payload a message carries (see :func:`unpack_record`; ValueError when malformed)."""
     scalars = dict(content[SCALARS]) if SCALARS in content else {}
-    return Payload(tensors, scalars)
+    return Payload(unpack_record(content, reference=reference), scalars)
+
+
+def has_tensors(content: RecordDict) -> bool:
+    return PACKED in content or TENSORS in content
+
+
+def unpack_record(content: RecordDict, *, reference: Tensors | None = None) -> Tensors:
+    """The tensors of a message, packed or per key, decoded: original dtypes and shapes.
+    ``reference``: the downlink the sender received (needed when it sent updates).
+    Raises ValueError (:class:`PackError`) with a message the server can log as a rejection."""
+    if PACKED not in content:
+        return from_array_record(content[TENSORS]) if TENSORS in content else {}
+    if TENSORS in content:
+        raise PackError("a message with both packed and per-key tensors")
+    record, manifest = content[PACKED], content.get(MANIFEST)
+    if (not isinstance(record, ArrayRecord) or list(record.keys()) != ["data"]
+            or not isinstance(manifest, ConfigRecord) or "m" not in manifest):
+        raise PackError("packed payload: expected one Array 'data' and a manifest record")
+    array = record["data"]
+    if array.dtype != "uint8" or len(array.shape) != 1:
+        raise PackError(f"packed payload: a {array.dtype} array of shape {array.shape}, "
+                        "expected flat uint8")
+    try:
+        buffer = array.numpy()
+    except Exception as exc:  # any failure to read untrusted bytes is a rejection
+        raise PackError(f"packed payload: unreadable array ({exc})") from None
+    return unpack(buffer, manifest["m"], reference=reference)
+
+
+def unpack_in_place(content: RecordDict, *, reference: Tensors | None = None) -> Tensors:
+    """Replace a packed message's tensors by a per-key ``TENSORS`` ArrayRecord (for Flower's DP
+    wrappers, which clip and average ArrayRecords); returns the decoded tensors."""
+    tensors = unpack_record(content, reference=reference)
+    for name in (PACKED, MANIFEST):
+        if name in content:
+            del content[name]
+    content[TENSORS] = to_array_record(tensors)
+    return tensors
+
+
+def replace_tensors(content: RecordDict, tensors: Tensors) -> None:
+    """Put ``tensors`` into a message instead of the ones it carries (packed, no filters)."""
+    for name in (TENSORS, PACKED, MANIFEST):
+        if name in content:
+            del content[name]
+    packed = pack(tensors)
+    content[PACKED] = ArrayRecord({"data": Array(packed.buffer)})
+    content[MANIFEST] = ConfigRecord({"m": packed.manifest})
 
 
 def serialized_nbytes(obj: Any) -> int:
