@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -258,3 +259,160 @@ def test_gateway_cuts_off_a_chunked_oversize_body_without_buffering_it(gateway_p
     grown = _peak_rss(proc.pid) - before
     assert status == 413
     assert grown < 48 * MiB, f"peak RSS grew by {grown / MiB:.0f} MiB for a {size // MiB} MiB body"
+
+
+# -------------------------------------------------------- 5. a finite round timeout to deploy
+
+TINY_DEPLOY = ['model.name="tiny-bert"', "data.test_size=200"]
+
+
+@pytest.mark.parametrize(("sets", "expected"), [([], 600.0),
+                                                (["federation.round_timeout_s=30"], 30.0),
+                                                (["federation.round_timeout_s=0"], 0.0)])
+def test_server_waits_600_s_per_round_unless_the_config_says(sets: list[str],
+                                                             expected: float) -> None:
+    from fedpeft.deploy.commands import ServerOptions, deployment_config
+
+    opts = ServerOptions(insecure=True, clients=2, overrides=[*TINY_DEPLOY, *sets])
+    assert deployment_config(opts, 0).federation.round_timeout_s == expected
+
+
+def test_server_round_timeout_from_a_toml_file_is_kept(tmp_path: Path) -> None:
+    from fedpeft.deploy.commands import ServerOptions, deployment_config
+
+    path = tmp_path / "c.toml"
+    path.write_text("[federation]\nround_timeout_s = 0.0\n")
+    opts = ServerOptions(config=str(path), insecure=True, clients=2, overrides=TINY_DEPLOY)
+    assert deployment_config(opts, 0).federation.round_timeout_s == 0.0
+
+
+def test_server_help_states_the_round_timeout(capsys) -> None:
+    from fedpeft.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["server", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "federation.round_timeout_s" in out and "600 s" in out
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--timeout", "nan"), ("--timeout", "-1"),
+                                             ("--max-body-mb", "inf"), ("--max-body-mb", "0")])
+def test_server_refuses_bad_numbers_in_flags(tmp_path: Path, flag: str, value: str,
+                                             capsys) -> None:
+    from fedpeft.cli import main
+
+    assert main(["server", "--insecure", "--clients", "1", "--out", str(tmp_path), flag,
+                 value]) == 2
+    assert f"{flag} {float(value)}: expected a positive number" in capsys.readouterr().err
+
+
+# ---------------------------------------- 6. no fault injection or remote code on real devices
+
+
+@pytest.mark.parametrize("setting", ["faults.crash=[0]", "faults.nan_fraction=0.5",
+                                     "faults.redraw=true"])
+def test_server_refuses_fault_injection(tmp_path: Path, setting: str, capsys) -> None:
+    from fedpeft.cli import main
+
+    assert main(["server", "--insecure", "--clients", "2", "--out", str(tmp_path / "out"),
+                 "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert setting.split("=")[0] in err and "fault injection is for `fedpeft simulate` only" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_server_resume_refuses_a_run_with_fault_injection(tmp_path: Path, capsys) -> None:
+    from fedpeft.cli import main
+    from fedpeft.core.config import to_toml
+
+    cfg = load_config(None, ["federation.clients=2", "federation.clients_per_round=2",
+                             "faults.crash=[1]"])
+    (tmp_path / "config.toml").write_text(to_toml(cfg))
+    assert main(["server", "--insecure", "--clients", "2", "--resume", str(tmp_path)]) == 2
+    assert "faults.crash: fault injection" in capsys.readouterr().err
+
+
+def _csv(path: Path) -> Path:
+    path.write_text('text,label\n"good",fresh\n"bad",rotten\n')
+    return path
+
+
+def test_client_refuses_subprocess_isolation_without_allow_remote_code(tmp_path: Path,
+                                                                       capsys) -> None:
+    from fedpeft.cli import main
+
+    rc = main(["client", "--superlink", "127.0.0.1:9", "--insecure", "--data",
+               str(_csv(tmp_path / "d.csv")), "--isolation", "subprocess", "--max-wait", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--allow-remote-code" in err and "run code" in err
+
+
+def test_subprocess_isolation_with_allow_remote_code_warns(tmp_path: Path) -> None:
+    from fedpeft.deploy.commands import ClientOptions, check_isolation
+
+    lines: list[str] = []
+    opts = ClientOptions("127.0.0.1:9", tmp_path, isolation="subprocess", allow_remote_code=True)
+    check_isolation(opts, lines.append)
+    assert len(lines) == 1 and "WARNING" in lines[0] and "whatever app" in lines[0]
+    check_isolation(ClientOptions("127.0.0.1:9", tmp_path), lines.append)  # process: silent
+    assert len(lines) == 1
+
+
+# ----------------------------------------------------------------- 7. device-made key pairs
+
+
+def test_keygen_writes_a_device_key_pair(tmp_path: Path, capsys) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+
+    from fedpeft.cli import main
+    from fedpeft.deploy.certs import check_private_key_file, check_public_key_file
+
+    root = tmp_path / "node"
+    assert main(["keygen", str(root)]) == 0
+    key, pub = root / "device.key", root / "device.pub"
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(pub.stat().st_mode) == 0o644
+    private = load_ssh_private_key(key.read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert load_ssh_public_key(pub.read_bytes()) == private.public_key()
+    check_private_key_file(key)  # what `fedpeft client --key` accepts
+    check_public_key_file(pub)  # what `fedpeft server --node-keys` accepts
+    assert "--node-keys device.pub" in capsys.readouterr().out
+    before = key.read_bytes()
+    assert main(["keygen", str(root)]) == 2
+    assert "already exist" in capsys.readouterr().err and key.read_bytes() == before
+    assert main(["keygen", str(root), "--force"]) == 0 and key.read_bytes() != before
+    assert main(["keygen", str(root), "--name", "../x"]) == 2
+
+
+def test_certs_warns_when_it_makes_device_private_keys(tmp_path: Path, capsys) -> None:
+    from fedpeft.cli import main
+
+    assert main(["certs", str(tmp_path / "a"), "--nodes", "1"]) == 0
+    assert "WARNING" in capsys.readouterr().err
+    assert main(["certs", str(tmp_path / "b"), "--nodes", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "WARNING" not in err and "fedpeft keygen" in out
+    assert not list((tmp_path / "b").glob("node-*"))
+
+
+def test_the_superlink_registers_a_device_made_public_key(tmp_path: Path) -> None:
+    """A real SuperLink with SuperNode authentication (as `fedpeft server` starts it) admits
+    the .pub that `fedpeft keygen` made on a device: the coordinator never saw its private key."""
+    from fedpeft.deploy.certs import CertPaths, make_certs, make_device_key
+    from fedpeft.deploy.commands import Coordinator, ServerOptions
+
+    pki = make_certs(tmp_path / "pki", [], nodes=0)
+    _, pub = make_device_key(tmp_path / "device")
+    coord = Coordinator(ServerOptions(certs=pki.root), CertPaths(pki.root), lambda _: None)
+    try:
+        coord.start_superlink(tmp_path / "superlink.log")
+        assert coord.register(pub).isdigit()
+    finally:
+        coord.close()
+    assert not list(pki.root.glob("*.pub")) and not list(pki.root.glob("node-*"))

@@ -8,6 +8,11 @@ SuperNode authentication key pair per device.
     DIR/node-N.key      SuperNode N's authentication key (device N only), OpenSSH format
     DIR/node-N.pub      its public key (coordinator: registered with the SuperLink)
 
+A device's key pair belongs on the device: ``make_device_key`` (``fedpeft keygen`` on the device)
+writes ``device.key`` there and only ``device.pub`` travels to the coordinator, which registers it
+(``fedpeft server --node-keys``). ``make_certs`` can still make ``node-N`` pairs as a convenience
+for tests and single-owner setups, but then every device's private key was on the coordinator.
+
 Keys are ECDSA P-384 (what Flower's SuperNode authentication expects, in OpenSSH format); private
 keys are created 0600 with O_EXCL, so nothing is ever overwritten unless ``force`` is given.
 127.0.0.1 and localhost are always in the certificate: the coordinator's own tools (``flwr``, the
@@ -216,6 +221,25 @@ def make_certs(root: Path, sans: Sequence[str], nodes: int = 2, *, days: int = 3
     return paths
 
 
+def make_device_key(root: Path, name: str = "device", *, force: bool = False) -> tuple[Path, Path]:
+    """On the device: a SuperNode key pair ``root/NAME.key`` (0600, never leaves the device) and
+    ``root/NAME.pub`` (hand it to the coordinator); ``root`` is created 0700 when new."""
+    if not name or name.startswith(".") or not all(c.isalnum() or c in "-_." for c in name):
+        raise CertsError(f"--name {name!r}: use letters, digits, '-', '_' and '.'")
+    root = Path(root)
+    key, pub = root / f"{name}.key", root / f"{name}.pub"
+    existing = [p for p in (key, pub) if p.exists()]
+    if existing and not force:
+        raise CertsError(f"{', '.join(map(str, existing))} already exist; use --force to replace "
+                         "them (the coordinator then needs the new .pub)")
+    if not root.exists():
+        root.mkdir(parents=True, mode=stat.S_IRWXU)
+    private, public = node_key_pair()
+    write_file(key, private, PRIVATE_MODE, force)
+    write_file(pub, public, PUBLIC_MODE, force)
+    return key, pub
+
+
 def certificate_sans(path: Path) -> list[str]:
     """The subject alternative names of a PEM certificate, as text (for messages)."""
     cert = x509.load_pem_x509_certificate(path.read_bytes())
@@ -236,7 +260,7 @@ def check_private_key_file(path: Path) -> None:
         raise CertsError(f"{path} is not an unencrypted OpenSSH private key: {exc}") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertsError(f"{path}: SuperNode authentication needs an ECDSA key "
-                         "(make one with `fedpeft certs`)")
+                         "(make one with `fedpeft keygen`)")
 
 
 def check_public_key_file(path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Real deployment: ``fedpeft server`` on the coordinator host, ``fedpeft client`` on each device.
+"""Real deployment: ``fedpeft server`` on the coordinator host, ``fedpeft keygen`` once and then
+``fedpeft client`` on each device.
 
 Coordinator (``run_server``): a ``flower-superlink`` with TLS and SuperNode authentication on a
 private loopback port, a fleet gateway (``fedpeft.deploy.gateway``) on the public
@@ -19,7 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import json
+import math
 import os
 import queue
 import secrets
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,9 +43,10 @@ from pathlib import Path
 
 import tomli_w
 
-from fedpeft.core.config import ConfigError, FedConfig, load_config
+from fedpeft.core.config import SECTIONS, ConfigError, FedConfig, apply_overrides, load_config
 from fedpeft.core.runfiles import METRICS_FILE
 from fedpeft.deploy.certs import (
+    MAX_DAYS,
     CertPaths,
     CertsError,
     certificate_sans,
@@ -56,6 +61,9 @@ DEFAULT_PORT = 9092
 SERVERAPP = "fedpeft.server.app:app"
 CLIENTAPP = "fedpeft.client.app:app"
 EXIT_USAGE = 2
+DEPLOY_ROUND_TIMEOUT_S = 600.0  # a silent device costs a round this long, never the whole run
+MiB = 2**20
+SIMULATION_ONLY = ("faults",)  # config sections a deployment refuses: they make clients misbehave
 _PR_SET_PDEATHSIG = 1
 Emit = Callable[[str], None]
 
@@ -169,12 +177,14 @@ class ServerOptions:
     verbose: bool = False
     timeout_s: float | None = None
     resume: Path | None = None  # a run folder to continue after its last finished round
+    max_body_bytes: int | None = None  # the gateway's cap on a request body (None: its default)
 
 
 def deployment_config(opts: ServerOptions, num_keys: int) -> FedConfig:
     """The run's config: the TOML plus ``--set``; ``federation.clients`` = the devices to wait
     for (``--clients``, else one per registered key); ``data.labels`` filled from the
-    coordinator's task data so every device maps labels to the same indices."""
+    coordinator's task data so every device maps labels to the same indices;
+    ``federation.round_timeout_s`` = ``DEPLOY_ROUND_TIMEOUT_S`` unless the user set it."""
     from fedpeft.core.data import load_task_data
     from fedpeft.core.models import get_model_spec
     from fedpeft.strategies import build_method
@@ -183,16 +193,46 @@ def deployment_config(opts: ServerOptions, num_keys: int) -> FedConfig:
     if clients < 1:
         raise ConfigError("no SuperNode keys to register: pass --node-keys, or --clients N "
                           "with --insecure")
-    base = load_config(opts.config, opts.overrides).federation  # as the user wrote it
+    user = load_config(opts.config, opts.overrides)  # as the user wrote it
+    refuse_simulation_only(user)
+    base = user.federation
     per_round = min(base.clients_per_round, clients)
     fed = [f"federation.clients={clients}", f"federation.clients_per_round={per_round}",
            f"federation.min_replies={min(base.min_replies, per_round)}"]
+    if not _user_sets(opts, "federation", "round_timeout_s"):
+        fed.append(f"federation.round_timeout_s={DEPLOY_ROUND_TIMEOUT_S}")
     cfg = load_config(opts.config, [*opts.overrides, *fed])
     build_method(cfg)
     get_model_spec(cfg.model.name).tokenizer()
     train, _ = load_task_data(cfg.data)  # the coordinator's held-out split for evaluation
     labels = json.dumps(list(train.label_names))
     return load_config(opts.config, [*opts.overrides, *fed, f"data.labels={labels}"])
+
+
+def _user_sets(opts: ServerOptions, section: str, key: str) -> bool:
+    """Whether the config file or a ``--set`` names ``section.key`` (also at its default)."""
+    raw = tomllib.loads(Path(opts.config).read_text()) if opts.config else {}
+    return key in apply_overrides(raw, opts.overrides).get(section, {})
+
+
+def simulation_only_keys(cfg: FedConfig) -> list[str]:
+    """The keys of ``SIMULATION_ONLY`` sections set away from their defaults."""
+    found = []
+    for name in SIMULATION_ONLY:
+        current = dataclasses.asdict(getattr(cfg, name))
+        default = dataclasses.asdict(SECTIONS[name]())
+        found += [f"{name}.{k}" for k, v in current.items() if v != default[k]]
+    return found
+
+
+def refuse_simulation_only(cfg: FedConfig) -> None:
+    """Fault injection makes clients misbehave on purpose: a simulation's tool, never sent to
+    real devices."""
+    keys = simulation_only_keys(cfg)
+    if keys:
+        raise ConfigError(f"{', '.join(keys)}: fault injection is for `fedpeft simulate` only; "
+                          "`fedpeft server` does not tell real devices to misbehave. Remove "
+                          f"{'it' if len(keys) == 1 else 'them'} from the config")
 
 
 def resume_config(opts: ServerOptions, num_keys: int) -> tuple[FedConfig, Path, int]:
@@ -206,6 +246,7 @@ def resume_config(opts: ServerOptions, num_keys: int) -> tuple[FedConfig, Path, 
     if opts.config:
         raise ConfigError(f"--resume {out} takes its config from {saved}; drop {opts.config}")
     cfg = load_config(str(saved), opts.overrides)
+    refuse_simulation_only(cfg)
     devices = opts.clients or num_keys
     if devices != cfg.federation.clients:
         raise ConfigError(f"--resume {out}: the run was started with {cfg.federation.clients} "
@@ -283,14 +324,15 @@ class Coordinator:
         (self.home / "config.toml").write_text(tomli_w.dumps(doc))
 
     def start_gateway(self) -> None:
-        from fedpeft.deploy.gateway import FleetGateway
+        from fedpeft.deploy.gateway import MAX_BODY_BYTES, FleetGateway
 
         tls = self.tls
         upstream = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.gateway = FleetGateway(
             upstream, _tls_context(tls.ca_cert) if tls else False, self.opts.host,
             self.opts.port, str(tls.server_cert) if tls else None,
-            str(tls.server_key) if tls else None)
+            str(tls.server_key) if tls else None,
+            max_body_bytes=self.opts.max_body_bytes or MAX_BODY_BYTES)
         try:
             self.gateway.start()
         except RuntimeError as exc:
@@ -361,7 +403,7 @@ def say(line: str) -> None:
 
 def run_server(opts: ServerOptions, emit: Emit = say) -> int:
     """The whole coordinator side; returns the exit status."""
-    from fedpeft.run.reporting import MetricsLog, human_bytes, results_table
+    from fedpeft.server.reporting import MetricsLog, human_bytes, results_table
 
     tls = _server_tls(opts)
     keys = _node_keys(opts)
@@ -373,6 +415,9 @@ def run_server(opts: ServerOptions, emit: Emit = say) -> int:
     else:
         cfg, out = deployment_config(opts, len(keys)), opts.out.resolve()
     fed = cfg.federation
+    if fed.round_timeout_s == 0:
+        emit("fedpeft: WARNING: federation.round_timeout_s = 0: a round waits for every sampled "
+             "device, so one silent device stalls the run forever")
     if done >= fed.rounds:
         emit(f"fedpeft: {out} finished all {fed.rounds} rounds; nothing to resume")
         return 0
@@ -437,6 +482,7 @@ class ClientOptions:
     verbose: bool = False
     max_wait_s: float | None = None
     isolation: str = "process"  # "subprocess": Flower's default, a new process per message
+    allow_remote_code: bool = False  # needed for isolation "subprocess" (runs the run's app)
     text_column: str = "text"  # this device's own column names (they win over the run's)
     label_column: str = "label"
     batch_size: int | None = None  # this device's own training profile (None: the run's)
@@ -455,6 +501,23 @@ _FATAL_HINTS = [  # (text in the SuperNode's log, what it means), least specific
 ]
 _QUIET = ("EXPERIMENTAL: SuperExec authentication",)  # known, expected warnings
 _HUNG_AFTER_GIVING_UP_S = 10.0  # a SuperNode that gave up mid-run may not exit by itself
+
+
+def check_isolation(opts: ClientOptions, emit: Emit) -> None:
+    """``--isolation subprocess`` hands the device to the coordinator: Flower's SuperNode then
+    installs and runs the app the run ships (any Python the coordinator puts in it), where
+    ``process`` runs only fedpeft's own ClientApp (``clientexec.check_fab``). Refuse it unless
+    the device's owner says so."""
+    if opts.isolation != "subprocess":
+        return
+    if not opts.allow_remote_code:
+        raise DeployError("--isolation subprocess lets the coordinator run code of its choosing "
+                          "on this device (Flower runs the app that comes with the run); add "
+                          "--allow-remote-code only if you trust the coordinator with this "
+                          "machine, or drop --isolation")
+    emit("fedpeft: WARNING: --isolation subprocess --allow-remote-code: this device runs "
+         "whatever app the coordinator sends, with this user's rights (files, network, keys). "
+         "Use it only with a coordinator you trust with this machine.")
 
 
 def check_device(name: str) -> None:
@@ -595,6 +658,7 @@ def run_client(opts: ClientOptions, emit: Emit = say, log_path: Path | None = No
     """The whole device side: SuperNode plus the in-process ClientApp executor, until the
     SuperNode ends or we are interrupted; returns the exit status."""
     _check_client_files(opts)
+    check_isolation(opts, emit)
     check_device(opts.device)
     if opts.insecure:
         _insecure_warning(emit)
@@ -662,19 +726,43 @@ def cmd_certs(args: argparse.Namespace) -> int:
     sans = ", ".join(certificate_sans(paths.server_cert))
     print(f"fedpeft: wrote {paths.root}/: ca.crt, ca.key, server.crt, server.key (SANs: {sans})"
           + (f", node-1..{args.nodes}.key/.pub" if args.nodes else ""))
-    print("  coordinator needs: ca.crt server.crt server.key node-*.pub   (keep ca.key offline)")
-    print("  device N needs:    ca.crt node-N.key")
+    print("  coordinator needs: ca.crt server.crt server.key and the devices' .pub files "
+          "(keep ca.key offline)")
+    print("  every device needs: ca.crt, and its own key pair: `fedpeft keygen DIR` on the device")
+    if args.nodes:
+        print(f"fedpeft: WARNING: node-1..{args.nodes}.key are device PRIVATE keys made on this "
+              "machine: whoever can read them can act as those devices. Move each to its device "
+              "and delete it here, or use `fedpeft certs --nodes 0` and let every device run "
+              "`fedpeft keygen`", file=sys.stderr)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.certs import make_device_key
+
+    try:
+        key, pub = make_device_key(Path(args.dir), args.name, force=args.force)
+    except CertsError as exc:
+        print(f"fedpeft: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"fedpeft: wrote {key} (private: stays on this device, mode 0600) and {pub}")
+    print(f"  give {pub.name} to the coordinator: fedpeft server ... --node-keys {pub.name}")
+    print(f"  then run:  fedpeft client --key {key} --ca ca.crt --superlink HOST:PORT --data ...")
     return 0
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    for flag, value in (("--timeout", args.timeout), ("--max-body-mb", args.max_body_mb)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} {value}: expected a positive number")
     opts = ServerOptions(
         config=args.config, overrides=list(args.overrides),
         certs=Path(args.certs) if args.certs else None, host=args.host, port=args.port,
         node_keys=[Path(k) for k in args.node_keys], clients=args.clients,
         out=Path(args.out or "runs/deploy"),
         insecure=args.insecure, verbose=args.verbose, timeout_s=args.timeout,
-        resume=Path(args.resume) if args.resume else None)
+        resume=Path(args.resume) if args.resume else None,
+        max_body_bytes=None if args.max_body_mb is None else max(1, int(args.max_body_mb * MiB)))
     try:
         if opts.resume and args.out and opts.out.resolve() != opts.resume.resolve():
             raise ConfigError(f"--resume {opts.resume} continues in that folder; drop --out "
@@ -690,7 +778,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         superlink=args.superlink, data=Path(args.data), ca=Path(args.ca) if args.ca else None,
         key=Path(args.key) if args.key else None, rank=args.rank, device=args.device,
         threads=args.threads, insecure=args.insecure, verbose=args.verbose,
-        max_wait_s=args.max_wait, isolation=args.isolation, text_column=args.text_column,
+        max_wait_s=args.max_wait, isolation=args.isolation,
+        allow_remote_code=args.allow_remote_code, text_column=args.text_column,
         label_column=args.label_column, batch_size=args.batch_size, local_steps=args.local_steps,
         epsilon=args.epsilon)
     if opts.epsilon is not None and not opts.epsilon > 0:
@@ -709,18 +798,38 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """``fedpeft certs``, ``fedpeft server`` and ``fedpeft client``."""
-    certs = sub.add_parser("certs", help="make a CA, the SuperLink certificate and device keys")
+    """``fedpeft certs``, ``fedpeft keygen``, ``fedpeft server`` and ``fedpeft client``."""
+    certs = sub.add_parser("certs", help="make a CA and the SuperLink certificate (and, as a "
+                           "convenience, device keys)")
     certs.add_argument("dir", help="output folder (created 0700)")
     certs.add_argument("--san", action="append", default=[], metavar="HOST_OR_IP",
                        help="a name devices use to reach the coordinator: IP address or DNS "
                             "name (repeatable; 127.0.0.1 and localhost are always added)")
-    certs.add_argument("--nodes", type=int, default=2, help="device key pairs (default 2)")
-    certs.add_argument("--days", type=int, default=365, help="certificate validity (default 365)")
+    certs.add_argument("--nodes", type=int, default=2,
+                       help="device key pairs made here (default 2); their private keys then "
+                            "live on the coordinator: prefer --nodes 0 and `fedpeft keygen` on "
+                            "each device")
+    certs.add_argument("--days", type=int, default=365,
+                       help=f"server certificate validity, 1 to {MAX_DAYS} (default 365; the CA "
+                            "lives 5 times as long)")
     certs.add_argument("--force", action="store_true", help="replace existing files")
     certs.set_defaults(func=cmd_certs)
 
-    srv = sub.add_parser("server", help="coordinator: SuperLink (TLS + SuperNode auth) and run")
+    keygen = sub.add_parser("keygen", help="device: make this device's SuperNode key pair "
+                            "(only the .pub goes to the coordinator)")
+    keygen.add_argument("dir", help="folder for NAME.key (0600) and NAME.pub (created 0700 "
+                        "when new)")
+    keygen.add_argument("--name", default="device", help="file name stem (default device)")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key pair")
+    keygen.set_defaults(func=cmd_keygen)
+
+    srv = sub.add_parser(
+        "server", help="coordinator: SuperLink (TLS + SuperNode auth) and run",
+        description="Coordinator of a real deployment. Unless the config sets "
+                    "federation.round_timeout_s, a round waits at most "
+                    f"{DEPLOY_ROUND_TIMEOUT_S:g} s for its devices (a silent device costs one "
+                    "round, never the run; set it to 0 to wait forever). [faults] (fault "
+                    "injection) is refused: it is for `fedpeft simulate` only.")
     srv.add_argument("config", nargs="?", help="TOML config (default: the built-in experiment)")
     srv.add_argument("--certs", help="folder from `fedpeft certs` (ca.crt, server.crt/.key)")
     srv.add_argument("--host", default="0.0.0.0", help="address devices connect to "
@@ -728,12 +837,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--port", type=int, default=DEFAULT_PORT,
                      help=f"port devices connect to (default {DEFAULT_PORT})")
     srv.add_argument("--node-keys", nargs="+", default=[], metavar="KEY.pub",
-                     help="SuperNode public keys to admit (default: CERTS/node-*.pub)")
+                     help="SuperNode public keys to admit: each device's .pub from `fedpeft "
+                          "keygen` (default: CERTS/node-*.pub)")
     srv.add_argument("--clients", type=int, help="devices to wait for (default: one per key)")
     srv.add_argument("--out", help="output folder (default runs/deploy)")
     srv.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     srv.add_argument("--timeout", type=float, help="give up after this many seconds")
+    srv.add_argument("--max-body-mb", type=float, metavar="MB",
+                     help="largest request body the public port accepts, in MiB (default 64; "
+                          "a SmolLM2 LoRA upload is about 2 MB); larger ones get 413 unread")
     srv.add_argument("--resume", metavar="DIR",
                      help="continue the run in DIR (a previous --out) after its last finished "
                           "round, with the config it was started with")
@@ -746,7 +859,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cli.add_argument("--superlink", required=True, metavar="HOST:PORT",
                      help="the coordinator's address (a --san of its certificate)")
     cli.add_argument("--ca", help="the coordinator's ca.crt")
-    cli.add_argument("--key", help="this device's node-N.key (mode 0600)")
+    cli.add_argument("--key", help="this device's private key: device.key from `fedpeft keygen` "
+                     "(or a node-N.key from `fedpeft certs`), mode 0600")
     cli.add_argument("--data", required=True, help="this device's CSV or JSONL training data")
     cli.add_argument("--text-column", default="text",
                      help="the text column of --data (default text)")
@@ -769,9 +883,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           "or after a run (default: keep retrying)")
     cli.add_argument("--log", help="also write the SuperNode's log to this file")
     cli.add_argument("--isolation", choices=("process", "subprocess"), default="process",
-                     help="process (default): one long-running ClientApp in this process; "
-                          "subprocess: Flower's default, a new ClientApp process (imports, "
-                          "model load) for every message")
+                     help="process (default): one long-running ClientApp in this process, "
+                          "fedpeft's own only; subprocess: Flower's default, a new ClientApp "
+                          "process for every message, running the app the coordinator sends "
+                          "(needs --allow-remote-code)")
+    cli.add_argument("--allow-remote-code", action="store_true",
+                     help="allow --isolation subprocess: the coordinator can then run any code "
+                          "on this device")
     cli.add_argument("--insecure", action="store_true",
                      help="no TLS, no key (only with `fedpeft server --insecure`)")
     cli.add_argument("--verbose", action="store_true", help="show all of the SuperNode's lines")
