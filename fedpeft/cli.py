@@ -3,6 +3,7 @@
     fedpeft simulate [CONFIG] [--method M] [--clients N] [--rounds R] [--out DIR] [--set k=v ...]
     fedpeft simulate --resume DIR     continue a run that stopped (after its last finished round)
     fedpeft evaluate DIR/adapter
+    fedpeft sweep SWEEP.toml [--out DIR] [--dry-run]   a grid of simulations x seeds, resumable
     fedpeft config            every config key with its default and allowed values
     fedpeft methods           the registered methods and their options
     fedpeft certs DIR --san HOST       CA, SuperLink certificate, device keys (deployment)
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedpeft.deploy.commands import add_commands as add_deploy_commands
 
     add_deploy_commands(sub)  # certs, server, client
+    from fedpeft.run.sweep import add_command as add_sweep_command
+
+    add_sweep_command(sub)  # sweep
     return parser
 
 

@@ -1,0 +1,591 @@
+"""``fedpeft sweep SWEEP.toml``: a grid of simulations, methods x settings x grid x seeds.
+
+Every cell is a ``fedpeft simulate`` child process (the product path, one at a time) writing into
+``OUT/cells/<cell>/``. A rerun of the same sweep skips the finished cells (``summary.json``
+present, ``config.toml`` equal to the cell's config), continues a cell that was stopped after a
+checkpoint (``fedpeft simulate --resume``: bit-identical to an uninterrupted run), restarts one
+stopped before its first checkpoint (or under DP-SGD, whose client accountants do not survive a
+restart), and refuses a cell folder that holds another config. After every cell it rewrites
+``OUT/results.csv``, ``OUT/results.md`` and ``OUT/curves.png`` (``fedpeft.run.sweepreport``).
+
+A sweep file (every key optional except that it must describe at least one cell)::
+
+    name = "methods at their defaults"   # title of results.md
+    description = "..."                  # a paragraph under the title
+    methods = ["fedit", "ffa-lora"]      # method.name per cell
+    seeds = [0, 1, 2]                    # sets every key of seed_keys per cell
+    seed_keys = ["federation.seed", "data.seed"]   # (this default)
+    target_accuracy = 0.7                # results: first round at or above it
+
+    [base]                               # the config every cell starts from
+    config = "experiment.toml"           # a fedpeft TOML, relative to the sweep file
+    set = ["federation.rounds=15"]       # overrides, as with `fedpeft simulate --set`
+    federation.clients = 100             # config keys inline (also as [base.federation])
+
+    [grid]                               # config key -> values; cells = the cartesian product
+    "data.partitioner" = ["movie", "dirichlet"]
+
+    [[settings]]                         # named, non-cartesian settings (x the grid)
+    name = "dirichlet-0.1"
+    "data.partitioner" = "dirichlet"
+    "data.dirichlet_alpha" = 0.1
+
+Cells run seeds outermost, so a sweep stopped half way holds whole seeds of every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedpeft.core.config import SECTIONS, ConfigError, FedConfig, load_config
+from fedpeft.core.runfiles import CHECKPOINT_DIR, CONFIG_FILE, STATE_FILE, SUMMARY_FILE
+from fedpeft.run.sweepreport import cell_line, cell_record, write_results
+
+TOP_KEYS = ("name", "description", "methods", "seeds", "seed_keys", "target_accuracy", "base",
+            "grid", "settings")
+SEED_KEYS = ("federation.seed", "data.seed")
+CELLS_DIR = "cells"
+CELL_LOG = "sweep.log"  # the cell's console output, appended by every attempt
+LOCK_FILE = ".sweep.lock"
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Sweep:
+    """A parsed, checked sweep file; ``base_sets`` holds its inline [base] keys and ``set``."""
+
+    path: Path
+    name: str = ""
+    description: str = ""
+    base_config: Path | None = None
+    base_sets: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    seed_keys: list[str] = field(default_factory=lambda: list(SEED_KEYS))
+    target_accuracy: float | None = None
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    settings: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One simulation of the sweep. ``labels`` (method, setting, grid keys, seed) are its row
+    in results.csv; all of them but the seed name its setting in results.md."""
+
+    index: int
+    name: str
+    labels: dict[str, Any]
+    overrides: tuple[str, ...]
+    config: FedConfig
+
+    @property
+    def group(self) -> tuple[tuple[str, str], ...]:
+        return tuple((k, label_text(v)) for k, v in self.labels.items() if k != "seed")
+
+
+@dataclass(frozen=True)
+class CellState:
+    kind: str  # new | done | resume | restart | conflict
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep file
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file; every mistake is one ConfigError naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    unknown = [k for k in raw if k not in TOP_KEYS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; allowed top-level keys: "
+                          f"{', '.join(TOP_KEYS)} (config keys go under [base] or [grid])")
+    sweep = Sweep(path, name=_text(raw, "name", path), description=_text(raw, "description", path))
+    sweep.methods = _list(raw, "methods", str, path)
+    sweep.seeds = _list(raw, "seeds", int, path)
+    if "seed_keys" in raw:
+        sweep.seed_keys = _list(raw, "seed_keys", str, path)
+    sweep.target_accuracy = _target(raw.get("target_accuracy"), path)
+    sweep.base_config, sweep.base_sets = _base(raw.get("base", {}), path)
+    sweep.grid = _grid(raw.get("grid"), path)
+    sweep.settings = _settings(raw.get("settings"), path)
+    _check_overlaps(sweep)
+    return sweep
+
+
+def _text(raw: dict[str, Any], key: str, path: Path) -> str:
+    value = raw.get(key, "")
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: {key} = {value!r}: expected a string")
+    return value
+
+
+def _list(raw: dict[str, Any], key: str, kind: type, path: Path) -> list[Any]:
+    if key not in raw:
+        return []
+    value = raw[key]
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"{path}: {key} = {value!r}: expected a non-empty list of "
+                          f"{kind.__name__}s (or leave {key} out)")
+    if len(set(value)) < len(value):
+        raise ConfigError(f"{path}: {key} = {value!r} lists a value twice")
+    return list(value)
+
+
+def _target(value: Any, path: Path) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(f"{path}: target_accuracy = {value!r}: expected a number in (0, 1]")
+    return float(value)
+
+
+def _base(base: Any, path: Path) -> tuple[Path | None, list[str]]:
+    """(the base config file, the --set overrides of [base]'s inline keys and ``set``)."""
+    if not isinstance(base, dict):
+        raise ConfigError(f"{path}: base must be a table ([base])")
+    for key in base:
+        if key not in ("config", "set", *SECTIONS):
+            raise ConfigError(f"{path}: unknown key base.{key}; [base] holds config, set and "
+                              f"the config sections ({', '.join(SECTIONS)})")
+    config = base.get("config")
+    if config is not None and not isinstance(config, str):
+        raise ConfigError(f"{path}: base.config = {config!r}: expected a path")
+    config_path = (path.parent / config).resolve() if config else None
+    if config_path is not None and not config_path.is_file():
+        raise ConfigError(f"{path}: base.config = {config!r}: {config_path} does not exist")
+    sets = base.get("set", [])
+    if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
+        raise ConfigError(f"{path}: base.set = {sets!r}: expected a list of "
+                          "'section.key=value' strings")
+    inline = flatten({k: v for k, v in base.items() if k not in ("config", "set")})
+    return config_path, [override(k, v) for k, v in inline.items()] + list(sets)
+
+
+def _grid(grid: Any, path: Path) -> dict[str, list[Any]]:
+    if grid is None:
+        return {}
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(f"{path}: [grid] is empty: give it at least one config key with a "
+                          "list of values, or leave it out")
+    flat = flatten(grid)
+    for key, values in flat.items():
+        _check_key(key, f"grid key {key!r}", path)
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: grid key {key!r} = {values!r}: expected a non-empty "
+                              "list of values")
+    return flat
+
+
+def _settings(settings: Any, path: Path) -> list[tuple[str, dict[str, Any]]]:
+    if settings is None:
+        return []
+    if not isinstance(settings, list) or not settings or not all(
+            isinstance(s, dict) for s in settings):
+        raise ConfigError(f"{path}: settings must be a non-empty list of tables ([[settings]])")
+    out: list[tuple[str, dict[str, Any]]] = []
+    for i, entry in enumerate(settings, 1):
+        values = flatten({k: v for k, v in entry.items() if k != "name"})
+        if not values:
+            raise ConfigError(f"{path}: settings #{i} sets no config key")
+        for key in values:
+            _check_key(key, f"settings #{i} key {key!r}", path)
+        name = entry.get("name", ",".join(f"{k.split('.')[-1]}={label_text(v)}"
+                                          for k, v in values.items()))
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{path}: settings #{i}: name = {name!r}: expected a string")
+        if name in dict(out):
+            raise ConfigError(f"{path}: two settings are named {name!r}")
+        out.append((name, values))
+    return out
+
+
+def _check_key(key: str, what: str, path: Path) -> None:
+    if len(key.split(".")) < 2 or key.split(".")[0] not in SECTIONS:
+        raise ConfigError(f"{path}: {what} is not a config key: expected section.key with a "
+                          f"section among {', '.join(SECTIONS)} (see `fedpeft config`)")
+
+
+def _check_overlaps(sweep: Sweep) -> None:
+    """A key set by two parts of the sweep would depend on the order of overrides: refused."""
+    owners: dict[str, str] = {k: "[grid]" for k in sweep.grid}
+    if sweep.methods:
+        owners.setdefault("method.name", "methods")
+    for key in sweep.seed_keys if sweep.seeds else ():
+        _check_key(key, f"seed_keys entry {key!r}", sweep.path)
+        owners.setdefault(key, "seeds")
+    for name, values in sweep.settings:
+        for key in values:
+            if key in owners:
+                raise ConfigError(f"{sweep.path}: {key} is set both by settings {name!r} and by "
+                                  f"{owners[key]}; set it in one place")
+    if sweep.methods and "method.name" in sweep.grid:
+        raise ConfigError(f"{sweep.path}: method.name is set both by [grid] and by methods")
+    for key in sweep.seed_keys if sweep.seeds else ():
+        if key in sweep.grid:
+            raise ConfigError(f"{sweep.path}: {key} is set both by [grid] and by seeds")
+
+
+def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables to dotted keys: {"data": {"seed": 1}} and {"data.seed": 1} both give
+    {"data.seed": 1} (TOML writes ``data.seed = 1`` as the nested form)."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML literal (what ``--set key=...`` reads back unchanged)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise ConfigError(f"value {value!r}: only strings, numbers, booleans and lists are allowed")
+
+
+def override(key: str, value: Any) -> str:
+    return f"{key}={toml_value(value)}"
+
+
+def label_text(value: Any) -> str:
+    return value if isinstance(value, str) else toml_value(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cells
+
+
+def expand(sweep: Sweep) -> list[Cell]:
+    """All cells in run order (seeds outermost), each with its validated config."""
+    cells: list[Cell] = []
+    names: set[str] = set()
+    combos = list(itertools.product(*sweep.grid.values()))
+    for seed, method, (setting, values), combo in itertools.product(
+            sweep.seeds or [None], sweep.methods or [None], sweep.settings or [(None, {})],
+            combos):
+        grid = dict(zip(sweep.grid, combo, strict=True))
+        sets = [*sweep.base_sets, *(override(k, v) for k, v in values.items()),
+                *(override(k, v) for k, v in grid.items())]
+        if method is not None:
+            sets.append(override("method.name", method))
+        if seed is not None:
+            sets += [override(k, seed) for k in sweep.seed_keys]
+        labels = {"method": method, **({"setting": setting} if sweep.settings else {}), **grid}
+        try:
+            cfg = load_config(sweep.base_config, sets)
+        except ConfigError as exc:
+            where = ", ".join(f"{k} = {label_text(v)}" for k, v in labels.items() if v is not None)
+            raise ConfigError(f"{sweep.path}: the cell {where or '(base)'} has a bad config: "
+                              f"{exc}") from exc
+        labels.update(method=cfg.method.name, seed=cfg.federation.seed)
+        name = _unique(cell_name(sweep, labels), names)
+        cells.append(Cell(len(cells) + 1, name, labels, tuple(sets), cfg))
+    return cells
+
+
+def cell_name(sweep: Sweep, labels: dict[str, Any]) -> str:
+    """A readable folder name: method, setting, grid values (by their last key part where that
+    is unambiguous), seed."""
+    tails = [k.split(".")[-1] for k in sweep.grid]
+    parts = [labels["method"], *([labels["setting"]] if sweep.settings else [])]
+    parts += [f"{t if tails.count(t) == 1 else k}={label_text(labels[k])}"
+              for k, t in zip(sweep.grid, tails, strict=True)]
+    if sweep.seeds:
+        parts.append(f"s{labels['seed']}")
+    return "_".join(re.sub(r"[^A-Za-z0-9.=+-]+", "-", str(p)).strip("-") for p in parts)
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, i = name, 2
+    while candidate in taken:
+        candidate, i = f"{name}_{i}", i + 1
+    taken.add(candidate)
+    return candidate
+
+
+def cell_dir(out: Path, cell: Cell) -> Path:
+    return out / CELLS_DIR / cell.name
+
+
+def cell_state(cell: Cell, folder: Path) -> CellState:
+    """What a run of the sweep does with this cell's folder."""
+    if not (folder / CONFIG_FILE).is_file():
+        return CellState("new")
+    conflict = config_conflict(cell.config, folder / CONFIG_FILE)
+    if conflict:
+        return CellState("conflict", conflict)
+    if (folder / SUMMARY_FILE).is_file():
+        return CellState("done")
+    if not (folder / CHECKPOINT_DIR / STATE_FILE).is_file():
+        return CellState("restart", "stopped before its first checkpoint")
+    if cell.config.privacy.enabled:
+        return CellState("restart", "DP-SGD: the clients' privacy accountants do not survive "
+                                    "a stop, so the cell starts over")
+    return CellState("resume")
+
+
+def config_conflict(cfg: FedConfig, saved: Path) -> str:
+    """Why the run in ``saved``'s folder is not this config ('' when it is)."""
+    try:
+        old = load_config(saved).to_dict()
+    except ConfigError as exc:
+        return f"its {saved.name} cannot be read ({exc})"
+    if old == cfg.to_dict():
+        return ""
+    from fedpeft.server.checkpoint import config_differences  # torch: only on this path
+
+    diffs = config_differences(old, cfg.to_dict())
+    return f"it holds a run of another config: {'; '.join(diffs[:4])}"
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def plan(sweep: Sweep, out: Path) -> list[tuple[Cell, CellState]]:
+    return [(cell, cell_state(cell, cell_dir(out, cell))) for cell in expand(sweep)]
+
+
+def check_conflicts(steps: list[tuple[Cell, CellState]], out: Path) -> None:
+    bad = [(c, s) for c, s in steps if s.kind == "conflict"]
+    if bad:
+        cell, state = bad[0]
+        raise ConfigError(
+            f"{len(bad)} cell folder{'s' if len(bad) > 1 else ''} in {out} hold runs of another "
+            f"config, e.g. {cell_dir(out, cell)}: {state.note} (run: the saved config, sweep: "
+            "in brackets). Use another --out, or delete those folders to rerun them")
+
+
+def describe(cell: Cell, state: CellState) -> str:
+    text = {"new": "new", "done": "finished", "resume": "resume after its last checkpoint",
+            "restart": "start over", "conflict": "REFUSED"}[state.kind]
+    return text + (f" ({state.note})" if state.note else "")
+
+
+def dry_run(sweep: Sweep, out: Path, echo: Echo = print) -> int:
+    """List the cells, what a run would do with each, and their own overrides."""
+    steps = plan(sweep, out)
+    echo(header(sweep, out, steps))
+    base = len(sweep.base_sets)
+    for cell, state in steps:
+        echo(f"{cell.index:>4}/{len(steps)} {cell.name}: {describe(cell, state)}")
+        echo("         " + " ".join(f"--set {s}" for s in cell.overrides[base:]))
+    check_conflicts(steps, out)
+    return 0
+
+
+def header(sweep: Sweep, out: Path, steps: list[tuple[Cell, CellState]]) -> str:
+    counts = {k: sum(s.kind == k for _, s in steps) for k in ("done", "resume", "restart", "new")}
+    shape = " x ".join(f"{len(v)} {k}" for k, v in (
+        ("methods", sweep.methods), ("settings", sweep.settings),
+        *((k, v) for k, v in sweep.grid.items()), ("seeds", sweep.seeds)) if v)
+    return (f"fedpeft sweep {sweep.path}: {len(steps)} cells ({shape or 'the base config'}) "
+            f"in {out}; {counts['done']} finished, {counts['resume']} to resume, "
+            f"{counts['restart']} to start over, {counts['new']} new")
+
+
+@contextlib.contextmanager
+def sweep_lock(out: Path) -> Iterator[None]:
+    """One sweep at a time per output folder (two would run the same cells at once)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise ConfigError(f"another fedpeft sweep is running in {out} (pid "
+                              f"{fh.read().strip() or '?'}); wait for it or use another --out") \
+                from None
+        fh.truncate(0)
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+
+
+def run_sweep(sweep: Sweep, out: Path, echo: Echo = print) -> int:
+    """Run every cell that is not finished; 0 when all are, 1 when some failed."""
+    with sweep_lock(out):
+        steps = plan(sweep, out)
+        check_conflicts(steps, out)
+        echo(header(sweep, out, steps))
+        cells = [cell for cell, _ in steps]
+        failed: list[Cell] = []
+        for cell, state in steps:
+            tag = f"[cell {cell.index}/{len(steps)}] {cell.name}"
+            if state.kind == "done":
+                echo(f"{tag}: finished earlier, skipped")
+                continue
+            echo(f"{tag}: {describe(cell, state)} -> {cell_dir(out, cell)}")
+            started = time.monotonic()
+            try:
+                rc = run_cell(sweep, cell, state, cell_dir(out, cell), echo)
+            except KeyboardInterrupt:
+                write_outputs(sweep, out, cells)
+                echo(f"{tag}: interrupted; run the same command again to continue")
+                raise
+            if rc == 2:
+                raise ConfigError(f"cell {cell.name} was refused (message above); fix the sweep "
+                                  "file and run it again")
+            if rc != 0:
+                failed.append(cell)
+            echo(f"{tag}: " + cell_line(record(sweep, cell, out), rc, time.monotonic() - started,
+                                        sweep.target_accuracy))
+            if rc != 0:
+                echo(f"{tag}: its output: {cell_dir(out, cell) / CELL_LOG}, Flower's log: "
+                     f"{cell_dir(out, cell) / 'run.log'}")
+            write_outputs(sweep, out, cells)
+        write_outputs(sweep, out, cells)
+    echo(f"fedpeft sweep: results in {out}/results.csv, results.md, curves.png"
+         + (f"; {len(failed)} cells FAILED: {', '.join(c.name for c in failed)}"
+            if failed else ""))
+    return 1 if failed else 0
+
+
+def record(sweep: Sweep, cell: Cell, out: Path) -> dict[str, Any] | None:
+    labels = {k: label_text(v) for k, v in cell.labels.items()}
+    return cell_record(cell.name, labels, cell_dir(out, cell), sweep.target_accuracy)
+
+
+def write_outputs(sweep: Sweep, out: Path, cells: list[Cell]) -> None:
+    """results.csv, results.md and curves.png from the cells finished so far."""
+    records = [r for c in cells if (r := record(sweep, c, out)) is not None]
+    done = {r["cell"] for r in records}
+    keys = [k for k in cells[0].labels if k != "seed"]
+    write_results(out, records, keys, sweep.target_accuracy, sweep.name or sweep.path.stem,
+                  intro(sweep, len(records), len(cells)), [c.name for c in cells
+                                                            if c.name not in done])
+
+
+def intro(sweep: Sweep, finished: int, total: int) -> str:
+    """The paragraph under results.md's title: what ran, from which file."""
+    base = (f"base config `{shown(sweep.base_config)}`" if sweep.base_config
+            else "the built-in default config")
+    sets = ", ".join(f"`{s}`" for s in sweep.base_sets)
+    seeds = (f"seeds {', '.join(map(str, sweep.seeds))} (each sets {', '.join(sweep.seed_keys)})"
+             if sweep.seeds else "one seed per setting")
+    text = sweep.description.strip() + "\n\n" if sweep.description.strip() else ""
+    return (text + f"`fedpeft sweep {shown(sweep.path)}`: {base}"
+            + (f" with {sets}" if sets else "") + f"; {seeds}. {finished} of {total} cells "
+            f"finished; each cell's config, metrics and logs (its console output: {CELL_LOG}) "
+            f"are in `{CELLS_DIR}/<cell>/`.")
+
+
+def shown(path: Path | None) -> str:
+    """``path`` relative to the current folder where it is below it."""
+    if path is None:
+        return ""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def cell_command(sweep: Sweep, cell: Cell, state: CellState, folder: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate"]
+    if state.kind == "resume":
+        return [*cmd, "--resume", str(folder)]
+    if sweep.base_config is not None:
+        cmd.append(str(sweep.base_config))
+    cmd += ["--out", str(folder)]
+    for item in cell.overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def run_cell(sweep: Sweep, cell: Cell, state: CellState, folder: Path, echo: Echo) -> int:
+    """Run one cell's ``fedpeft simulate`` in this process group (a Ctrl-C reaches both), its
+    output passed through indented and appended to the cell's sweep.log; its exit status."""
+    from fedpeft.run.launcher import sigterm_as_keyboard_interrupt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = cell_command(sweep, cell, state, folder)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(folder / CELL_LOG, "a", encoding="utf-8") as log, sigterm_as_keyboard_interrupt():
+        log.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
+        try:
+            for line in proc.stdout or ():
+                log.write(line)
+                echo("    " + line.rstrip("\n"))
+            return proc.wait()
+        except KeyboardInterrupt as exc:
+            stop_child(proc, terminated=bool(exc.args))  # args: "signal 15" from a SIGTERM
+            raise
+
+
+def stop_child(proc: subprocess.Popen[str], terminated: bool) -> None:
+    """Wait for the child to stop everything it started. A Ctrl-C reached it too (one process
+    group) and it is stopping already; a SIGTERM to the sweep is passed on at once (and a SIGINT
+    to the sweep alone after a grace period)."""
+    if not terminated:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=30)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=60)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+def default_out(sweep: Sweep) -> Path:
+    return Path("runs") / "sweeps" / sweep.path.stem
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    sweep = load_sweep(args.sweep)
+    out = Path(args.out or default_out(sweep)).resolve()
+    if args.dry_run:
+        return dry_run(sweep, out)
+    return run_sweep(sweep, out)
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    """``fedpeft sweep SWEEP.toml [--out DIR] [--dry-run]``."""
+    sw = sub.add_parser("sweep", help="run a grid of simulations (methods x settings x seeds), "
+                        "resumable; results.csv, results.md, curves.png")
+    sw.add_argument("sweep", help="sweep file (TOML; see simulations/sweeps/)")
+    sw.add_argument("--out", help="output folder (default runs/sweeps/<sweep file name>)")
+    sw.add_argument("--dry-run", action="store_true",
+                    help="list the cells and what a run would do with each; run nothing")
+    sw.set_defaults(func=cmd_sweep)

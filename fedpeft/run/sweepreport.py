@@ -1,0 +1,218 @@
+"""A sweep's outputs from its finished cells: ``results.csv`` (a row per cell), ``results.md``
+(mean +- sample standard deviation over the seeds of each setting) and ``curves.png`` (accuracy
+per round and per cumulative uplink byte, mean with a +-1 std band, a line per setting)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedpeft.core.runfiles import METRICS_FILE, SUMMARY_FILE
+from fedpeft.server.reporting import MetricsLog, human_bytes, summarize
+
+METRICS = ("final_accuracy", "best_accuracy", "rounds_to_target", "bytes_up", "bytes_down",
+           "wall_s")
+COLUMNS = (*METRICS, "initial_accuracy", "epsilon", "rounds", "cell_dir")
+
+
+def rounds_to_target(rows: Sequence[dict], target: float | None) -> int | None:
+    """The first evaluated round whose accuracy is at least ``target`` (None: never / no target)."""
+    if target is None:
+        return None
+    return next((r["round"] for r in rows
+                 if r.get("accuracy") is not None and r["accuracy"] >= target), None)
+
+
+def cell_record(name: str, labels: dict[str, str], folder: Path,
+                target: float | None) -> dict[str, Any] | None:
+    """A finished cell's row (labels, results, its metrics rows under "rows"); None while it has
+    no summary.json. Wall = the rounds' own wall time summed (without process start-up; the
+    same for a resumed cell)."""
+    if not (folder / SUMMARY_FILE).is_file():
+        return None
+    rows = MetricsLog.read(folder / METRICS_FILE)
+    s = summarize(rows)
+    return {"cell": name, **labels,
+            "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
+            "rounds_to_target": rounds_to_target(rows, target),
+            "bytes_up": s["total_bytes_up"], "bytes_down": s["total_bytes_down"],
+            "wall_s": s["rounds_wall_s"], "initial_accuracy": s["initial_accuracy"],
+            "epsilon": s.get("epsilon"), "rounds": s["rounds"], "cell_dir": str(folder),
+            "rows": rows}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); std None below two values."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def aggregate(records: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """A row per setting (the values of ``keys``), in first-seen order: n, and (mean, std) of
+    every metric over the setting's cells; rounds to target over the cells that reached it."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault(tuple(rec[k] for k in keys), []).append(rec)
+    table = []
+    for key, recs in groups.items():
+        row: dict[str, Any] = {**dict(zip(keys, key, strict=True)), "n": len(recs)}
+        for metric in METRICS:
+            row[metric] = mean_std([r[metric] for r in recs if r[metric] is not None])
+        row["reached"] = sum(r["rounds_to_target"] is not None for r in recs)
+        row["records"] = recs
+        table.append(row)
+    return table
+
+
+def write_results(out: Path, records: Sequence[dict[str, Any]], keys: Sequence[str],
+                  target: float | None, title: str, intro: str, missing: Sequence[str]) -> None:
+    """Rewrite results.csv, results.md and curves.png from the finished cells' records (a
+    setting = the values of ``keys``; ``missing``: the cells not finished)."""
+    write_csv(out / "results.csv", records, [*keys, "seed"])
+    table = aggregate(records, keys)
+    _write_atomic(out / "results.md", markdown(title, intro, table, keys, target, missing))
+    if records:
+        plot_curves(table, keys, out / "curves.png", title)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_csv(path: Path, records: Sequence[dict[str, Any]], labels: Sequence[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["cell", *labels, *COLUMNS])
+        for rec in records:
+            writer.writerow([rec["cell"], *(rec[k] for k in labels),
+                             *("" if rec[c] is None else rec[c] for c in COLUMNS)])
+    os.replace(tmp, path)
+
+
+def fmt(pair: tuple[float | None, float | None], spec: str = ".3f") -> str:
+    mean, std = pair
+    if mean is None:
+        return "-"
+    return f"{mean:{spec}}" + ("" if std is None else f" ± {std:{spec}}")
+
+
+def fmt_bytes(pair: tuple[float | None, float | None]) -> str:
+    mean, std = pair
+    if mean is None:
+        return "-"
+    return human_bytes(mean) + ("" if std is None or std == 0 else f" ± {human_bytes(std)}")
+
+
+def markdown(title: str, intro: str, table: Sequence[dict[str, Any]], keys: Sequence[str],
+             target: float | None, missing: Sequence[str]) -> str:
+    lines = [f"# {title}", "", intro, "",
+             "Accuracy of the global model on the held-out split at the last round (final) and at "
+             "its best round; each entry is the mean ± sample standard deviation (n - 1) over the "
+             "n seeds of the setting. Bytes: all messages of a run, uplink and downlink. Wall: "
+             "the rounds' own wall time per run (without process start-up)."
+             + (f" Rounds to {target:g}: the first round at or above it, over the seeds that "
+                "reached it (reached / n)." if target is not None else ""), "",
+             "| " + " | ".join([*keys, "n", "final acc", "best acc",
+                                *([f"rounds to {target:g}"] if target is not None else []),
+                                "uplink", "downlink", "wall s"]) + " |",
+             "|" + "---|" * len(keys) + "---:|" * (6 + (target is not None))]
+    for row in table:
+        cells = [str(row[k]) for k in keys] + [
+            str(row["n"]), fmt(row["final_accuracy"]), fmt(row["best_accuracy"])]
+        if target is not None:
+            cells.append(f"{fmt(row['rounds_to_target'], '.1f')} ({row['reached']}/{row['n']})")
+        cells += [fmt_bytes(row["bytes_up"]), fmt_bytes(row["bytes_down"]),
+                  fmt(row["wall_s"], ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if missing:
+        lines += ["", f"Not finished ({len(missing)}): " + ", ".join(missing[:20])
+                  + (" ..." if len(missing) > 20 else "") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def curve(records: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per round evaluated in every record: round, accuracy mean and std (0 for one record),
+    mean cumulative uplink bytes up to and including the round."""
+    accs, ups = [], []
+    for rec in records:
+        total, cum = 0, {}
+        for row in rec["rows"]:
+            total += row.get("bytes_up", 0)
+            cum[row["round"]] = total
+        accs.append({r["round"]: r["accuracy"] for r in rec["rows"]
+                     if r.get("accuracy") is not None})
+        ups.append(cum)
+    rounds = sorted(set.intersection(*(set(a) for a in accs))) if accs else []
+    out: dict[str, list[float]] = {"round": [], "mean": [], "std": [], "up": []}
+    for rnd in rounds:
+        values = [a[rnd] for a in accs]
+        out["round"].append(rnd)
+        out["mean"].append(statistics.fmean(values))
+        out["std"].append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        out["up"].append(statistics.fmean(u[rnd] for u in ups))
+    return out
+
+
+def legend_label(row: dict[str, Any], keys: Sequence[str]) -> str:
+    parts = [str(row[k]) if k in ("method", "setting") else f"{k.split('.')[-1]}={row[k]}"
+             for k in keys]
+    return ", ".join(parts) + f" (n={row['n']})"
+
+
+def plot_curves(table: Sequence[dict[str, Any]], keys: Sequence[str], path: Path,
+                title: str) -> None:
+    """Left: accuracy per round; right: accuracy per cumulative uplink byte (log scale when the
+    settings' uplinks span more than 50x). Mean line, +-1 std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    curves = [(legend_label(row, keys), curve(row["records"])) for row in table]
+    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = plt.get_cmap("tab20" if len(curves) > 10 else "tab10")
+    for i, (label, c) in enumerate(curves):
+        color = colors(i % colors.N)
+        lo = [m - s for m, s in zip(c["mean"], c["std"], strict=True)]
+        hi = [m + s for m, s in zip(c["mean"], c["std"], strict=True)]
+        by_round.plot(c["round"], c["mean"], marker=".", color=color, label=label)
+        by_round.fill_between(c["round"], lo, hi, color=color, alpha=0.2)
+        mb = [u / 1e6 for u in c["up"]]
+        by_bytes.plot(mb, c["mean"], marker=".", color=color, label=label)
+        by_bytes.fill_between(mb, lo, hi, color=color, alpha=0.2)
+    ends = [c["up"][-1] for _, c in curves if c["up"] and c["up"][-1] > 0]
+    if ends and max(ends) / min(ends) > 50:
+        by_bytes.set_xscale("log")  # round 0 (no bytes yet) is off this scale
+    by_round.set(xlabel="round", ylabel="test accuracy", title="Accuracy per round")
+    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_bytes.set(xlabel="cumulative uplink MB (all clients)", ylabel="test accuracy",
+                 title="Accuracy per uplink byte")
+    for ax in (by_round, by_bytes):
+        ax.grid(True, alpha=0.3)
+    by_round.legend(fontsize="small")
+    fig.suptitle(f"{title}: mean ± 1 std over seeds")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def cell_line(rec: dict[str, Any] | None, rc: int, seconds: float, target: float | None) -> str:
+    """The progress line at the end of a cell (``rec``: its record, None if it did not finish)."""
+    if rc != 0 or rec is None:
+        return f"FAILED (exit {rc}) after {seconds:.0f} s"
+    reached = rec["rounds_to_target"]
+    return (f"finished in {seconds:.0f} s: final acc {fmt((rec['final_accuracy'], None))} "
+            f"(best {fmt((rec['best_accuracy'], None))}), uplink {human_bytes(rec['bytes_up'])}, "
+            f"downlink {human_bytes(rec['bytes_down'])}"
+            + (f", {target:g} reached in round {reached}" if reached is not None else ""))
