@@ -815,8 +815,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     certs.add_argument("--force", action="store_true", help="replace existing files")
     certs.set_defaults(func=cmd_certs)
 
-    keygen = sub.add_parser("keygen", help="device: make this device's SuperNode key pair "
-                            "(only the .pub goes to the coordinator)")
+    keygen = sub.add_parser(
+        "keygen", help="device: make this device's SuperNode key pair (only the .pub goes to "
+        "the coordinator)",
+        description="Run on the device. Writes DIR/NAME.key (the private key: it never leaves "
+                    "this device; `fedpeft client --key`) and DIR/NAME.pub (copy it to the "
+                    "coordinator, which admits it with `fedpeft server --node-keys`).")
     keygen.add_argument("dir", help="folder for NAME.key (0600) and NAME.pub (created 0700 "
                         "when new)")
     keygen.add_argument("--name", default="device", help="file name stem (default device)")
