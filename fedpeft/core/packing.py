@@ -34,7 +34,7 @@ from fedpeft.core.payload import Tensors
 
 VERSION = 1
 RAW, ABS, DELTA = "raw", "abs", "delta"
-MAX_MANIFEST_BYTES = 8 << 20  # decompressed JSON; a manifest entry is ~100 bytes
+MAX_MANIFEST_BYTES = 4 << 20  # decompressed JSON; an entry is ~100 bytes (40k tensors)
 MAX_NDIM = 16
 DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
@@ -167,11 +167,13 @@ def read_manifest(blob: object) -> tuple[Chain, list[Any]]:
     inflate = zlib.decompressobj()
     try:
         text = inflate.decompress(blob, MAX_MANIFEST_BYTES)
+        if inflate.unconsumed_tail:
+            raise PackError(f"packed payload: the manifest exceeds {MAX_MANIFEST_BYTES} bytes")
         doc = json.loads(text)
+    except PackError:
+        raise
     except (zlib.error, ValueError, RecursionError) as exc:
         raise PackError(f"packed payload: unreadable manifest ({exc})") from None
-    if inflate.unconsumed_tail:
-        raise PackError(f"packed payload: the manifest exceeds {MAX_MANIFEST_BYTES} bytes")
     if not isinstance(doc, dict) or doc.get("v") != VERSION:
         raise PackError(f"packed payload: not a version-{VERSION} manifest")
     if not isinstance(doc.get("t"), list) or not isinstance(doc.get("chain"), list):
