@@ -30,7 +30,12 @@ A sweep file (every key optional except that it must describe at least one cell)
     "data.partitioner" = "dirichlet"
     "data.dirichlet_alpha" = 0.1
 
-Cells run seeds outermost, so a sweep stopped half way holds whole seeds of every setting.
+Several lists of settings, each an axis of the product, are ``[[settings.<axis>]]`` tables
+(e.g. ``[[settings.run]]`` for method-with-its-learning-rate and ``[[settings.dp]]`` for privacy
+levels); the plain ``[[settings]]`` is the axis ``setting``. A config key may be set in one place
+only (a settings axis, [grid], methods or seeds; [base] inline or base.set), and these override
+[base]. Cells run seeds outermost, so a sweep stopped half way holds whole seeds of every
+setting.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpeft.core.config import SECTIONS, ConfigError, FedConfig, load_config
+from fedpeft.core.config import SECTIONS, ConfigError, FedConfig, load_config, parse_override
 from fedpeft.core.runfiles import CHECKPOINT_DIR, CONFIG_FILE, STATE_FILE, SUMMARY_FILE
 from fedpeft.run.sweepreport import cell_line, cell_record, write_results
 
@@ -80,7 +85,7 @@ class Sweep:
     seed_keys: list[str] = field(default_factory=lambda: list(SEED_KEYS))
     target_accuracy: float | None = None
     grid: dict[str, list[Any]] = field(default_factory=dict)
-    settings: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    settings: dict[str, list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,11 @@ def _base(base: Any, path: Path) -> tuple[Path | None, list[str]]:
         raise ConfigError(f"{path}: base.set = {sets!r}: expected a list of "
                           "'section.key=value' strings")
     inline = flatten({k: v for k, v in base.items() if k not in ("config", "set")})
+    for item in sets:
+        key = ".".join(parse_override(item)[0])
+        if key in inline:
+            raise ConfigError(f"{path}: {key} is set both inline in [base] and in base.set; "
+                              "set it in one place")
     return config_path, [override(k, v) for k, v in inline.items()] + list(sets)
 
 
@@ -200,25 +210,41 @@ def _grid(grid: Any, path: Path) -> dict[str, list[Any]]:
     return flat
 
 
-def _settings(settings: Any, path: Path) -> list[tuple[str, dict[str, Any]]]:
+def _settings(settings: Any, path: Path) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """{axis: [(setting name, {config key: value})]}: ``[[settings]]`` is the axis "setting",
+    ``[[settings.<axis>]]`` one axis each."""
     if settings is None:
-        return []
-    if not isinstance(settings, list) or not settings or not all(
-            isinstance(s, dict) for s in settings):
-        raise ConfigError(f"{path}: settings must be a non-empty list of tables ([[settings]])")
+        return {}
+    axes = {"setting": settings} if isinstance(settings, list) else settings
+    if not isinstance(axes, dict) or not axes:
+        raise ConfigError(f"{path}: settings must be a list of tables ([[settings]]) or lists "
+                          "of tables by axis ([[settings.<axis>]])")
+    out = {}
+    for axis, entries in axes.items():
+        if axis in ("method", "seed", "cell") or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", axis):
+            raise ConfigError(f"{path}: settings axis {axis!r}: use a plain name other than "
+                              "method, seed and cell")
+        out[axis] = _axis(entries, "settings" if axis == "setting" else f"settings.{axis}", path)
+    return out
+
+
+def _axis(entries: Any, what: str, path: Path) -> list[tuple[str, dict[str, Any]]]:
+    if not isinstance(entries, list) or not entries or not all(
+            isinstance(s, dict) for s in entries):
+        raise ConfigError(f"{path}: {what} must be a non-empty list of tables ([[{what}]])")
     out: list[tuple[str, dict[str, Any]]] = []
-    for i, entry in enumerate(settings, 1):
+    for i, entry in enumerate(entries, 1):
         values = flatten({k: v for k, v in entry.items() if k != "name"})
         if not values:
-            raise ConfigError(f"{path}: settings #{i} sets no config key")
+            raise ConfigError(f"{path}: {what} #{i} sets no config key")
         for key in values:
-            _check_key(key, f"settings #{i} key {key!r}", path)
+            _check_key(key, f"{what} #{i} key {key!r}", path)
         name = entry.get("name", ",".join(f"{k.split('.')[-1]}={label_text(v)}"
                                           for k, v in values.items()))
         if not isinstance(name, str) or not name:
-            raise ConfigError(f"{path}: settings #{i}: name = {name!r}: expected a string")
+            raise ConfigError(f"{path}: {what} #{i}: name = {name!r}: expected a string")
         if name in dict(out):
-            raise ConfigError(f"{path}: two settings are named {name!r}")
+            raise ConfigError(f"{path}: two of {what} are named {name!r}")
         out.append((name, values))
     return out
 
@@ -237,11 +263,14 @@ def _check_overlaps(sweep: Sweep) -> None:
     for key in sweep.seed_keys if sweep.seeds else ():
         _check_key(key, f"seed_keys entry {key!r}", sweep.path)
         owners.setdefault(key, "seeds")
-    for name, values in sweep.settings:
-        for key in values:
-            if key in owners:
-                raise ConfigError(f"{sweep.path}: {key} is set both by settings {name!r} and by "
-                                  f"{owners[key]}; set it in one place")
+    for axis, entries in sweep.settings.items():
+        axis_keys = {key for _, values in entries for key in values}
+        for name, values in entries:
+            for key in values:
+                if key in owners:
+                    raise ConfigError(f"{sweep.path}: {key} is set both by settings {name!r} "
+                                      f"and by {owners[key]}; set it in one place")
+        owners.update((k, f"settings axis {axis!r}") for k in axis_keys)
     if sweep.methods and "method.name" in sweep.grid:
         raise ConfigError(f"{sweep.path}: method.name is set both by [grid] and by methods")
     for key in sweep.seed_keys if sweep.seeds else ():
@@ -294,17 +323,20 @@ def expand(sweep: Sweep) -> list[Cell]:
     cells: list[Cell] = []
     names: set[str] = set()
     combos = list(itertools.product(*sweep.grid.values()))
-    for seed, method, (setting, values), combo in itertools.product(
-            sweep.seeds or [None], sweep.methods or [None], sweep.settings or [(None, {})],
-            combos):
+    points = list(itertools.product(*sweep.settings.values()))
+    for seed, method, point, combo in itertools.product(
+            sweep.seeds or [None], sweep.methods or [None], points, combos):
         grid = dict(zip(sweep.grid, combo, strict=True))
-        sets = [*sweep.base_sets, *(override(k, v) for k, v in values.items()),
+        sets = [*sweep.base_sets, *(override(k, v) for _, values in point
+                                    for k, v in values.items()),
                 *(override(k, v) for k, v in grid.items())]
         if method is not None:
             sets.append(override("method.name", method))
         if seed is not None:
             sets += [override(k, seed) for k in sweep.seed_keys]
-        labels = {"method": method, **({"setting": setting} if sweep.settings else {}), **grid}
+        labels = {"method": method,
+                  **{axis: name for axis, (name, _) in zip(sweep.settings, point, strict=True)},
+                  **grid}
         try:
             cfg = load_config(sweep.base_config, sets)
         except ConfigError as exc:
@@ -321,7 +353,7 @@ def cell_name(sweep: Sweep, labels: dict[str, Any]) -> str:
     """A readable folder name: method, setting, grid values (by their last key part where that
     is unambiguous), seed."""
     tails = [k.split(".")[-1] for k in sweep.grid]
-    parts = [labels["method"], *([labels["setting"]] if sweep.settings else [])]
+    parts = [labels["method"], *(labels[axis] for axis in sweep.settings)]
     parts += [f"{t if tails.count(t) == 1 else k}={label_text(labels[k])}"
               for k, t in zip(sweep.grid, tails, strict=True)]
     if sweep.seeds:
@@ -376,8 +408,8 @@ def config_conflict(cfg: FedConfig, saved: Path) -> str:
 # running
 
 
-def plan(sweep: Sweep, out: Path) -> list[tuple[Cell, CellState]]:
-    return [(cell, cell_state(cell, cell_dir(out, cell))) for cell in expand(sweep)]
+def plan(cells: list[Cell], out: Path) -> list[tuple[Cell, CellState]]:
+    return [(cell, cell_state(cell, cell_dir(out, cell))) for cell in cells]
 
 
 def check_conflicts(steps: list[tuple[Cell, CellState]], out: Path) -> None:
@@ -398,7 +430,7 @@ def describe(cell: Cell, state: CellState) -> str:
 
 def dry_run(sweep: Sweep, out: Path, echo: Echo = print) -> int:
     """List the cells, what a run would do with each, and their own overrides."""
-    steps = plan(sweep, out)
+    steps = plan(expand(sweep), out)
     echo(header(sweep, out, steps))
     base = len(sweep.base_sets)
     for cell, state in steps:
@@ -411,8 +443,8 @@ def dry_run(sweep: Sweep, out: Path, echo: Echo = print) -> int:
 def header(sweep: Sweep, out: Path, steps: list[tuple[Cell, CellState]]) -> str:
     counts = {k: sum(s.kind == k for _, s in steps) for k in ("done", "resume", "restart", "new")}
     shape = " x ".join(f"{len(v)} {k}" for k, v in (
-        ("methods", sweep.methods), ("settings", sweep.settings),
-        *((k, v) for k, v in sweep.grid.items()), ("seeds", sweep.seeds)) if v)
+        ("methods", sweep.methods), *sweep.settings.items(), *sweep.grid.items(),
+        ("seeds", sweep.seeds)) if v)
     return (f"fedpeft sweep {sweep.path}: {len(steps)} cells ({shape or 'the base config'}) "
             f"in {out}; {counts['done']} finished, {counts['resume']} to resume, "
             f"{counts['restart']} to start over, {counts['new']} new")
@@ -438,11 +470,11 @@ def sweep_lock(out: Path) -> Iterator[None]:
 
 def run_sweep(sweep: Sweep, out: Path, echo: Echo = print) -> int:
     """Run every cell that is not finished; 0 when all are, 1 when some failed."""
+    cells = expand(sweep)  # every cell's config is checked before anything is written
     with sweep_lock(out):
-        steps = plan(sweep, out)
+        steps = plan(cells, out)
         check_conflicts(steps, out)
         echo(header(sweep, out, steps))
-        cells = [cell for cell, _ in steps]
         failed: list[Cell] = []
         for cell, state in steps:
             tag = f"[cell {cell.index}/{len(steps)}] {cell.name}"
@@ -549,12 +581,12 @@ def run_cell(sweep: Sweep, cell: Cell, state: CellState, folder: Path, echo: Ech
 
 
 def stop_child(proc: subprocess.Popen[str], terminated: bool) -> None:
-    """Wait for the child to stop everything it started. A Ctrl-C reached it too (one process
-    group) and it is stopping already; a SIGTERM to the sweep is passed on at once (and a SIGINT
-    to the sweep alone after a grace period)."""
-    if not terminated:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=30)
+    """Wait for the child to stop everything it started. A signal to the process group (Ctrl-C,
+    ``kill -- -PGID``) reached it too and it is stopping already (ignoring further signals while
+    it stops its processes); a signal to the sweep alone is passed on as SIGTERM after a grace
+    period, 2 s for a SIGTERM, 30 s for a SIGINT."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.communicate(timeout=2 if terminated else 30)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
