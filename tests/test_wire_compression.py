@@ -18,6 +18,7 @@ from fedpeft.core.config import ConfigError, load_config
 from fedpeft.core.filters import Chain, compression_refusal, parse_chain
 from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.wire import (
+    BYTES_STYPE,
     MANIFEST,
     PACKED,
     RESIDUAL_PREFIX,
@@ -321,8 +322,8 @@ def _crafted(entries: list, chain: list | None = None, buffer: bytes = b"",
              manifest: bytes | None = None) -> RecordDict:
     doc = {"v": 1, "chain": chain or [], "t": entries}
     blob = zlib.compress(json.dumps(doc).encode()) if manifest is None else manifest
-    return RecordDict({PACKED: ArrayRecord({"data": Array(np.frombuffer(buffer, np.uint8))}),
-                       MANIFEST: ConfigRecord({"m": blob})})
+    data = Array(dtype="uint8", shape=(len(buffer),), stype=BYTES_STYPE, data=buffer)
+    return RecordDict({PACKED: ArrayRecord({"data": data}), MANIFEST: ConfigRecord({"m": blob})})
 
 
 HOSTILE = {
@@ -392,7 +393,7 @@ def test_malformed_records_are_rejected() -> None:
         unpack_record(both)
     floats = RecordDict({PACKED: ArrayRecord({"data": Array(np.zeros(3, np.float32))}),
                          MANIFEST: good[MANIFEST]})
-    with pytest.raises(ValueError, match="expected flat uint8"):
+    with pytest.raises(ValueError, match=r"expected the flat fedpeft\.bytes buffer"):
         unpack_record(floats)
     with pytest.raises(ValueError, match="one Array 'data' and a manifest"):
         unpack_record(RecordDict({PACKED: good[PACKED]}))

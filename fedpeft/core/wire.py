@@ -30,6 +30,7 @@ from fedpeft.core.payload import ClientState, Payload, Tensors
 TENSORS, SCALARS = "tensors", "scalars"  # TENSORS: per-key tensors (one Array each)
 PACKED, MANIFEST = "fedpeft.packed", "fedpeft.manifest"  # all tensors in one Array + its manifest
 RESIDUAL_PREFIX = "fedpeft.residual."  # ClientState.tensors keys of top-k error feedback
+BYTES_STYPE = "fedpeft.bytes"  # the packed Array's data is the bare buffer (no npy header)
 CONFIG_RECORD = "fedpeft.config"  # the run's config as JSON, sent with every train message
 METRICS_RECORD = "metrics"
 
@@ -67,9 +68,15 @@ def payload_to_records(payload: Payload, extra: dict[str, Any] | None = None, *,
             del state.tensors[key]
         state.tensors.update({RESIDUAL_PREFIX + k: v for k, v in packed.residuals.items()})
     scalars = {**payload.scalars, **(extra or {})}
-    return RecordDict({PACKED: ArrayRecord({"data": Array(packed.buffer)}),
+    return RecordDict({PACKED: _packed_record(packed.buffer),
                        MANIFEST: ConfigRecord({"m": packed.manifest}),
                        SCALARS: ConfigRecord(scalars)})
+
+
+def _packed_record(buffer: np.ndarray) -> ArrayRecord:
+    data = buffer.tobytes()
+    return ArrayRecord({"data": Array(dtype="uint8", shape=(len(data),), stype=BYTES_STYPE,
+                                      data=data)})
 
 
 def residuals_of(state: ClientState) -> Tensors:
@@ -101,13 +108,11 @@ def unpack_record(content: RecordDict, *, reference: Tensors | None = None) -> T
             or not isinstance(manifest, ConfigRecord) or "m" not in manifest):
         raise PackError("packed payload: expected one Array 'data' and a manifest record")
     array = record["data"]
-    if array.dtype != "uint8" or len(array.shape) != 1:
-        raise PackError(f"packed payload: a {array.dtype} array of shape {array.shape}, "
-                        "expected flat uint8")
-    try:
-        buffer = array.numpy()
-    except Exception as exc:  # any failure to read untrusted bytes is a rejection
-        raise PackError(f"packed payload: unreadable array ({exc})") from None
+    if (array.stype != BYTES_STYPE or array.dtype != "uint8" or not isinstance(array.data, bytes)
+            or tuple(array.shape) != (len(array.data),)):
+        raise PackError(f"packed payload: a {array.dtype} array of shape {array.shape} and "
+                        f"type {array.stype!r}, expected the flat {BYTES_STYPE} buffer")
+    buffer = np.frombuffer(array.data, dtype=np.uint8)
     return unpack(buffer, manifest["m"], reference=reference)
 
 
@@ -128,7 +133,7 @@ def replace_tensors(content: RecordDict, tensors: Tensors) -> None:
         if name in content:
             del content[name]
     packed = pack(tensors)
-    content[PACKED] = ArrayRecord({"data": Array(packed.buffer)})
+    content[PACKED] = _packed_record(packed.buffer)
     content[MANIFEST] = ConfigRecord({"m": packed.manifest})
 
 
