@@ -424,3 +424,38 @@ def test_fedit_upload_bytes_for_the_default_model() -> None:
     assert size(["int8"]) < 0.27 * size([])
     assert per_key / size(["topk:0.1", "int8"]) > 16
     assert per_key / size(["topk:0.1", "sign"]) > 25
+
+
+@pytest.mark.parametrize("kind", ["nan", "wrong_shape"])
+def test_fault_injection_corrupts_a_compressed_upload(kind: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fault mod unpacks the compressed upload (against the downlink), corrupts the tensors
+    and sends them uncompressed; the server decodes what was injected."""
+    from fedpeft.client.faults import inject_faults
+    from flwr.app import Context, Message, MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpeft.core.wire import CONFIG_RECORD, config_record
+
+    for attr in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+    cfg = load_config(None, ["federation.clients=4", "federation.clients_per_round=2",
+                             f"faults.{kind}=[0]", 'compression.up=["topk:0.1", "int8"]'])
+    down = {"a": _randn(6, 4), "b": _randn(4, 6)}
+    content = payload_to_records(Payload(down), {"fedpeft.round": 1, "fedpeft.partition": 0})
+    content[CONFIG_RECORD] = config_record(cfg)
+    msg = Message(content=content, dst_node_id=5, message_type=MessageType.TRAIN, group_id="1")
+    upload = {k: v + 0.1 for k, v in down.items()}
+
+    def client(message: Message, _: Context) -> Message:
+        sent = unpack_record(message.content)
+        reply = payload_to_records(Payload(upload), filters=cfg.compression.up, reference=sent)
+        return Message(content=reply, reply_to=message)
+
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    got = unpack_record(inject_faults(msg, ctx, client).content, reference=down)
+    if kind == "nan":
+        assert all(bool(torch.isnan(v).any()) for v in got.values())
+    else:
+        assert sorted(tuple(v.shape) for v in got.values()) == [(4, 6), (5, 4)]
