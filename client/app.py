@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from fedpeft.strategies import RANK_KEY, ClientState, Method, build_method
 from fedpeft.strategies.base import check_privacy
@@ -18,7 +20,13 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.core.config import ConfigError, FedConfig, from_dict, validate_privacy
-from fedpeft.core.privacy import BUDGET_SPENT
+from fedpeft.core.ledger import (
+    PrivacyLedger,
+    check_device_delta,
+    default_ledger_path,
+    device_privacy,
+)
+from fedpeft.core.privacy import BUDGET_SPENT, dp_reply
 from fedpeft.core.wire import (
     CONFIG_RECORD,
     METRICS_RECORD,
@@ -36,7 +44,7 @@ from fedpeft.core.workspace import (
 )
 
 from .faults import inject_faults
-from .trainer import client_round
+from .trainer import ClientResult, client_round
 
 app = ClientApp(mods=[inject_faults])  # [faults] config: injected misbehaviour (tests)
 
@@ -60,27 +68,78 @@ def train(msg: Message, context: Context) -> Message:
     if own is not None and own != sent_rank:
         return _rank_mismatch(msg, method, own, sent_rank)
     cfg, workspace = node_workspace(cfg, context.node_config)
+    own_data = bool(context.node_config.get("data-path"))  # a device: its example count is private
+    ledger = None
     if cfg.privacy.enabled:  # a device may ask for DP-SGD itself: refuse what the method can't do
         check_privacy(type(method), cfg)
         validate_privacy(cfg)
+        ledger = device_ledger(cfg, context, workspace) if own_data else None
     result = client_round(
         cfg, method, workspace, downlink,
         partition_id=int(scalars["fedpeft.partition"]),
         rank=int(scalars.get("fedpeft.rank", cfg.model.rank)),
         server_round=int(scalars["fedpeft.round"]),
         client_state=state,
+        ledger=ledger,
     )
+    metrics, num_examples = reply_metrics(cfg, result, own_data, ledger)
     if result.metrics.get(BUDGET_SPENT):  # no training, nothing to upload: say so, no tensors
         save_client_state(context.state, state)
-        metrics = MetricRecord({**result.metrics, "num-examples": 0})
+        metrics = MetricRecord({**metrics, "num-examples": 0})
         return Message(content=RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
     # [compression] up: the update against the downlink as received, through the filters; top-k
     # error feedback lives in the client state, so it is saved after packing
     content = payload_to_records(result.payload, filters=cfg.compression.up,
                                  reference=downlink.tensors, state=state)
     save_client_state(context.state, state)
-    content[METRICS_RECORD] = MetricRecord({**result.metrics, "num-examples": result.num_examples})
+    content[METRICS_RECORD] = MetricRecord({**metrics, "num-examples": num_examples})
     return Message(content=content, reply_to=msg)
+
+
+def reply_metrics(cfg: FedConfig, result: ClientResult, own_data: bool,
+                  ledger: PrivacyLedger | None) -> tuple[dict[str, float], int]:
+    """The reply's metrics and example count: all of them, or under DP-SGD only what
+    ``fedpeft.core.privacy.dp_reply`` allows (a device's own count is private)."""
+    if not cfg.privacy.enabled:
+        return dict(result.metrics), result.num_examples
+    if ledger is not None:  # the device's own account, on the device only
+        _say(ledger_line(ledger, result.metrics))
+    metrics, public = dp_reply(result.metrics, private_size=own_data, budget=cfg.privacy.epsilon,
+                               batch_size=cfg.train.batch_size,
+                               local_steps=cfg.train.local_steps)
+    return metrics, result.num_examples if public is None else public
+
+
+def device_ledger(cfg: FedConfig, context: Context, workspace: Workspace) -> PrivacyLedger | None:
+    """A device's lifetime ledger when it gave its own budget (``--epsilon``); refuses a delta
+    that is not below 1/n for the device's n examples."""
+    node = context.node_config
+    check_device_delta(cfg.privacy.delta, len(workspace.partition(0, 1)))
+    if not node.get("epsilon"):
+        return None  # the run's per-run budget, as the device agreed to
+    path = str(node.get("ledger") or "") or str(default_ledger_path())
+    return PrivacyLedger(Path(path), cfg.privacy.epsilon, cfg.privacy.delta,
+                         run=str(context.run_id), data=str(node.get("data-path")))
+
+
+def ledger_line(ledger: PrivacyLedger, metrics: Mapping[str, float]) -> str:
+    if metrics.get(BUDGET_SPENT):
+        return (f"fedpeft: privacy budget spent: this device's lifetime epsilon "
+                f"{ledger.epsilon:g} (delta {ledger.delta:g}) allows no more DP-SGD rounds "
+                f"({metrics.get('epsilon', 0.0):.3g} spent, ledger {ledger.path}); not training, "
+                "the coordinator is told 'budget spent'")
+    return (f"fedpeft: privacy ledger {ledger.path}: epsilon {metrics['epsilon']:.3g} of "
+            f"{ledger.epsilon:g} spent (delta {ledger.delta:g})")
+
+
+@functools.lru_cache(maxsize=64)
+def _say_once(line: str) -> None:
+    _say(line)
+
+
+def _say(line: str) -> None:
+    """A line for the device's own console (``fedpeft client`` runs this ClientApp in-process)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def node_workspace(cfg: FedConfig,
@@ -99,9 +158,13 @@ def node_workspace(cfg: FedConfig,
                for key in ("batch-size", "local-steps") if node_config.get(key)}
     if profile:  # the device's own training profile
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **profile))
-    if node_config.get("epsilon"):  # this device's own DP-SGD budget (on even if the run's is off)
-        cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
-            cfg.privacy, enabled=True, epsilon=float(str(node_config["epsilon"]))))
+    eps, delta = node_config.get("epsilon"), node_config.get("delta")
+    privacy, note = device_privacy(cfg.privacy, float(str(eps)) if eps else None,
+                                   float(str(delta)) if delta else None)
+    if privacy != cfg.privacy:  # the device's own budget (on even if the run's is off) and delta
+        cfg = dataclasses.replace(cfg, privacy=privacy)
+    if note:
+        _say_once(f"fedpeft: {note}")
     columns = {f"{role}_column": str(node_config[f"{role}-column"])
                for role in ("text", "label") if node_config.get(f"{role}-column")}
     if columns:  # the device's own file, its own column names

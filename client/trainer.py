@@ -17,7 +17,7 @@ from fedpeft.strategies import RANK_KEY, Method
 
 from fedpeft.core.config import FedConfig
 from fedpeft.core.payload import ClientState, Payload
-from fedpeft.core.privacy import clip_update, dp_train
+from fedpeft.core.privacy import Accountant, clip_update, dp_train
 from fedpeft.core.training import make_optimizer, resolve_device, train_steps
 from fedpeft.core.workspace import Workspace
 
@@ -55,7 +55,10 @@ def client_round(
     rank: int,
     server_round: int,
     client_state: ClientState,
+    ledger: Accountant | None = None,
 ) -> ClientResult:
+    """One round of one client. Under DP-SGD its budget is the run's (kept in ``client_state``),
+    or a device's lifetime budget when ``ledger`` (``fedpeft.core.ledger``) is given."""
     start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     data = workspace.partition(partition_id, cfg.federation.clients)
@@ -67,7 +70,7 @@ def client_round(
     dp_metrics: dict[str, float] = {}
     if cfg.privacy.enabled:  # DP-SGD (fedpeft.core.privacy): checks the model, own sampling + noise
         dp_result, dp_metrics = dp_train(adapter, data, cfg=cfg, lr=learning_rate(cfg, method),
-                                         device=device, client_state=client_state,
+                                         device=device, client_state=client_state, ledger=ledger,
                                          extra_loss=method.extra_loss(adapter))
         if dp_result is None:  # this client's privacy budget is spent: no training, no upload
             return ClientResult(Payload(), 0, {**dp_metrics, "train_s": 0.0, "rank": float(rank),

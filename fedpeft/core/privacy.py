@@ -12,6 +12,21 @@ Sample-level DP (``[privacy] enabled``), per client k with n_k examples and batc
   Server aggregation is post-processing; client subsampling gives no amplification here.
 - Before training, the client checks that this round keeps it within the budget; if not it
   does not train and replies "budget spent" (``BUDGET_SPENT`` metric), which the server counts.
+- A device (``fedpeft client --epsilon E``) keeps a lifetime budget instead, in a ledger file it
+  owns (``fedpeft.core.ledger``): every DP-SGD round of every run is recorded there before it
+  trains, with the noise E needs over the run's planned rounds, and a round that would take
+  the device's lifetime epsilon beyond E is refused. Its delta is its own (``--delta``): a
+  coordinator may ask for a smaller one, never a larger one (``fedpeft.core.ledger``).
+
+What a DP-SGD client reports (:func:`dp_reply`). The accountant covers the trained tensors and
+nothing else, so the reply carries nothing else derived from the client's records: no training
+loss, no sample rate or noise multiplier (both are functions of the client's example count n).
+In a simulation the partitions are made by the run's public config and seed, so n and the
+epsilon (a function of n) are known to the server anyway: the reply keeps the example count,
+the exact epsilon and the timings. A device's own n is private: its reply weights it by
+``batch_size x local_steps`` (the examples a DP-SGD round processes in expectation: the device's
+chosen profile, not its data), and reports as ``epsilon`` its budget, an upper bound that does
+not depend on n (the spent epsilon would reveal n through q; the device's ledger holds it).
 
 Opacus is used in hooks mode without wrapping (``GradSampleHooks``, i.e. ``wrap_model=False``):
 the hooks go on the modules that own trainable tensors only (peft's ``lora_A``/``lora_B``
@@ -37,8 +52,9 @@ import json
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -56,6 +72,25 @@ _EPS_SLACK = 1e-9  # relative slack when comparing a composed epsilon with the t
 
 class PrivacyError(RuntimeError):
     """DP-SGD cannot run soundly on this model (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """An accountant's answer for one round: train with ``sigma`` (``granted``), after which the
+    composed epsilon is ``epsilon``; or do not train (the budget is spent: ``epsilon`` is what
+    was spent before)."""
+
+    sigma: float
+    epsilon: float
+    granted: bool
+
+
+class Accountant(Protocol):
+    """Where a client's privacy history lives: the run's client state (:class:`RunAccountant`)
+    or a device's lifetime ledger (``fedpeft.core.ledger.PrivacyLedger``). ``spend`` records
+    the round before it is trained (a crash after it counts as spent: safe)."""
+
+    def spend(self, q: float, steps: int, planned_steps: int) -> Spend: ...
 
 
 # ---- accounting ------------------------------------------------------------------------
@@ -135,6 +170,45 @@ def save_history(state: ClientState, history: History, mechanism: str) -> None:
     state.values[ACCOUNTANT_KEY] = json.dumps({"mechanism": mechanism, "history": history})
 
 
+class RunAccountant:
+    """A budget per run (simulation, or a device without its own ``--epsilon``): the history
+    in the client's ``ClientState``, sigma from the run's (epsilon, delta) over its planned
+    steps."""
+
+    def __init__(self, state: ClientState, priv: PrivacyConfig) -> None:
+        self.state, self.priv = state, priv
+
+    def spend(self, q: float, steps: int, planned_steps: int) -> Spend:
+        priv = self.priv
+        sigma = noise_multiplier(priv, q, planned_steps)
+        history = load_history(self.state, priv.accountant)
+        after = compose(history, sigma, q, steps)
+        epsilon = epsilon_of(after, priv.delta, priv.accountant)
+        if epsilon > priv.epsilon * (1 + _EPS_SLACK):
+            return Spend(sigma, epsilon_of(history, priv.delta, priv.accountant), False)
+        save_history(self.state, after, priv.accountant)
+        return Spend(sigma, epsilon, True)
+
+
+REPLY_KEYS = ("epsilon", BUDGET_SPENT, "partition_id", "rank", "next_rank")
+SIZE_KEYS = ("train_s", "client_s")  # timings: they follow the number of sampled examples
+
+
+def dp_reply(metrics: Mapping[str, float], *, private_size: bool, budget: float,
+             batch_size: int, local_steps: int) -> tuple[dict[str, float], int | None]:
+    """The metrics a client under sample-level DP-SGD may send, and the example count that
+    weights its upload (None: the client's own count is public). See the module docstring:
+    never the loss, q or sigma; on a device whose n is private (``private_size``) also no
+    timings, its ``budget`` as epsilon and ``batch_size * local_steps`` as the count."""
+    keys = REPLY_KEYS if private_size else (*REPLY_KEYS, *SIZE_KEYS)
+    out = {k: float(v) for k, v in metrics.items() if k in keys}
+    if not private_size:
+        return out, None
+    if "epsilon" in out:
+        out["epsilon"] = float(budget)
+    return out, max(1, int(batch_size) * int(local_steps))
+
+
 def client_level_epsilon(noise: float, releases: int, delta: float) -> float:
     """Client-level epsilon of ``releases`` Gaussian releases of a mean of clipped updates with
     noise multiplier ``noise`` (RDP, no amplification by client sampling: conservative)."""
@@ -187,10 +261,12 @@ def dp_train(
     device: torch.device,
     client_state: ClientState,
     extra_loss: Callable[[], torch.Tensor] | None = None,
+    ledger: Accountant | None = None,
 ) -> tuple[TrainResult | None, dict[str, float]]:
     """``train.local_steps`` DP-SGD steps with ``train.optimizer`` at learning rate ``lr`` (the
     counterpart of ``fedpeft.core.training.train_steps``). Returns (None, metrics) without training
-    when this round would exceed the client's budget."""
+    when this round would exceed the client's budget: the run's (history in ``client_state``),
+    or a device's lifetime budget when ``ledger`` is given."""
     priv, steps = cfg.privacy, cfg.train.local_steps
     params = trainable_tensors(adapter)
     optimizer = make_optimizer(list(params.values()), cfg.train.optimizer, lr,
@@ -200,18 +276,14 @@ def dp_train(
         warnings.warn(f"privacy.delta = {priv.delta:g} >= 1/n = {1 / n:.3g} for a client with "
                       f"{n} examples: such a delta allows leaking a whole record", stacklevel=2)
     q = sample_rate(n, cfg.train.batch_size)
-    sigma = noise_multiplier(priv, q, planned_rounds(cfg) * steps)
-    history = load_history(client_state, priv.accountant)
-    metrics = {"noise_multiplier": sigma, "sample_rate": q}
-    after = compose(history, sigma, q, steps)
-    epsilon = epsilon_of(after, priv.delta, priv.accountant)  # if this round is trained
-    if epsilon > priv.epsilon * (1 + _EPS_SLACK):
-        spent = epsilon_of(history, priv.delta, priv.accountant)
-        return None, {**metrics, "epsilon": spent, BUDGET_SPENT: 1.0}
-    result = _dp_steps(adapter.model, data, params, optimizer=optimizer, sigma=sigma, q=q,
+    accountant = ledger if ledger is not None else RunAccountant(client_state, priv)
+    spend = accountant.spend(q, steps, planned_rounds(cfg) * steps)  # recorded before training
+    metrics = {"noise_multiplier": spend.sigma, "sample_rate": q, "epsilon": spend.epsilon}
+    if not spend.granted:
+        return None, {**metrics, BUDGET_SPENT: 1.0}
+    result = _dp_steps(adapter.model, data, params, optimizer=optimizer, sigma=spend.sigma, q=q,
                        clip=priv.max_grad_norm, steps=steps, device=device, extra_loss=extra_loss)
-    save_history(client_state, after, priv.accountant)
-    return result, {**metrics, "epsilon": epsilon}
+    return result, metrics
 
 
 def _dp_steps(model: torch.nn.Module, data: Encoded, params: dict[str, torch.nn.Parameter], *,

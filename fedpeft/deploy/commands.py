@@ -43,7 +43,20 @@ from pathlib import Path
 
 import tomli_w
 
-from fedpeft.core.config import SECTIONS, ConfigError, FedConfig, apply_overrides, load_config
+from fedpeft.core.config import (
+    SECTIONS,
+    ConfigError,
+    FedConfig,
+    PrivacyConfig,
+    apply_overrides,
+    load_config,
+)
+from fedpeft.core.ledger import (
+    DEVICE_DELTA,
+    check_device_delta,
+    default_ledger_path,
+    device_privacy,
+)
 from fedpeft.core.runfiles import METRICS_FILE
 from fedpeft.deploy.certs import (
     MAX_DAYS,
@@ -487,7 +500,9 @@ class ClientOptions:
     label_column: str = "label"
     batch_size: int | None = None  # this device's own training profile (None: the run's)
     local_steps: int | None = None
-    epsilon: float | None = None  # this device's own DP-SGD budget
+    epsilon: float | None = None  # this device's own lifetime DP-SGD budget (the ledger's)
+    delta: float = DEVICE_DELTA  # this device's delta: a coordinator cannot make it larger
+    ledger: Path | None = None  # the privacy ledger (default: fedpeft.core.ledger's)
 
 
 _FATAL_HINTS = [  # (text in the SuperNode's log, what it means), least specific first
@@ -541,7 +556,12 @@ def _check_client_files(opts: ClientOptions) -> None:
         raise DeployError(f"--data {data}: no such file")
     if data.suffix.lower() not in (".csv", ".jsonl", ".json"):
         raise DeployError(f"--data {data}: expected a .csv or .jsonl file")
-    _check_data_columns(data, opts.text_column, opts.label_column)
+    rows = _check_data_columns(data, opts.text_column, opts.label_column)
+    try:
+        device_privacy(PrivacyConfig(), opts.epsilon, opts.delta)  # the delta's range
+        check_device_delta(opts.delta, rows)
+    except ConfigError as exc:
+        raise DeployError(f"--delta: {exc}") from None
     if opts.insecure:
         return
     if opts.ca is None or opts.key is None:
@@ -555,10 +575,10 @@ def _check_client_files(opts: ClientOptions) -> None:
         raise DeployError(str(exc)) from None
 
 
-def _check_data_columns(data: Path, text: str, label: str) -> None:
+def _check_data_columns(data: Path, text: str, label: str) -> int:
     """Before the device connects: its file parses, has rows and has its text and label columns
     (the labels are checked against the run's classes, which the coordinator sends, with the
-    first task)."""
+    first task). Returns the number of rows."""
     from fedpeft.core.data import read_user_file
 
     try:
@@ -572,6 +592,7 @@ def _check_data_columns(data: Path, text: str, label: str) -> None:
         raise DeployError(f"--data {data}: no {' or '.join(map(repr, missing))} column (columns "
                           f"found: {', '.join(map(str, frame.columns))}); name the file's columns "
                           "with --text-column / --label-column")
+    return len(frame)
 
 
 def supernode_command(opts: ClientOptions, home: Path, runtime_port: int) -> list[str]:
@@ -589,6 +610,8 @@ def supernode_command(opts: ClientOptions, home: Path, runtime_port: int) -> lis
         node["local-steps"] = int(opts.local_steps)
     if opts.epsilon is not None:
         node["epsilon"] = float(opts.epsilon)
+        node["ledger"] = str((opts.ledger or default_ledger_path()).resolve())
+    node["delta"] = float(opts.delta)
     (home / "node.toml").write_text(tomli_w.dumps(node))
     cmd = ["flower-supernode", "--superlink", opts.superlink, "--isolation", opts.isolation,
            "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config",
@@ -781,8 +804,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         max_wait_s=args.max_wait, isolation=args.isolation,
         allow_remote_code=args.allow_remote_code, text_column=args.text_column,
         label_column=args.label_column, batch_size=args.batch_size, local_steps=args.local_steps,
-        epsilon=args.epsilon)
-    if opts.epsilon is not None and not opts.epsilon > 0:
+        epsilon=args.epsilon, delta=args.delta, ledger=Path(args.ledger) if args.ledger else None)
+    if opts.epsilon is not None and not 0 < opts.epsilon < math.inf:
         print(f"fedpeft: error: --epsilon {opts.epsilon}: expected a positive number",
               file=sys.stderr)
         return EXIT_USAGE
@@ -876,8 +899,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="this device's optimizer steps per round (default: the run's "
                           "train.local_steps)")
     cli.add_argument("--epsilon", type=float,
-                     help="train under DP-SGD with this device's own budget (the run's delta "
-                          "and clipping norm), also when the run does not ask for DP")
+                     help="train under DP-SGD with this device's own lifetime budget, also when "
+                          "the run does not ask for DP; every run's spend is kept in --ledger "
+                          "and rounds beyond the budget are refused")
+    cli.add_argument("--delta", type=float, default=DEVICE_DELTA,
+                     help=f"this device's DP delta (default {DEVICE_DELTA:g}; must be below 1/n "
+                          "for its n examples); a run asking for a larger one gets this one")
+    cli.add_argument("--ledger", metavar="PATH",
+                     help="this device's privacy ledger, a JSON file it owns (default "
+                          "$FLWR_HOME/fedpeft/privacy-ledger.json, ~/.flwr without FLWR_HOME); "
+                          "one per dataset with its own budget")
     cli.add_argument("--rank", type=int, help="this device's LoRA rank (mixed-rank methods)")
     cli.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     cli.add_argument("--threads", type=int, default=0,
