@@ -31,6 +31,7 @@ from fedpeft.core.wire import (
     save_client_state,
     serialized_nbytes,
     to_array_record,
+    transmit,
     unpack_in_place,
     unpack_record,
 )
@@ -459,3 +460,15 @@ def test_fault_injection_corrupts_a_compressed_upload(kind: str,
         assert all(bool(torch.isnan(v).any()) for v in got.values())
     else:
         assert sorted(tuple(v.shape) for v in got.values()) == [(4, 6), (5, 4)]
+
+
+def test_transmit_is_the_flower_free_wire() -> None:
+    down, state = {"w": _randn(200, 100)}, ClientState()
+    received, down_bytes = transmit(Payload(down, {"s": 1}), filters=["fp16"])
+    assert received.scalars == {"s": 1} and received.tensors["w"].dtype == torch.float32
+    assert 0 < (received.tensors["w"] - down["w"]).abs().max() < 1e-2
+    upload = {"w": received.tensors["w"] + 0.1}
+    got, up_bytes = transmit(Payload(upload), filters=["topk:0.1", "sign"],
+                             reference=received.tensors, state=state)
+    assert int((got.tensors["w"] != received.tensors["w"]).sum()) == 2000
+    assert up_bytes < down_bytes / 8 and RESIDUAL_PREFIX + "w" in state.tensors

@@ -47,7 +47,7 @@ class PackError(ValueError):
 
 @dataclass
 class Packed:
-    buffer: np.ndarray  # uint8, every tensor's parts back to back
+    buffer: bytes  # every tensor's parts back to back
     manifest: bytes
     residuals: Tensors = field(default_factory=dict)  # error feedback (top-k chains), by key
 
@@ -83,7 +83,7 @@ def pack(tensors: Tensors, chain: Chain | None = None, *, reference: Tensors | N
         entries.append(entry)
     doc = {"v": VERSION, "chain": chain.specs, "t": entries}
     manifest = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)
-    return Packed(np.frombuffer(b"".join(chunks), dtype=np.uint8).copy(), manifest, kept)
+    return Packed(b"".join(chunks), manifest, kept)
 
 
 def _plan(key: str, value: torch.Tensor, chain: Chain, reference: Tensors,
@@ -121,7 +121,7 @@ class _Item:
     parts: list[tuple[np.dtype, int]]
 
 
-def unpack(buffer: np.ndarray, manifest: bytes, *, reference: Tensors | None = None) -> Tensors:
+def unpack(buffer: bytes, manifest: bytes, *, reference: Tensors | None = None) -> Tensors:
     """The tensors a packed payload holds, in their original dtypes and shapes. Raises
     :class:`PackError` on anything inconsistent, before allocating by a declared size."""
     chain, entries = read_manifest(manifest)
@@ -129,9 +129,9 @@ def unpack(buffer: np.ndarray, manifest: bytes, *, reference: Tensors | None = N
     if len({item.key for item in items}) != len(items):
         raise PackError("packed payload: a tensor key appears twice")
     total = sum(nbytes(item.parts) for item in items)
-    if buffer.dtype != np.uint8 or buffer.ndim != 1 or total != buffer.size:
+    if total != len(buffer):
         raise PackError(f"packed payload: the manifest describes {total} bytes, the buffer has "
-                        f"{buffer.size if buffer.dtype == np.uint8 else 'not'} bytes")
+                        f"{len(buffer)}")
     out: Tensors = {}
     offset = 0
     for item in items:

@@ -73,10 +73,9 @@ def payload_to_records(payload: Payload, extra: dict[str, Any] | None = None, *,
                        SCALARS: ConfigRecord(scalars)})
 
 
-def _packed_record(buffer: np.ndarray) -> ArrayRecord:
-    data = buffer.tobytes()
-    return ArrayRecord({"data": Array(dtype="uint8", shape=(len(data),), stype=BYTES_STYPE,
-                                      data=data)})
+def _packed_record(buffer: bytes) -> ArrayRecord:
+    return ArrayRecord({"data": Array(dtype="uint8", shape=(len(buffer),), stype=BYTES_STYPE,
+                                      data=buffer)})
 
 
 def residuals_of(state: ClientState) -> Tensors:
@@ -112,8 +111,7 @@ def unpack_record(content: RecordDict, *, reference: Tensors | None = None) -> T
             or tuple(array.shape) != (len(array.data),)):
         raise PackError(f"packed payload: a {array.dtype} array of shape {array.shape} and "
                         f"type {array.stype!r}, expected the flat {BYTES_STYPE} buffer")
-    buffer = np.frombuffer(array.data, dtype=np.uint8)
-    return unpack(buffer, manifest["m"], reference=reference)
+    return unpack(array.data, manifest["m"], reference=reference)
 
 
 def unpack_in_place(content: RecordDict, *, reference: Tensors | None = None) -> Tensors:
@@ -135,6 +133,15 @@ def replace_tensors(content: RecordDict, tensors: Tensors) -> None:
     packed = pack(tensors)
     content[PACKED] = _packed_record(packed.buffer)
     content[MANIFEST] = ConfigRecord({"m": packed.manifest})
+
+
+def transmit(payload: Payload, *, filters: Sequence[str] = (), reference: Tensors | None = None,
+             state: ClientState | None = None) -> tuple[Payload, int]:
+    """Send ``payload`` without Flower: what the receiver decodes and the message's bytes (for
+    the plain loop; same arguments as :func:`payload_to_records`, the same ``reference`` on both
+    sides)."""
+    content = payload_to_records(payload, filters=filters, reference=reference, state=state)
+    return records_to_payload(content, reference=reference), serialized_nbytes(content)
 
 
 def serialized_nbytes(obj: Any) -> int:
