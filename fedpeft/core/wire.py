@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedpeft.core.config import FedConfig
 from fedpeft.core.filters import parse_chain
-from fedpeft.core.packing import PackError, pack, unpack
+from fedpeft.core.packing import Packed, PackError, pack, unpack
 from fedpeft.core.payload import ClientState, Payload, Tensors
 
 TENSORS, SCALARS = "tensors", "scalars"  # TENSORS: per-key tensors (one Array each)
@@ -68,14 +68,13 @@ def payload_to_records(payload: Payload, extra: dict[str, Any] | None = None, *,
             del state.tensors[key]
         state.tensors.update({RESIDUAL_PREFIX + k: v for k, v in packed.residuals.items()})
     scalars = {**payload.scalars, **(extra or {})}
-    return RecordDict({PACKED: _packed_record(packed.buffer),
-                       MANIFEST: ConfigRecord({"m": packed.manifest}),
-                       SCALARS: ConfigRecord(scalars)})
+    return RecordDict({**_records(packed), SCALARS: ConfigRecord(scalars)})
 
 
-def _packed_record(buffer: bytes) -> ArrayRecord:
-    return ArrayRecord({"data": Array(dtype="uint8", shape=(len(buffer),), stype=BYTES_STYPE,
-                                      data=buffer)})
+def _records(packed: Packed) -> dict[str, ArrayRecord | ConfigRecord]:
+    data = Array(dtype="uint8", shape=(len(packed.buffer),), stype=BYTES_STYPE,
+                 data=packed.buffer)
+    return {PACKED: ArrayRecord({"data": data}), MANIFEST: ConfigRecord({"m": packed.manifest})}
 
 
 def residuals_of(state: ClientState) -> Tensors:
@@ -130,9 +129,8 @@ def replace_tensors(content: RecordDict, tensors: Tensors) -> None:
     for name in (TENSORS, PACKED, MANIFEST):
         if name in content:
             del content[name]
-    packed = pack(tensors)
-    content[PACKED] = _packed_record(packed.buffer)
-    content[MANIFEST] = ConfigRecord({"m": packed.manifest})
+    for name, record in _records(pack(tensors)).items():
+        content[name] = record
 
 
 def transmit(payload: Payload, *, filters: Sequence[str] = (), reference: Tensors | None = None,
