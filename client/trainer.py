@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from fedpeft.strategies import RANK_KEY, Method
+from fedpeft.strategies.base import learning_rate
 
 from fedpeft.core.config import FedConfig
 from fedpeft.core.payload import ClientState, Payload
@@ -40,9 +41,9 @@ def torch_seeded(parts: list[int], device: torch.device) -> Iterator[None]:
         yield
 
 
-def learning_rate(cfg: FedConfig, method: Method) -> float:
+def client_lr(cfg: FedConfig, method: Method) -> float:
     """``train.lr``, or the method's own default when it is 0."""
-    return cfg.train.lr or method.default_lr or 0.002
+    return learning_rate(cfg.train.lr, method)
 
 
 def client_round(
@@ -66,12 +67,13 @@ def client_round(
     adapter.model.to(device)
     adapter.reset_base()  # a shared model object: undo any base merge of another client/method
     method.load(adapter, downlink, client_state)
-    adapter.set_trainable(method.trainable(adapter))
+    spec = method.train_spec(adapter)
+    adapter.set_trainable(spec.keys)
     dp_metrics: dict[str, float] = {}
     if cfg.privacy.enabled:  # DP-SGD (fedpeft.core.privacy): checks the model, own sampling + noise
-        dp_result, dp_metrics = dp_train(adapter, data, cfg=cfg, lr=learning_rate(cfg, method),
+        dp_result, dp_metrics = dp_train(adapter, data, cfg=cfg, lr=client_lr(cfg, method),
                                          device=device, client_state=client_state, ledger=ledger,
-                                         extra_loss=method.extra_loss(adapter))
+                                         extra_loss=spec.extra_loss)
         if dp_result is None:  # this client's privacy budget is spent: no training, no upload
             return ClientResult(Payload(), 0, {**dp_metrics, "train_s": 0.0, "rank": float(rank),
                                                "client_s": time.perf_counter() - start,
@@ -79,14 +81,14 @@ def client_round(
         result = dp_result
     else:
         params = adapter.trainable_params()  # adapter tensors + base weights a method unfroze
-        optimizer = make_optimizer(params, cfg.train.optimizer, learning_rate(cfg, method),
+        optimizer = make_optimizer(params, cfg.train.optimizer, client_lr(cfg, method),
                                    cfg.train.weight_decay)
         rng = np.random.default_rng([cfg.federation.seed, server_round, partition_id])
         with torch_seeded([cfg.federation.seed, server_round, partition_id], device):
             result = train_steps(
                 adapter.model, data, steps=cfg.train.local_steps,
                 batch_size=cfg.train.batch_size, optimizer=optimizer, rng=rng, device=device,
-                extra_loss=method.extra_loss(adapter),
+                extra_loss=spec.extra_loss,
             )
     uplink = method.uplink(adapter, downlink, client_state)
     if cfg.privacy.client_level == "client-fixed":  # Flower's client-side fixed clipping

@@ -60,8 +60,9 @@ def _resume_target(args: argparse.Namespace) -> tuple[FedConfig, Path, int]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedpeft.run.launcher import run_simulation_app, write_app_dir
+    from fedpeft.run.launcher import hold_folder, run_simulation_app, write_app_dir
 
+    hold_folder(Path(args.resume or args.out or "runs/latest"))  # before a resume reads it
     done = -1
     if args.resume:
         cfg, out, done = _resume_target(args)

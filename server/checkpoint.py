@@ -168,7 +168,7 @@ def saved_config(out: Path) -> Path:
 def prepare_resume(out: Path, cfg: FedConfig) -> int:
     """Check that the run in ``out`` can continue under ``cfg``, drop the metrics rows of a round
     that did not finish, and return the last finished round (``simulate``/``server --resume``)."""
-    from fedpeft.run.reporting import MetricsLog
+    from fedpeft.server.reporting import MetricsLog
 
     ckpt = load_checkpoint(out)
     check_resumable(ckpt, cfg, out)

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from logging import WARNING
-from typing import TYPE_CHECKING
 
 import numpy as np
-from fedpeft.strategies import ClientProfile
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -42,16 +41,23 @@ from flwr.serverapp.strategy import (
 )
 
 from fedpeft.core.config import FedConfig
-from fedpeft.core.payload import Payload
-from fedpeft.core.privacy import client_level_epsilon, update_norm
-from fedpeft.core.wire import METRICS_RECORD, TENSORS, from_array_record, to_array_record
+from fedpeft.core.keys import NUM_EXAMPLES
+from fedpeft.core.payload import Payload, update_norm
+from fedpeft.core.privacy import client_level_epsilon
+from fedpeft.core.wire import (
+    MANIFEST,
+    METRICS_RECORD,
+    PACKED,
+    TENSORS,
+    from_array_record,
+    has_tensors,
+    to_array_record,
+    unpack_in_place,
+)
 
+from .rounds import RoundLoop
 from .validation import check_upload
 
-if TYPE_CHECKING:
-    from .app import FedPeftStrategy
-
-NUM_EXAMPLES = "num-examples"
 _NORM_SLACK = 1e-4  # float32 round-off when checking a client-clipped norm
 
 
@@ -59,20 +65,20 @@ def _np(tensors: dict) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
 
 
-class _Bridge(Strategy):
-    """What Flower's DP wrapper wraps: FedPeftStrategy with arrays out of ``aggregate_train``."""
+class MeanBridge(Strategy):
+    """What Flower's DP wrapper wraps: the fedpeft strategy, with the new mean returned as
+    arrays from ``aggregate_train`` (the wrapper noises them)."""
 
-    def __init__(self, inner: FedPeftStrategy, sampled: int) -> None:
-        self.inner, self.sampled = inner, sampled
+    def __init__(self, inner: Strategy, loop: RoundLoop, sampled: int) -> None:
+        self.inner, self.loop, self.sampled = inner, loop, sampled
 
     def global_tensors(self) -> dict:
-        """The downlink every client gets (the reference the updates are measured from)."""
-        inner = self.inner
-        return inner.method.downlink(inner.state, ClientProfile(0, inner.cfg.model.rank)).tensors
+        """The downlink every client gets (the reference the updates are measured from), as
+        the clients decode it."""
+        return self.loop.global_tensors()
 
     def set_global(self, tensors: dict) -> None:
-        state = self.inner.state
-        self.inner.state = Payload({**state.tensors, **tensors}, dict(state.scalars))
+        self.loop.set_global(tensors)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -107,13 +113,14 @@ class _Bridge(Strategy):
 
 
 class ClientLevelDP(Strategy):
-    """FedPeftStrategy under one of Flower's fixed-clipping DP wrappers (see the module doc)."""
+    """The fedpeft strategy under one of Flower's fixed-clipping DP wrappers (see the module
+    doc)."""
 
-    def __init__(self, inner: FedPeftStrategy, cfg: FedConfig) -> None:
+    def __init__(self, inner: Strategy, loop: RoundLoop, cfg: FedConfig) -> None:
         priv = cfg.privacy
         self.cfg, self.mode = cfg, priv.client_level
         self.sampled = min(cfg.federation.clients_per_round, cfg.federation.clients)
-        self.bridge = _Bridge(inner, self.sampled)
+        self.bridge = MeanBridge(inner, loop, self.sampled)
         wrapper = (DifferentialPrivacyServerSideFixedClipping if self.mode == "server-fixed"
                    else DifferentialPrivacyClientSideFixedClipping)
         self.dp = wrapper(self.bridge, noise_multiplier=priv.client_noise,
@@ -154,14 +161,17 @@ class ClientLevelDP(Strategy):
                    reference: dict[str, np.ndarray]) -> None:
         """Put a reply's tensors in the reference's key order (Flower pairs arrays by position);
         drop them when malformed, or over the bound in client-fixed mode (then rejected)."""
-        if reply.has_error() or not reply.has_content() or TENSORS not in reply.content:
+        if reply.has_error() or not reply.has_content() or not has_tensors(reply.content):
             return
-        record = reply.content[TENSORS]
-        tensors = from_array_record(record)
-        shapes = {k: tuple(v.shape) for k, v in reference.items()}
-        problem = check_upload(Payload(tensors), shapes)
+        sent = {k: torch.from_numpy(v) for k, v in reference.items()}
+        try:  # packed (and maybe compressed) tensors -> one Array per key, as Flower's helpers need
+            tensors = unpack_in_place(reply.content, reference=sent)
+            problem = check_upload(Payload(tensors), {k: tuple(v.shape) for k, v in sent.items()})
+        except ValueError as exc:
+            problem = f"undecodable payload: {exc}"
+        record = reply.content.get(TENSORS)
         if problem is None:
-            norm = update_norm(_np(tensors), reference)
+            norm = update_norm(tensors, sent)
             if self.mode == "client-fixed" and norm > self.cfg.privacy.client_clip * (
                     1 + _NORM_SLACK):
                 problem = f"update norm {norm:.4g} above privacy.client_clip"
@@ -170,7 +180,9 @@ class ClientLevelDP(Strategy):
         if problem is not None:
             log(WARNING, "round %d: client-level DP: reply from node %d not used: %s",
                 server_round, reply.metadata.src_node_id, problem)
-            del reply.content[TENSORS]
+            for name in (TENSORS, PACKED, MANIFEST):
+                if name in reply.content:
+                    del reply.content[name]
             return
         reply.content[TENSORS] = ArrayRecord({k: record[k] for k in reference})
 
@@ -186,8 +198,8 @@ class ClientLevelDP(Strategy):
         self.dp.summary()
 
 
-def with_client_dp(strategy: FedPeftStrategy, cfg: FedConfig) -> Strategy:
+def with_client_dp(strategy: Strategy, loop: RoundLoop, cfg: FedConfig) -> Strategy:
     """``strategy`` itself, or wrapped for client-level DP when ``privacy.client_level`` is on."""
     if cfg.privacy.client_level == "off":
         return strategy
-    return ClientLevelDP(strategy, cfg)
+    return ClientLevelDP(strategy, loop, cfg)

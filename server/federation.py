@@ -70,7 +70,7 @@ class EvalResult:
 def evaluate_global(cfg: FedConfig, method: Method, state: Payload, workspace: Workspace,
                     subset: int, export: bool = False) -> EvalResult:
     """Accuracy of the global model on the held-out split (or its fixed subset). ``export``:
-    of what ``adapter/`` holds instead (``method.global_adapter``), i.e. what ``fedpeft
+    of what ``adapter/`` holds instead (``method.export``), i.e. what ``fedpeft
     evaluate OUT/adapter`` reports."""
     start = time.perf_counter()
     device = resolve_device(cfg.train.device)
@@ -78,7 +78,7 @@ def evaluate_global(cfg: FedConfig, method: Method, state: Payload, workspace: W
     adapter.model.to(device)
     adapter.reset_base()
     if export:
-        adapter.load(method.global_adapter(state))
+        adapter.load(method.export(state).tensors)
     else:
         method.load_global(adapter, state)
     data = workspace.test_set(subset)

@@ -7,9 +7,8 @@ from collections.abc import Mapping
 
 import torch
 
-from fedpeft.core.payload import Payload, Tensors
-
-NUM_EXAMPLES = "num-examples"
+from fedpeft.core.keys import NUM_EXAMPLES
+from fedpeft.core.payload import Payload, Tensors, update_norm
 
 
 def check_upload(payload: Payload, expected: dict[str, tuple[int, ...]],
@@ -44,16 +43,30 @@ def check_upload(payload: Payload, expected: dict[str, tuple[int, ...]],
     return None
 
 
-def update_norm(tensors: Tensors, reference: Tensors) -> float:
-    """L2 norm of ``tensors`` minus ``reference`` (where a same-shaped reference exists)."""
-    total = 0.0
-    for key, tensor in tensors.items():
-        value = tensor.double()
-        sent = reference.get(key)
-        if sent is not None and sent.shape == tensor.shape:
-            value = value - sent.double()
-        total += float((value ** 2).sum())
-    return math.sqrt(total)
+# The largest magnitude a reply's metric may have: far above any real count, seconds or loss,
+# far below what overflows a float sum of a few thousand of them.
+MAX_METRIC = 1e15
+MAX_METRICS = 256  # keys in one reply's metrics record
+
+
+def check_metrics(metrics: Mapping[str, object] | None) -> tuple[dict[str, float], str | None]:
+    """A reply's metrics as plain floats, or the reason the reply must be rejected: every value
+    must be a finite number of bounded size (Flower's MetricRecord also allows lists: a client
+    of ours never sends one). Nothing in a reply is trusted."""
+    if metrics is None:
+        return {}, "no metrics record"
+    if len(metrics) > MAX_METRICS:
+        return {}, f"{len(metrics)} metrics (at most {MAX_METRICS})"
+    clean: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            return {}, f"metric key {key!r} is not a string"
+        if not isinstance(value, int | float):  # bool is an int: a flag
+            return {}, f"metric {key[:40]!r} is a {type(value).__name__}, not a number"
+        if not math.isfinite(value) or abs(value) > MAX_METRIC:
+            return {}, f"metric {key[:40]!r} = {value!r} is not a finite number of sane size"
+        clean[key] = float(value)
+    return clean, None
 
 
 def check_examples(metrics: Mapping[str, object] | None) -> str | None:

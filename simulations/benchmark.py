@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpeft.run.reporting import write_json_atomic
+from fedpeft.server.reporting import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "simulations" / "results" / "benchmark"
@@ -300,13 +300,15 @@ def run_plain_loop(clients: int, rounds: int, extra: list[str], work: Path,
         cmd += ["--set", item]
     work.mkdir(parents=True, exist_ok=True)
     code, _, sampler = _launch(cmd, work / f"plain-{clients}.log", None, timeout_s)
-    path = out / "plain_metrics.jsonl"
+    path = out / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     if code != 0 or len(rows) != rounds + 1:
         raise RuntimeError(f"plain loop failed (exit {code}); see {work}/plain-{clients}.log")
     return {
         "command": " ".join(cmd[1:]),
-        "round_s": [rows[k]["round_s"] for k in range(1, len(rows))],
+        # the same round loop as the Flower run: its wall time without the evaluation
+        "round_s": [rows[k]["wall_s"] - (rows[k].get("eval_s") or 0.0)
+                    for k in range(1, len(rows))],
         "train_s": [rows[k]["train_s"] for k in range(1, len(rows))],
         "eval_s": [r.get("eval_s") for r in rows],
         **sampler.memory(),

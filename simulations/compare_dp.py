@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedpeft.server.reporting import write_json_atomic
+
 from fedpeft.core.config import load_config
 from fedpeft.core.data import load_partition
 from fedpeft.core.privacy import noise_multiplier, planned_rounds, sample_rate
 from fedpeft.core.workspace import clear_workspaces
-from fedpeft.run.reporting import write_json_atomic
 from simulations.plain_loop import run_plain
 
 COMMON = [
@@ -70,7 +71,7 @@ def run_one(name: str, extra: list[str], runs_dir: Path) -> dict[str, Any]:
     # model, which the previous run's clients trained.
     clear_workspaces()
     started = time.perf_counter()
-    rows = run_plain(None, settings, log=True)
+    rows = run_plain(None, settings)
     result = {"run": name, "overrides": settings, "rows": rows,
               "wall_s": time.perf_counter() - started}
     runs_dir.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedpeft.server.reporting import human_bytes, write_json_atomic
 
-from fedpeft.run.reporting import human_bytes, write_json_atomic
 from simulations.compare_ranks import summarise as _summarise
 from simulations.plain_loop import run_plain
 
@@ -53,7 +53,7 @@ NAME = "compare_ferret"
 def run_one(name: str, extra: list[str], runs_dir: Path) -> dict[str, Any]:
     overrides = [*COMMON, *RUNS[name], *extra]
     started = time.perf_counter()
-    rows = run_plain(None, overrides, log=True, count_bytes=True)
+    rows = run_plain(None, overrides)
     result = {"method": name, "overrides": overrides, "rows": rows,
               "wall_s": time.perf_counter() - started}
     runs_dir.mkdir(parents=True, exist_ok=True)

@@ -24,11 +24,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedpeft.client.trainer import learning_rate
+from fedpeft.client.trainer import client_lr as method_lr
+from fedpeft.server.reporting import human_bytes, write_json_atomic
 from fedpeft.strategies import build_method
 
 from fedpeft.core.config import load_config
-from fedpeft.run.reporting import human_bytes, write_json_atomic
 from simulations.compare_ranks import summarise as summarise_rows
 from simulations.experiment import experiment_cli, save_figure, timed_run
 
@@ -63,7 +63,7 @@ def settings(split: str, method: str, extra: list[str]) -> list[str]:
 def client_lr(overrides: list[str]) -> float:
     """The learning rate the clients of a run train with (``train.lr`` or the method default)."""
     cfg = load_config(None, overrides)
-    return learning_rate(cfg, build_method(cfg))
+    return method_lr(cfg, build_method(cfg))
 
 
 def run_cached(split: str, method: str, extra: list[str], runs_dir: Path) -> None:

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedpeft.run.reporting import human_bytes, write_json_atomic
+from fedpeft.server.reporting import human_bytes, write_json_atomic
+
 from simulations.plain_loop import run_plain
 
 RANK_MIX = "2:0.3,8:0.5,16:0.2"
@@ -49,7 +50,7 @@ LABELS = {"hetlora": f"HetLoRA (ranks {RANK_MIX})", "flexlora": f"FlexLoRA (rank
 def run_one(name: str, extra: list[str], runs_dir: Path) -> dict[str, Any]:
     overrides = [*COMMON, *RUNS[name], *extra]
     started = time.perf_counter()
-    rows = run_plain(None, overrides, log=True, count_bytes=True)
+    rows = run_plain(None, overrides)
     result = {"method": name, "overrides": overrides, "rows": rows,
               "wall_s": time.perf_counter() - started}
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,7 @@ def per_rank_bytes(rows: list[dict]) -> dict[int, dict[str, float]]:
     acc: dict[int, list[tuple[int, int]]] = {}
     for row in rows:
         for c in row.get("client_bytes", []):
-            acc.setdefault(int(c["rank"]), []).append((c["down"], c["up"]))
+            acc.setdefault(int(c["rank"]), []).append((c["bytes_down"], c["bytes_up"]))
     return {rank: {"down": sum(d for d, _ in v) / len(v), "up": sum(u for _, u in v) / len(v),
                    "messages": len(v)} for rank, v in sorted(acc.items())}
 

@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from fedpeft.server.reporting import MetricsLog
 
 from fedpeft.core.data import RT_LABELS, rotten_tomatoes_path
 from fedpeft.deploy.certs import make_certs
 from fedpeft.deploy.commands import free_port, spawn, stop_all
 from fedpeft.run.launcher import Tracker
-from fedpeft.run.reporting import MetricsLog
 
 
 class ByteRelay:
@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> dict:
             trackers.append(spawn(
                 [*fedpeft, "client", "--superlink", f"127.0.0.1:{relay.port}", "--ca",
                  str(certs.ca_cert), "--key", str(certs.node_key(i)), "--data", str(path),
-                 "--threads", "1", "--max-wait", "10", "--isolation", args.isolation],
+                 "--threads", "1", "--max-wait", "10", "--isolation", args.isolation,
+                 *(["--allow-remote-code"] if args.isolation == "subprocess" else [])],
                 env, out / f"device-{i}.log"))
         server = trackers[0].proc
         seen = 0

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedpeft.server.reporting import write_json_atomic
+
 from fedpeft.core.workspace import clear_workspaces
-from fedpeft.run.reporting import write_json_atomic
 from simulations.plain_loop import run_plain
 
 RESULTS = Path("simulations/results")
@@ -31,7 +32,7 @@ def timed_run(overrides: list[str], path: Path, **fields: Any) -> dict[str, Any]
     would otherwise carry the previous run's training) and store rows, settings and wall time."""
     clear_workspaces()
     started = time.perf_counter()
-    rows = run_plain(None, overrides, log=True, count_bytes=True)
+    rows = run_plain(None, overrides)
     record = {**fields, "overrides": overrides, "rows": rows,
               "wall_s": time.perf_counter() - started}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """The yardstick: the same federated workload in one PyTorch process, no Flower and no Ray.
 
 What single-process research code does: one model, adapters swapped per client, clients trained
-back to back. Used by the performance benchmark and to pick the default experiment's settings.
+back to back. The server side is the product's own round loop (``server/rounds.py``): only the
+transport differs, so the benchmark measures Flower's overhead and nothing else.
 
     python simulations/plain_loop.py [CONFIG] --set federation.rounds=5 --out runs/plain
 """
@@ -9,101 +10,82 @@ back to back. Used by the performance benchmark and to pick the default experime
 from __future__ import annotations
 
 import argparse
-import json
-import time
+import tempfile
 from pathlib import Path
 
 from fedpeft.client.trainer import client_round
-from fedpeft.server.federation import (
-    client_profile,
-    eval_due,
-    eval_subset,
-    evaluate_global,
-    reported_rank,
-)
-from fedpeft.strategies import Upload, build_method
-from fedpeft.strategies.base import CLIENT_TIMINGS
+from fedpeft.server.reporting import MetricsLog
+from fedpeft.server.rounds import Reply, RoundLoop, run_rounds
+from fedpeft.strategies import Method, build_method
 
 from fedpeft.core.adapters import build_adapter_model
-from fedpeft.core.config import ConfigError, load_config
-from fedpeft.core.payload import ClientState, Payload
-from fedpeft.core.privacy import BUDGET_SPENT
-from fedpeft.core.sampling import sample_clients
-from fedpeft.core.wire import payload_to_records, serialized_nbytes
-from fedpeft.core.workspace import default_threads, get_workspace, set_torch_threads
+from fedpeft.core.config import ConfigError, FedConfig, load_config
+from fedpeft.core.keys import NUM_EXAMPLES
+from fedpeft.core.payload import ClientState
+from fedpeft.core.wire import transmit
+from fedpeft.core.workspace import Workspace, default_threads, get_workspace, set_torch_threads
 
 
-def run_plain(config: str | None, overrides: list[str], out: Path | None = None,
-              log: bool = True, count_bytes: bool = False) -> list[dict]:
-    """``count_bytes``: add ``bytes_down``/``bytes_up`` per round and ``client_bytes`` per client,
-    the Flower serialisation of each payload's records (the Flower run's messages also carry the
-    config record, ~1 KB each)."""
+class InProcessTransport:
+    """Clients called in this process, one after another, each with its own client state."""
+
+    def __init__(self, cfg: FedConfig, method: Method, workspace: Workspace) -> None:
+        self.cfg, self.method, self.workspace = cfg, method, workspace
+        self.states: dict[int, ClientState] = {}
+
+    def nodes(self) -> list[int]:
+        return list(range(self.cfg.federation.clients))
+
+    def train(self, loop: RoundLoop, rnd: int, attempt: int) -> dict:
+        replies, clients = [], []
+        comp = self.cfg.compression
+        for profile in loop.sample(rnd, attempt, self.nodes()):
+            state = self.states.setdefault(profile.partition_id, ClientState())
+            down, bytes_down = transmit(loop.downlink(profile), filters=comp.down)
+            res = client_round(self.cfg, self.method, self.workspace, down,
+                               partition_id=profile.partition_id, rank=profile.rank,
+                               server_round=rnd, client_state=state)
+            upload, bytes_up = None, 0  # a client whose DP budget is spent sends nothing
+            if res.payload.tensors:
+                upload, bytes_up = transmit(res.payload, filters=comp.up,
+                                            reference=down.tensors, state=state)
+            replies.append(Reply(profile, {**res.metrics, NUM_EXAMPLES: res.num_examples},
+                                 upload))
+            clients.append({"partition": profile.partition_id, "rank": profile.rank,
+                            "bytes_down": bytes_down, "bytes_up": bytes_up})
+        stats = loop.collect(rnd, replies)
+        return {**stats, "clients_sampled": len(replies), "clients_timed_out": 0,
+                "bytes_down": sum(c["bytes_down"] for c in clients),
+                "bytes_up": sum(c["bytes_up"] for c in clients), "client_bytes": clients}
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def restore_extra_state(self, data: dict) -> None:
+        return None
+
+
+def run_plain(config: str | None, overrides: list[str], out: Path | None = None) -> list[dict]:
+    """The run's metrics rows (as in ``metrics.jsonl``, bytes per round and per client
+    included: each message is encoded and decoded as on the wire); outputs go to ``out``
+    (default: a temporary folder)."""
     cfg = load_config(config, overrides)
-    set_torch_threads(default_threads())
-    method = build_method(cfg)
-    ws = get_workspace(cfg)
-    # A freshly built adapter, as the ServerApp does: the workspace's cached model may carry the
-    # training of an earlier run in this process (experiment scripts run several back to back).
-    pristine = build_adapter_model(cfg.model, ws.num_labels, cfg.model.rank)
-    state = method.init(pristine.state())
-    del pristine
-    states: dict[int, ClientState] = {}
-    ranks: dict[int, int] = {}  # ranks clients reported (rank pruning)
-    epsilon = 0.0
     if cfg.privacy.client_level != "off":
         raise ConfigError("privacy.client_level needs Flower's DP strategy wrappers: use "
                           "`fedpeft simulate` (this loop runs without Flower's strategies)")
-    rows = []
-    for rnd in range(cfg.federation.rounds + 1):
-        start = time.perf_counter()
-        row: dict = {"round": rnd}
-        if rnd > 0:
-            uploads, train_s = [], 0.0
-            fed = cfg.federation
-            for pid in sample_clients(fed.clients, fed.clients_per_round, fed.seed, rnd):
-                profile = client_profile(cfg, pid, reported_rank=ranks.get(pid))
-                down = method.downlink(state, profile)
-                res = client_round(
-                    cfg, method, ws, down, partition_id=pid,
-                    rank=profile.rank, server_round=rnd,
-                    client_state=states.setdefault(pid, ClientState()),
-                )
-                train_s += res.metrics["train_s"]
-                for key in CLIENT_TIMINGS:  # a method's own client timings (Ferret's)
-                    if key in res.metrics:
-                        row[key] = row.get(key, 0.0) + res.metrics[key]
-                epsilon = max(epsilon, res.metrics.get("epsilon", 0.0))
-                if res.metrics.get(BUDGET_SPENT):  # DP budget spent: it did not train
-                    row["clients_budget_spent"] = row.get("clients_budget_spent", 0) + 1
-                    continue
-                ranks[pid] = reported_rank(res.metrics) or profile.rank
-                if count_bytes:
-                    sizes = {"down": _nbytes(down), "up": _nbytes(res.payload)}
-                    row["bytes_down"] = row.get("bytes_down", 0) + sizes["down"]
-                    row["bytes_up"] = row.get("bytes_up", 0) + sizes["up"]
-                    row.setdefault("client_bytes", []).append(
-                        {"partition": pid, "rank": profile.rank, **sizes})
-                uploads.append(Upload(profile, res.payload, res.num_examples, res.metrics))
-            if uploads:
-                state = method.aggregate(state, uploads)
-            if cfg.privacy.enabled:
-                row["epsilon"] = epsilon  # the largest client epsilon so far
-            row.update(train_s=train_s, round_s=time.perf_counter() - start)
-        if eval_due(cfg, rnd):
-            ev = evaluate_global(cfg, method, state, ws, eval_subset(cfg, rnd))
-            row.update(accuracy=ev.accuracy, loss=ev.loss, eval_s=ev.seconds)
-        row["wall_s"] = time.perf_counter() - start
-        rows.append(row)
-        if log:
-            print(json.dumps(row), flush=True)
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "plain_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
-
-
-def _nbytes(payload: Payload) -> int:
-    return serialized_nbytes(payload_to_records(payload))
+    set_torch_threads(default_threads())
+    workspace = get_workspace(cfg)
+    method = build_method(cfg, num_labels=workspace.num_labels)
+    # A freshly built adapter, as the ServerApp does: the workspace's cached model may carry the
+    # training of an earlier run in this process (experiment scripts run several back to back).
+    pristine = build_adapter_model(cfg.model, workspace.num_labels, cfg.model.rank)
+    loop = RoundLoop(cfg, method, method.init(pristine.state()))
+    del pristine
+    transport = InProcessTransport(cfg, method, workspace)
+    with tempfile.TemporaryDirectory(prefix="fedpeft-plain-") as tmp:
+        folder = out or Path(tmp)
+        run_rounds(loop, transport, workspace, folder)
+        return MetricsLog.read(folder / "metrics.jsonl")
 
 
 def main() -> None:

@@ -1,15 +1,32 @@
 """The method interface: a federated method is pure tensor math with a server half and a client
-half. No Flower here: ``fedpeft.core.wire`` maps payloads to records, ``server``/``client``
-drive rounds.
+half. No Flower and no config here: ``server``/``client`` drive rounds, ``fedpeft.core.wire``
+carries payloads, and a method sees only a small :class:`MethodContext`.
 
-Server half:  init(template) -> state;  downlink(state, profile) -> payload;
-              aggregate(state, uploads) -> state;  global_adapter(state) -> tensors (eval/export).
-Client half:  load(model, payload, client_state);  trainable(model) -> keys;
-              uplink(model, payload, client_state) -> payload.
+Hooks (``aggregate`` is abstract; every other hook has a FedIT default):
+
+Server half
+    ``init(template) -> state``                      the global state from a fresh adapter
+    ``downlink(state, profile) -> payload``          what one client is sent
+    ``aggregate(state, uploads) -> state``           the next global state
+    ``expected_upload(state, profile) -> shapes``    keys and shapes a valid upload has
+    ``check_upload(state, profile, payload)``        a method-specific reason to reject one
+    ``load_global(model, state)``                    the global model, for server evaluation
+    ``export(state) -> Export``                      the adapter written to ``adapter/``
+Client half
+    ``load(model, payload, client_state)``           put the downlink into the local model
+    ``train_spec(model) -> TrainSpec``               which tensors train, an extra loss term
+    ``uplink(model, payload, client_state)``         what the client sends back
+    ``client_metrics(client_state) -> metrics``      per-round extras, e.g. timings
+
+Class attributes say what a method can do (``mixed_ranks``, ``client_dp``, ``dp_refusal``,
+``compression_refusal``), its default learning rate, its options dataclass and the names of
+the per-client timings it reports (``timings``), so that nothing outside ``strategies/`` needs
+to name a method.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,7 +35,14 @@ from typing import Any, ClassVar
 import torch
 
 from fedpeft.core.adapters import AdapterModel
-from fedpeft.core.config import ConfigError, FedConfig, federation_ranks, parse_dataclass
+from fedpeft.core.config import (
+    ConfigError,
+    FedConfig,
+    ModelConfig,
+    federation_ranks,
+    parse_dataclass,
+)
+from fedpeft.core.filters import compression_refusal
 from fedpeft.core.payload import ClientState, Payload, Scalar, Tensors
 
 __all__ = ["ClientState", "Payload", "Scalar", "Tensors"]
@@ -28,9 +52,27 @@ __all__ = ["ClientState", "Payload", "Scalar", "Tensors"]
 # sends that rank next time; a node's ``--node-config rank=N`` caps it (client/app.py).
 RANK_KEY = "fedpeft.rank"
 
-# Per-client seconds a method may report through ``Method.client_metrics`` (Ferret's random
-# projection and reconstruction); the server and the plain loop sum them per round like train_s.
-CLIENT_TIMINGS = ("project_s", "reconstruct_s")
+# The learning rate of a method that names none (train.lr = 0 and no ``default_lr``).
+FALLBACK_LR = 0.002
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may know of the run: seeds, LoRA shape, client ranks, the task's labels.
+    ``num_labels`` is None where the caller has not loaded the task (config checks)."""
+
+    seed: int
+    rank: int
+    alpha: float
+    client_ranks: tuple[int, ...]
+    model: ModelConfig
+    num_labels: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: FedConfig, num_labels: int | None = None) -> MethodContext:
+        return cls(seed=cfg.federation.seed, rank=cfg.model.rank, alpha=cfg.model.alpha,
+                   client_ranks=tuple(federation_ranks(cfg)), model=cfg.model,
+                   num_labels=num_labels)
 
 
 @dataclass(frozen=True)
@@ -51,31 +93,61 @@ class Upload:
 
 
 @dataclass
+class Export:
+    """The adapter written to ``adapter/``; ``note`` says why it is not the whole global model
+    (None: it is), and the server then scores the export too."""
+
+    tensors: Tensors
+    note: str | None = None
+
+
+@dataclass
+class TrainSpec:
+    """Local training: the adapter keys that train (None = all) and an optional regulariser
+    added to the task loss."""
+
+    keys: set[str] | None = None
+    extra_loss: Callable[[], torch.Tensor] | None = None
+
+
+@dataclass
 class NoOptions:
     """A method without options of its own."""
 
 
-class Method:
-    """Base class; subclasses override the hooks they need. Defaults implement FedIT's plumbing:
-    every adapter tensor travels both ways and all of them train."""
+class Method(abc.ABC):
+    """Base class of the federated methods; the module docstring lists the hooks."""
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
-    default_lr: ClassVar[float | None] = None  # used when train.lr = 0
+    default_lr: ClassVar[float] = FALLBACK_LR  # used when train.lr = 0
     mixed_ranks: ClassVar[bool] = False  # may clients hold different LoRA ranks?
-    # Sample-level DP-SGD ([privacy] enabled): sound for a client that trains its adapter with
-    # gradients (everything it uploads is post-processing of DP-SGD's output). A method that
-    # is not (or not yet checked) sets False and says why in ``dp_refusal``.
-    dp_compatible: ClassVar[bool] = True
+    # Sample-level DP-SGD ([privacy] enabled) is sound for a client that trains its adapter with
+    # gradients (everything it uploads is post-processing of DP-SGD's output); a method for which
+    # it is not says why here.
     dp_refusal: ClassVar[str] = ""
     # Client-level DP ([privacy] client_level): Flower's fixed-clipping wrappers clip each
     # client's update and noise the mean, which is sound only when the aggregate is a mean of
     # the uploads and every client gets the same downlink (the state's tensors of those keys).
     client_dp: ClassVar[bool] = False
+    # Lossy wire filters ([compression]) change the uploaded numbers; a method whose maths they
+    # would break says why here.
+    compression_refusal: ClassVar[str] = ""
+    # Per-client seconds this method reports through ``client_metrics``; the round loop sums
+    # them per round and the progress line and results table show them.
+    timings: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, options: Any, cfg: FedConfig) -> None:
+    def __init__(self, options: Any, ctx: MethodContext) -> None:
         self.options = options
-        self.cfg = cfg
+        self.ctx = ctx
+
+    @classmethod
+    def dp_compatible(cls) -> bool:
+        return not cls.dp_refusal
+
+    @classmethod
+    def compressible(cls) -> bool:
+        return not cls.compression_refusal
 
     # ---- server half -------------------------------------------------------------------
     def init(self, template: Tensors) -> Payload:
@@ -84,22 +156,13 @@ class Method:
     def downlink(self, state: Payload, profile: ClientProfile) -> Payload:
         return Payload(state.tensors)
 
+    @abc.abstractmethod
     def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
-        raise NotImplementedError
+        """The next global state from the round's validated uploads (at least one)."""
 
-    def global_adapter(self, state: Payload) -> Tensors:
-        """The global adapter at the configured rank (``model.rank``), for export."""
-        return state.tensors
-
-    def export_loss(self, state: Payload) -> str | None:
-        """Why ``global_adapter`` is not the whole global model (None: it is). The server then
-        scores the export too and says so, since ``fedpeft evaluate`` sees only the export."""
-        return None
-
-    def load_global(self, model: AdapterModel, state: Payload) -> None:
-        """Put the global model into ``model`` for server-side evaluation. Methods whose global
-        model is more than an adapter (FLoRA's merged base, Ferret's full weights) override it."""
-        model.load(self.global_adapter(state))
+    def expected_upload(self, state: Payload, profile: ClientProfile) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes a well-formed upload from ``profile`` must have (for validation)."""
+        return {k: tuple(v.shape) for k, v in self.downlink(state, profile).tensors.items()}
 
     def check_upload(self, state: Payload, profile: ClientProfile,
                      payload: Payload) -> str | None:
@@ -107,29 +170,34 @@ class Method:
         checks (keys, shapes, dtypes, finite values, norm bound) have passed already."""
         return None
 
-    def expected_upload(self, state: Payload, profile: ClientProfile) -> dict[str, tuple[int, ...]]:
-        """Keys and shapes a well-formed upload from ``profile`` must have (for validation)."""
-        return {k: tuple(v.shape) for k, v in self.downlink(state, profile).tensors.items()}
+    def load_global(self, model: AdapterModel, state: Payload) -> None:
+        """Put the global model into ``model`` for server-side evaluation. Methods whose global
+        model is more than an adapter (FLoRA's merged base, Ferret's full weights) override it."""
+        model.load(self.export(state).tensors)
+
+    def export(self, state: Payload) -> Export:
+        """The global adapter at the configured rank (``model.rank``), for ``adapter/``."""
+        return Export(state.tensors)
 
     # ---- client half -------------------------------------------------------------------
     def load(self, model: AdapterModel, payload: Payload, client_state: ClientState) -> None:
         model.load(payload.tensors)
 
-    def trainable(self, model: AdapterModel) -> set[str] | None:
-        """Keys to train (None = all adapter tensors)."""
-        return None
-
-    def extra_loss(self, model: AdapterModel) -> Callable[[], torch.Tensor] | None:
-        """An optional regulariser added to the task loss during local training."""
-        return None
+    def train_spec(self, model: AdapterModel) -> TrainSpec:
+        return TrainSpec()
 
     def uplink(self, model: AdapterModel, payload: Payload, client_state: ClientState) -> Payload:
         return Payload(model.state())
 
     def client_metrics(self, client_state: ClientState) -> dict[str, float]:
-        """Extra per-round client metrics (e.g. Ferret's ``project_s``), reported next to
-        ``train_s``; called once after ``uplink``."""
+        """Extra per-round client metrics (the names in ``timings``, for instance), called once
+        after ``uplink``."""
         return {}
+
+
+def learning_rate(train_lr: float, method: Method | type[Method]) -> float:
+    """The client learning rate: ``train.lr``, or the method's default when it is 0."""
+    return train_lr or method.default_lr
 
 
 def weighted_mean(uploads: Iterable[Upload], keys: Iterable[str],
@@ -161,7 +229,7 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
     return wrap
 
 
-def build_method(cfg: FedConfig) -> Method:
+def build_method(cfg: FedConfig, num_labels: int | None = None) -> Method:
     """Look up ``method.name`` and validate its options (unknown keys and bad values refused)."""
     name = cfg.method.name
     if name not in METHODS:
@@ -170,16 +238,16 @@ def build_method(cfg: FedConfig) -> Method:
     options = parse_dataclass(cls.Options, cfg.method.options, "method")
     check_ranks(cls, cfg)
     check_privacy(cls, cfg)
-    return cls(options, cfg)
+    check_compression(cls, cfg)
+    return cls(options, MethodContext.from_config(cfg, num_labels))
 
 
 def check_privacy(cls: type[Method], cfg: FedConfig) -> None:
     """Refuse [privacy] settings a method cannot honour soundly, with the reason."""
     priv = cfg.privacy
-    if priv.enabled and not cls.dp_compatible:
-        reason = cls.dp_refusal or "its client does not train the adapter with gradients"
+    if priv.enabled and cls.dp_refusal:
         raise ConfigError(f"privacy.enabled = true is not supported with method.name = "
-                          f"{cls.name!r}: {reason}")
+                          f"{cls.name!r}: {cls.dp_refusal}")
     if priv.client_level != "off" and not cls.client_dp:
         able = ", ".join(n for n, c in METHODS.items() if c.client_dp) or "none registered"
         raise ConfigError(
@@ -188,6 +256,13 @@ def check_privacy(cls: type[Method], cfg: FedConfig) -> None:
             f"{cls.name!r} aggregates otherwise, so clipped-and-noised means would not bound "
             "one client's influence"
         )
+
+
+def check_compression(cls: type[Method], cfg: FedConfig) -> None:
+    """Refuse lossy wire filters a method's maths cannot take, with the method's reason."""
+    problem = compression_refusal(cls, cfg.compression.up, cfg.compression.down)
+    if problem:
+        raise ConfigError(problem)
 
 
 def check_ranks(cls: type[Method], cfg: FedConfig) -> None:
@@ -209,8 +284,13 @@ def method_help() -> str:
     for name, cls in METHODS.items():
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # 1st paragraph
         lines.append(f"{name}: {doc}")
+        lines.append(f"    default lr {cls.default_lr:g} (when train.lr = 0)")
         for f in dataclasses.fields(cls.Options):
             default = (f.default_factory() if f.default is dataclasses.MISSING  # type: ignore[misc]
                        else f.default)
             lines.append(f"    method.{f.name} = {default!r}  {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(METHODS)

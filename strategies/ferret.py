@@ -67,9 +67,20 @@ from dataclasses import dataclass
 import torch
 
 from fedpeft.core.adapters import AdapterModel, build_adapter_model
-from fedpeft.core.config import FedConfig, ModelConfig, option
+from fedpeft.core.config import ModelConfig, option
 
-from .base import ClientProfile, ClientState, Method, Payload, Tensors, Upload, register
+from .base import (
+    ClientProfile,
+    ClientState,
+    Export,
+    Method,
+    MethodContext,
+    Payload,
+    Tensors,
+    TrainSpec,
+    Upload,
+    register,
+)
 from .lowrank import seed_of, weights_by_examples
 
 COEF, DELTA = "ferret.coef", "ferret.delta"
@@ -237,16 +248,6 @@ def apply_global(model: AdapterModel, delta: torch.Tensor, pristine: AdapterMode
     model.load(adapter)
 
 
-_CACHE: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()  # (run, round) -> D_round
-
-
-def _remember(run: int, rnd: int, delta: torch.Tensor) -> None:
-    _CACHE[(run, rnd)] = delta
-    _CACHE.move_to_end((run, rnd))
-    while len(_CACHE) > CACHE_ROUNDS:
-        _CACHE.popitem(last=False)
-
-
 def hist_key(rnd: int) -> str:
     return f"{COEF}.{rnd}"
 
@@ -262,23 +263,40 @@ class Ferret(Method):
 
     Options = FerretOptions
     default_lr = 5e-5  # AdamW on full weights: 1e-4 measured worse (noisier reconstructions)
-    dp_compatible = False
     dp_refusal = ("ferret trains base-model weights, which fedpeft's DP-SGD (Opacus over the "
                   "adapter tensors) does not cover")
 
-    def __init__(self, options: FerretOptions, cfg: FedConfig) -> None:
-        super().__init__(options, cfg)
-        self.seed = options.seed if options.seed >= 0 else cfg.federation.seed
+    compression_refusal = ("its uploads are random-projection coefficients that every party "
+                           "expands with shared seeds; a lossy filter would corrupt every "
+                           "reconstruction")
+    timings = ("project_s", "reconstruct_s")
+
+    def __init__(self, options: FerretOptions, ctx: MethodContext) -> None:
+        super().__init__(options, ctx)
+        self.seed = options.seed if options.seed >= 0 else ctx.seed
         self._before: tuple[int, torch.Tensor] | None = None  # (id(model), W before training)
+        # Recent global states (run, round) -> D_round, shared by every client this process
+        # runs: in simulation one reconstruction per round serves them all.
+        self._cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+
+    def _remember(self, run: int, rnd: int, delta: torch.Tensor) -> None:
+        self._cache[(run, rnd)] = delta
+        self._cache.move_to_end((run, rnd))
+        while len(self._cache) > CACHE_ROUNDS:
+            self._cache.popitem(last=False)
+
+    def clear_cache(self) -> None:
+        """Forget the held global states (every client then reconstructs on its own)."""
+        self._cache.clear()
 
     def _pristine_for(self, model: AdapterModel) -> AdapterModel:
-        return pristine_model(self.cfg.model, int(model.model.config.num_labels), model.rank)
+        return pristine_model(self.ctx.model, int(model.model.config.num_labels), model.rank)
 
     def _server_pristine(self) -> AdapterModel:
-        from fedpeft.core.workspace import get_workspace
-
-        return pristine_model(self.cfg.model, get_workspace(self.cfg).num_labels,
-                              self.cfg.model.rank)
+        if self.ctx.num_labels is None:
+            raise RuntimeError("ferret: the server half needs the task's number of labels "
+                               "(build_method(cfg, num_labels=...))")
+        return pristine_model(self.ctx.model, self.ctx.num_labels, self.ctx.rank)
 
     def _apply(self, model: AdapterModel, delta: torch.Tensor, trainable: bool) -> None:
         opts = self.options
@@ -336,11 +354,11 @@ class Ferret(Method):
         for upload in uploads:
             if SYNCED in upload.payload.scalars:
                 scalars[client_key(upload.profile)] = int(upload.payload.scalars[SYNCED])
-        _remember(int(state.scalars[RUN]), now, tensors[DELTA])
+        self._remember(int(state.scalars[RUN]), now, tensors[DELTA])
         return Payload(tensors, scalars)
 
-    def global_adapter(self, state: Payload) -> Tensors:
-        """Export: the adapter tensors of the global model (under ``full``: the trained head and
+    def export(self, state: Payload) -> Export:
+        """The adapter tensors of the global model (under ``full``: the trained head and
         the untouched LoRA init; the base-weight updates stay in the checkpoint's
         ``ferret.delta``, since a LoRA adapter cannot hold a full-rank update)."""
         pristine = self._server_pristine()
@@ -351,13 +369,11 @@ class Ferret(Method):
             if not tgt.name.startswith(BASE):
                 out[tgt.name] = out[tgt.name] + delta[tgt.offset:tgt.offset + tgt.numel].view(
                     tgt.shape)
-        return out
-
-    def export_loss(self, state: Payload) -> str | None:
         if self.options.target != "full":
-            return None
-        return ("a LoRA adapter cannot hold Ferret's full-weight updates: adapter/ has the trained "
-                "head only; the weight updates are in checkpoint/ (ferret.delta)")
+            return Export(out)
+        return Export(out, note="a LoRA adapter cannot hold Ferret's full-weight updates: "
+                      "adapter/ has the trained head only; the weight updates are in "
+                      "checkpoint/ (ferret.delta)")
 
     def load_global(self, model: AdapterModel, state: Payload) -> None:
         self._apply(model, state.tensors[DELTA], trainable=False)
@@ -367,7 +383,7 @@ class Ferret(Method):
         start = time.perf_counter()
         run, now = int(payload.scalars[RUN]), int(payload.scalars[ROUND])
         delta = self._global_delta(model, payload, client_state)
-        _remember(run, now, delta)
+        self._remember(run, now, delta)
         client_state.tensors[DELTA] = delta
         client_state.values.update({RUN: run, SYNCED: now})
         self._apply(model, delta, trainable=True)
@@ -379,11 +395,11 @@ class Ferret(Method):
                       client_state: ClientState) -> torch.Tensor:
         """D_now from the cache, the dense downlink, or a held D_s plus rounds s+1..now."""
         run, now, first = (int(payload.scalars[k]) for k in (RUN, ROUND, FROM))
-        if (run, now) in _CACHE:
-            return _CACHE[(run, now)]
+        if (run, now) in self._cache:
+            return self._cache[(run, now)]
         if DELTA in payload.tensors:
             return payload.tensors[DELTA].to(torch.float32).clone()
-        held = {r: d for (c_run, r), d in _CACHE.items() if c_run == run and first <= r < now}
+        held = {r: d for (c_run, r), d in self._cache.items() if c_run == run and first <= r < now}
         synced = int(client_state.values.get(SYNCED, -1))
         if client_state.values.get(RUN) == run and first <= synced <= now:
             held.setdefault(synced, client_state.tensors[DELTA])
@@ -402,10 +418,11 @@ class Ferret(Method):
                                 self.options.block_size, self.options.server_lr)
         return delta
 
-    def trainable(self, model: AdapterModel) -> set[str] | None:
+    def train_spec(self, model: AdapterModel) -> TrainSpec:
         """The adapter tensors among the targets (base weights were unfrozen by ``load``)."""
-        return {k for k in select_targets(model, self.options.target, self.options.modules)
-                if not k.startswith(BASE)}
+        return TrainSpec(keys={k for k in select_targets(model, self.options.target,
+                                                         self.options.modules)
+                               if not k.startswith(BASE)})
 
     def uplink(self, model: AdapterModel, payload: Payload, client_state: ClientState) -> Payload:
         start = time.perf_counter()
@@ -421,8 +438,9 @@ class Ferret(Method):
         return Payload({COEF: coefs}, {BASIS: basis_round, SYNCED: int(payload.scalars[ROUND])})
 
     def client_metrics(self, client_state: ClientState) -> dict[str, float]:
-        return {"project_s": float(client_state.values.pop(PROJECT_S, 0.0)),
-                "reconstruct_s": float(client_state.values.pop(RECONSTRUCT_S, 0.0))}
+        held = (PROJECT_S, RECONSTRUCT_S)  # ClientState keys of the two timings
+        return {name: float(client_state.values.pop(key, 0.0))
+                for name, key in zip(self.timings, held, strict=True)}
 
 
 def uplink_nbytes(num_coefs: int, header: int) -> int:

@@ -22,14 +22,16 @@ from dataclasses import dataclass
 import torch
 
 from fedpeft.core.adapters import AdapterModel, lora_pairs
-from fedpeft.core.config import ConfigError, FedConfig, option
+from fedpeft.core.config import ConfigError, option
 
 from .base import (
     ClientProfile,
     ClientState,
     Method,
+    MethodContext,
     Payload,
     Tensors,
+    TrainSpec,
     Upload,
     register,
     weighted_mean,
@@ -99,9 +101,9 @@ class FFALoRA(Method):
     default_lr = 0.02
     client_dp = True  # a weighted mean of the uploads (B, head), the same downlink for all
 
-    def __init__(self, options: FFAOptions, cfg: FedConfig) -> None:
-        super().__init__(options, cfg)
-        self.seed = options.seed if options.seed >= 0 else cfg.federation.seed
+    def __init__(self, options: FFAOptions, ctx: MethodContext) -> None:
+        super().__init__(options, ctx)
+        self.seed = options.seed if options.seed >= 0 else ctx.seed
 
     # ---- server half -------------------------------------------------------------------
     def init(self, template: Tensors) -> Payload:
@@ -129,9 +131,6 @@ class FFALoRA(Method):
         tensors.update(weighted_mean(uploads, self._sent_keys(state)))
         return Payload(tensors, dict(state.scalars))
 
-    def global_adapter(self, state: Payload) -> Tensors:
-        return state.tensors
-
     # ---- client half -------------------------------------------------------------------
     def load(self, model: AdapterModel, payload: Payload, client_state: ClientState) -> None:
         if SEED_KEY not in payload.scalars:
@@ -142,10 +141,15 @@ class FFALoRA(Method):
                                 model.params[frozen[0]].dtype)
         model.load({**payload.tensors, **shared})
 
-    def trainable(self, model: AdapterModel) -> set[str] | None:
-        frozen = set(a_keys(list(model.params)))
-        return {k for k in model.params if k not in frozen}
+    def train_spec(self, model: AdapterModel) -> TrainSpec:
+        return TrainSpec(keys=_trained_keys(model))
 
     def uplink(self, model: AdapterModel, payload: Payload, client_state: ClientState) -> Payload:
-        keys = self.trainable(model) or set()
+        keys = _trained_keys(model)
         return Payload({k: v for k, v in model.state().items() if k in keys})
+
+
+def _trained_keys(model: AdapterModel) -> set[str]:
+    """B and the head: every adapter tensor but the frozen A factors."""
+    frozen = set(a_keys(list(model.params)))
+    return {k for k in model.params if k not in frozen}

@@ -19,7 +19,7 @@ import torch
 
 from fedpeft.core.adapters import AdapterModel
 
-from .base import ClientProfile, Method, Payload, Upload, register
+from .base import ClientProfile, Export, Method, Payload, Upload, register
 from .lowrank import (
     Layer,
     adapter_layers,
@@ -50,7 +50,7 @@ class FlexLoRA(Method):
                 for i, name in enumerate(names)]
 
     def _fill(self, layer: Layer, rank: int) -> torch.Tensor:
-        return init_a(rank, layer.d_in, seed_of(self.cfg.federation.seed, layer.index, 43))
+        return init_a(rank, layer.d_in, seed_of(self.ctx.seed, layer.index, 43))
 
     # ---- server half ---------------------------------------------------------------------
     def init(self, template: dict[str, torch.Tensor]) -> Payload:
@@ -63,7 +63,7 @@ class FlexLoRA(Method):
 
     def factors_for(self, state: Payload, rank: int) -> dict[str, torch.Tensor]:
         """B = U_r Sigma_r / s_r and A = V_r^T per layer (seeded A rows past K, with B = 0)."""
-        s = scale(self.cfg.model.alpha, rank)
+        s = scale(self.ctx.alpha, rank)
         out = {}
         for layer in self.layers(state):
             us, vh = state.tensors[US + layer.name], state.tensors[VH + layer.name]
@@ -83,20 +83,18 @@ class FlexLoRA(Method):
         weights = weights_by_examples([u.num_examples for u in uploads])
         tensors = average_head([head_of(u.payload.tensors) for u in uploads], weights)
         for layer in self.layers(state):
-            w_g = aggregate_product(layer, uploads, weights, self.cfg.model.alpha)
+            w_g = aggregate_product(layer, uploads, weights, self.ctx.alpha)
             total_rank = sum(int(u.payload.tensors[layer.a_key].shape[0]) for u in uploads)
             us, vh = truncated_svd(w_g, total_rank)
             dtype = state.tensors[US + layer.name].dtype
             tensors[US + layer.name], tensors[VH + layer.name] = us.to(dtype), vh.to(dtype)
         return Payload(tensors, dict(state.scalars))
 
-    def global_adapter(self, state: Payload) -> dict[str, torch.Tensor]:
-        """Export: the rank-``model.rank`` truncation of W_g (the full W_g has a higher rank)."""
-        return {**head_of(state.tensors), **self.factors_for(state, self.cfg.model.rank)}
-
-    def export_loss(self, state: Payload) -> str | None:
-        return (f"adapter/ holds the rank-{self.cfg.model.rank} truncated SVD of FlexLoRA's "
-                "aggregate update, whose rank is higher")
+    def export(self, state: Payload) -> Export:
+        """The rank-``model.rank`` truncation of W_g (the full W_g has a higher rank)."""
+        return Export({**head_of(state.tensors), **self.factors_for(state, self.ctx.rank)},
+                      note=f"adapter/ holds the rank-{self.ctx.rank} truncated SVD of FlexLoRA's "
+                      "aggregate update, whose rank is higher")
 
     def load_global(self, model: AdapterModel, state: Payload) -> None:
         deltas = {layer.name: state.tensors[US + layer.name].double()

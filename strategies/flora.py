@@ -31,7 +31,7 @@ import torch
 
 from fedpeft.core.adapters import AdapterModel
 
-from .base import ClientProfile, ClientState, Method, Payload, Upload, register
+from .base import ClientProfile, ClientState, Export, Method, Payload, Upload, register
 from .lowrank import (
     Layer,
     adapter_layers,
@@ -64,6 +64,9 @@ class FLoRA(Method):
     re-initialise their own-rank adapter every round."""
 
     mixed_ranks = True
+    compression_refusal = ("the server stacks the clients' exact factors into a product of "
+                           "rank sum(r_k); quantised or sparsified factors would put their errors "
+                           "straight into every client's merged base")
 
     @staticmethod
     def layers(tensors: dict[str, torch.Tensor]) -> list[Layer]:
@@ -84,7 +87,7 @@ class FLoRA(Method):
         synced = int(state.scalars.get(client_key(profile), 0))
         tensors = dict(head_of(state.tensors))
         scalars = {ROUND: now, FROM: synced,
-                   SEED: seed_of(self.cfg.federation.seed, now, profile.partition_id, 47)}
+                   SEED: seed_of(self.ctx.seed, now, profile.partition_id, 47)}
         if synced < now:
             missing = list(range(synced + 1, now + 1))
             layers = self.layers(state.tensors)
@@ -109,7 +112,7 @@ class FLoRA(Method):
         tensors = {k: v for k, v in state.tensors.items() if k not in head_of(state.tensors)}
         tensors.update(average_head([head_of(u.payload.tensors) for u in uploads], weights))
         for layer in layers:
-            b_stack, a_stack = stack(layer, uploads, weights, self.cfg.model.alpha)
+            b_stack, a_stack = stack(layer, uploads, weights, self.ctx.alpha)
             delta = state.tensors[DELTA + layer.name]
             tensors[DELTA + layer.name] = (delta.double() + b_stack @ a_stack).to(delta.dtype)
             tensors[hist_key(now, "B", layer.name)] = b_stack.to(delta.dtype)
@@ -122,24 +125,22 @@ class FLoRA(Method):
                 scalars[client_key(upload.profile)] = int(upload.payload.scalars[SYNCED])
         return Payload(tensors, scalars)
 
-    def global_adapter(self, state: Payload) -> dict[str, torch.Tensor]:
-        """Export: the rank-``model.rank`` truncated SVD of the merged update (an approximation:
+    def export(self, state: Payload) -> Export:
+        """The rank-``model.rank`` truncated SVD of the merged update (an approximation:
         FLoRA's global model is W0 + a dense update, which a LoRA adapter cannot hold exactly)."""
-        s = scale(self.cfg.model.alpha, self.cfg.model.rank)
+        s = scale(self.ctx.alpha, self.ctx.rank)
         out = dict(head_of(state.tensors))
         for layer in self.layers(state.tensors):
             delta = state.tensors[DELTA + layer.name]
-            us, vh = truncated_svd(delta, self.cfg.model.rank)
-            rank = self.cfg.model.rank
+            us, vh = truncated_svd(delta, self.ctx.rank)
+            rank = self.ctx.rank
             b = torch.zeros(layer.d_out, rank, dtype=torch.float64)
             a = torch.zeros(rank, layer.d_in, dtype=torch.float64)
             b[:, : us.shape[1]], a[: vh.shape[0]] = us / s, vh
             out[layer.b_key], out[layer.a_key] = b.to(delta.dtype), a.to(delta.dtype)
-        return out
-
-    def export_loss(self, state: Payload) -> str | None:
-        return (f"adapter/ holds the rank-{self.cfg.model.rank} truncated SVD of FLoRA's merged "
-                "update (base + every round's stacked product), which is dense")
+        return Export(out, note=f"adapter/ holds the rank-{self.ctx.rank} truncated SVD of "
+                      "FLoRA's merged update (base + every round's stacked product), which is "
+                      "dense")
 
     def load_global(self, model: AdapterModel, state: Payload) -> None:
         deltas = {layer.name: state.tensors[DELTA + layer.name]

@@ -28,9 +28,19 @@ from dataclasses import dataclass
 import torch
 
 from fedpeft.core.adapters import AdapterModel
-from fedpeft.core.config import federation_ranks, option
+from fedpeft.core.config import option
 
-from .base import RANK_KEY, ClientProfile, ClientState, Method, Payload, Upload, register
+from .base import (
+    RANK_KEY,
+    ClientProfile,
+    ClientState,
+    Export,
+    Method,
+    Payload,
+    TrainSpec,
+    Upload,
+    register,
+)
 from .lowrank import (
     Layer,
     adapter_layers,
@@ -66,11 +76,11 @@ class HetLoRA(Method):
     # ---- units ---------------------------------------------------------------------------
     def unit(self, rank: int) -> float:
         """Factor to go from a rank-``rank`` client's factors to the stored global units."""
-        return math.sqrt(scale(self.cfg.model.alpha, rank)) if self.options.rescale else 1.0
+        return math.sqrt(scale(self.ctx.alpha, rank)) if self.options.rescale else 1.0
 
     def _fill(self, layer: Layer, rank: int) -> torch.Tensor:
         """Initial A rows for a layer (rows past the global rank when it has to grow)."""
-        return init_a(rank, layer.d_in, seed_of(self.cfg.federation.seed, layer.index, 41))
+        return init_a(rank, layer.d_in, seed_of(self.ctx.seed, layer.index, 41))
 
     def global_rank(self, state: Payload) -> int:
         layer = adapter_layers(state.tensors)[0]
@@ -78,7 +88,7 @@ class HetLoRA(Method):
 
     # ---- server half ---------------------------------------------------------------------
     def init(self, template: dict[str, torch.Tensor]) -> Payload:
-        rank = max([*federation_ranks(self.cfg), self.cfg.model.rank])
+        rank = max([*self.ctx.client_ranks, self.ctx.rank])
         tensors = dict(head_of(template))
         for layer in adapter_layers(template):
             a = self._fill(layer, rank) * self.unit(rank)
@@ -129,21 +139,20 @@ class HetLoRA(Method):
             tensors[layer.a_key] = new_a.to(state.tensors[layer.a_key].dtype)
         return Payload(tensors, dict(state.scalars))
 
-    def global_adapter(self, state: Payload) -> dict[str, torch.Tensor]:
+    def export(self, state: Payload) -> Export:
         """The global factors truncated to model.rank (lossless when model.rank >= R)."""
-        return {**head_of(state.tensors), **self.factors_for(state, self.cfg.model.rank)}
-
-    def export_loss(self, state: Payload) -> str | None:
-        if self.cfg.model.rank >= self.global_rank(state):
-            return None
-        return (f"adapter/ holds the global factors truncated to model.rank = "
-                f"{self.cfg.model.rank}; the global adapter has rank {self.global_rank(state)} "
-                "(set model.rank to the largest client rank for an exact export)")
+        tensors = {**head_of(state.tensors), **self.factors_for(state, self.ctx.rank)}
+        if self.ctx.rank >= self.global_rank(state):
+            return Export(tensors)
+        return Export(tensors, note=f"adapter/ holds the global factors truncated to "
+                      f"model.rank = {self.ctx.rank}; the global adapter has rank "
+                      f"{self.global_rank(state)} (set model.rank to the largest client rank "
+                      "for an exact export)")
 
     def load_global(self, model: AdapterModel, state: Payload) -> None:
         """Evaluate the full rank-R global update (merged into the base: any model rank works)."""
         glob = self.global_rank(state)
-        s = 1.0 if self.options.rescale else scale(self.cfg.model.alpha, glob)
+        s = 1.0 if self.options.rescale else scale(self.ctx.alpha, glob)
         t = state.tensors
         deltas = {layer.name: s * t[layer.b_key].double() @ t[layer.a_key].double()
                   for layer in adapter_layers(t)}
@@ -157,7 +166,11 @@ class HetLoRA(Method):
         m = math.floor(self.options.prune_gamma * rank + 1e-9)
         return m if 1 <= m < rank else None
 
-    def extra_loss(self, model: AdapterModel) -> Callable[[], torch.Tensor] | None:
+    def train_spec(self, model: AdapterModel) -> TrainSpec:
+        return TrainSpec(extra_loss=self._tail_penalty(model))
+
+    def _tail_penalty(self, model: AdapterModel) -> Callable[[], torch.Tensor] | None:
+        """lambda * sum over layers of |B[:, m:]| |A[m:]|: pushes the rank tail towards zero."""
         m = self._tail_start(model.rank)
         if m is None or self.options.prune_lambda == 0:
             return None

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 import torch
 
 from fedpeft.core.adapters import LoraPair, lora_pairs
-from fedpeft.core.config import ConfigError, FedConfig, option
+from fedpeft.core.config import ConfigError, option
 
-from .base import Method, Payload, Upload, register, weighted_mean
+from .base import Method, MethodContext, Payload, Upload, register, weighted_mean
 
 # Gradient size (in units of B_bar's RMS) below which dB is at a stationary point: clients that
 # agree give gradients of rounding size (~1e-17), which must not be mistaken for a direction.
@@ -187,10 +187,9 @@ class LoRAFAIR(Method):
     """FedIT's means plus a server-side correction of B towards the mean of the products."""
 
     Options = FairOptions
-    default_lr = 0.002  # the same client training as FedIT; only the server step differs
 
-    def __init__(self, options: FairOptions, cfg: FedConfig) -> None:
-        super().__init__(options, cfg)
+    def __init__(self, options: FairOptions, ctx: MethodContext) -> None:
+        super().__init__(options, ctx)
         if options.solver == "lstsq" and options.lam == 0:
             # A_bar A_bar^T can be singular (e.g. rank-deficient A_bar): keep the solve defined.
             raise ConfigError("method.lam = 0 with method.solver = 'lstsq': the closed form "

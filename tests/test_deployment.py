@@ -25,12 +25,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from fedpeft.server.reporting import MetricsLog
 
 from fedpeft.deploy.certs import CertPaths, CertsError, certificate_sans, make_certs
 from fedpeft.deploy.commands import free_port, spawn, stop_all
 from fedpeft.deploy.gateway import allowed
 from fedpeft.run.launcher import Tracker
-from fedpeft.run.reporting import MetricsLog
 
 FEDPEFT = [sys.executable, "-m", "fedpeft.cli"]
 ROUNDS = 2
@@ -224,7 +224,11 @@ def test_two_devices_train_two_rounds_over_tls(deployment: Deployment) -> None:
     for row in rows[1:]:  # only device 1 trained under DP-SGD, with its own budget
         assert len(row["epsilon_clients"]) == 1, row
         assert 0 < row["epsilon_per_client"][0] == row["epsilon"] <= DEVICE_EPSILON
-    assert rows[2]["epsilon"] > rows[1]["epsilon"]  # its accountant lives on between rounds
+    assert rows[1]["epsilon"] == DEVICE_EPSILON  # its budget: the spent epsilon reveals its n
+    ledger = json.loads((deployment.out.parent / "flwr_home" / "fedpeft" /
+                         "privacy-ledger.json").read_text())  # the device's own account
+    assert [r["history"][0][2] for r in ledger["runs"]] == [ROUNDS * 2]  # x train.local_steps
+    assert 0 < ledger["spent"] <= DEVICE_EPSILON
     assert deployment.control_status == 404
     assert (deployment.out / "adapter" / "adapter_model.safetensors").exists()
     config = (deployment.out / "config.toml").read_text()

@@ -35,7 +35,7 @@ def test_plain_loop_runs_back_to_back_start_from_the_same_adapter() -> None:
     from simulations.plain_loop import run_plain
     from tests.conftest import TINY
 
-    first = run_plain(None, [*TINY, 'method.name="fedit"'], log=False)
-    second = run_plain(None, [*TINY, 'method.name="fedit"'], log=False)
+    first = run_plain(None, [*TINY, 'method.name="fedit"'])
+    second = run_plain(None, [*TINY, 'method.name="fedit"'])
     assert [r["loss"] for r in first] == [r["loss"] for r in second]
     assert first[-1]["loss"] != first[0]["loss"]  # it trained, so a leak would show

@@ -86,7 +86,7 @@ def _round(method, state: Payload, rnd: int, clients: list[int], states: dict[in
     ws = get_workspace(cfg)
     uploads = []
     for pid in clients:
-        fr._CACHE.clear()
+        method.clear_cache()
         profile = ClientProfile(pid, cfg.model.rank)
         down = method.downlink(state, profile)
         result = client_round(cfg, method, ws, down, partition_id=pid, rank=cfg.model.rank,
@@ -112,7 +112,7 @@ def _global_values(method, state: Payload, cfg) -> torch.Tensor:
 def test_every_party_ends_a_round_with_bit_identical_parameters(
         history: int, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config(None, [*FERRET, f"method.history={history}"])
-    method = build_method(cfg)
+    method = build_method(cfg, num_labels=get_workspace(cfg).num_labels)
     loaded: dict[str, torch.Tensor] = {}
     original_load = method.load
 
@@ -136,7 +136,7 @@ def test_every_party_ends_a_round_with_bit_identical_parameters(
         assert not torch.equal(new_values, values)
         values = new_values
     # one more client load at the final state: bit-identical to the server's evaluation model
-    fr._CACHE.clear()
+    method.clear_cache()
     spare = ClientState()
     model = ws.adapter_model(cfg.model.rank)
     model.reset_base()
@@ -166,10 +166,10 @@ def test_full_target_covers_all_linear_layers_and_lora_target_the_adapter() -> N
 
 def test_lora_target_round_trip_and_dp_refused() -> None:
     cfg = load_config(None, [*FERRET, 'method.target="lora"', "federation.rounds=1"])
-    rows = run_plain(None, [*FERRET, 'method.target="lora"', "federation.rounds=1"], log=False)
+    rows = run_plain(None, [*FERRET, 'method.target="lora"', "federation.rounds=1"])
     assert rows[-1]["accuracy"] is not None and rows[-1]["project_s"] > 0
-    assert build_method(cfg).expected_upload(
-        build_method(cfg).init({}), ClientProfile(0, 8))[COEF][1] == 3
+    method = build_method(cfg, num_labels=get_workspace(cfg).num_labels)
+    assert method.expected_upload(method.init({}), ClientProfile(0, 8))[COEF][1] == 3
     with pytest.raises(ConfigError, match="ferret trains base-model weights"):
         build_method(load_config(None, [*FERRET, "privacy.enabled=true"]))
 
@@ -182,13 +182,13 @@ def test_uplink_bytes_are_the_coefficients_plus_a_constant_header() -> None:
         payload = Payload({COEF: torch.randn(g, k)}, {fr.BASIS: 12, fr.SYNCED: 11})
         sizes[(g, k)] = serialized_nbytes(payload_to_records(payload))
     header = sizes[(5, 3)] - 4 * 15
-    assert 800 < header < 900
+    assert 900 < header < 1000  # packed: one array plus its manifest
     for (g, k), nbytes in sizes.items():
         assert 0 <= nbytes - uplink_nbytes(g * k, header) <= 8
 
 
 def test_short_run_through_the_plain_loop_counts_coefficient_bytes() -> None:
-    rows = run_plain(None, FERRET, log=False, count_bytes=True)
+    rows = run_plain(None, FERRET)
     assert [r["round"] for r in rows] == [0, 1, 2]
     cfg = load_config(None, FERRET)
     model = get_workspace(cfg).adapter_model(cfg.model.rank)
@@ -197,8 +197,8 @@ def test_short_run_through_the_plain_loop_counts_coefficient_bytes() -> None:
     for row in rows[1:]:
         assert row["project_s"] > 0 and row["reconstruct_s"] >= 0 and row["train_s"] > 0
         for client in row["client_bytes"]:
-            assert 4 * coefs + 800 < client["up"] < 4 * coefs + 900
-            assert client["up"] < 4 * total / 10  # far below the targets' own size
+            assert 4 * coefs + 900 < client["bytes_up"] < 4 * coefs + 1000  # packed header
+            assert client["bytes_up"] < 4 * total / 10  # far below the targets' own size
     assert all(math.isfinite(r["loss"]) for r in rows)
 
 
@@ -206,7 +206,7 @@ def test_an_upload_on_another_rounds_bases_is_rejected_not_fatal() -> None:
     """A reply projected on the wrong round's bases is a per-client rejection (the server keeps
     going), and ``aggregate`` itself still refuses such an upload if one ever reached it."""
     cfg = load_config(None, FERRET)
-    method = build_method(cfg)
+    method = build_method(cfg, num_labels=get_workspace(cfg).num_labels)
     state = method.init(get_workspace(cfg).adapter_model(cfg.model.rank).state())
     shape = method.expected_upload(state, ClientProfile(0, cfg.model.rank))[COEF]
     good = Payload({COEF: torch.zeros(shape)}, {fr.BASIS: 1, fr.SYNCED: 0})
@@ -220,14 +220,15 @@ def test_an_upload_on_another_rounds_bases_is_rejected_not_fatal() -> None:
 
 
 def test_progress_and_results_show_projection_time_next_to_training() -> None:
-    from fedpeft.run.reporting import results_table, round_line
+    from fedpeft.server.reporting import results_table, round_line
 
     row = {"round": 1, "accuracy": 0.6, "loss": 0.7, "clients_ok": 2, "clients_sampled": 2,
            "bytes_up": 100, "bytes_down": 200, "train_s": 9.5, "project_s": 1.25,
-           "reconstruct_s": 0.5, "wall_s": 6.0}
+           "reconstruct_s": 0.5, "wall_s": 6.0, "method_timings": list(fr.Ferret.timings)}
     assert "train 9.5s project 1.2s reconstruct 0.5s" in round_line(row, 3)
     table = results_table([row]).splitlines()
-    assert "| train s | project s | wall s |" in table[0]
-    assert table[2].endswith("| 9.5 | 1.2 | 6.0 |")
-    plain = {k: v for k, v in row.items() if k not in ("project_s", "reconstruct_s")}
+    assert "| train s | project s | reconstruct s | wall s |" in table[0]  # Ferret.timings
+    assert table[2].endswith("| 9.5 | 1.2 | 0.5 | 6.0 |")
+    plain = {k: v for k, v in row.items()
+             if k not in ("project_s", "reconstruct_s", "method_timings")}
     assert "project" not in results_table([plain]) and "project" not in round_line(plain, 3)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import TINY
-from fedpeft.client.trainer import client_round, learning_rate
+from fedpeft.client.trainer import client_lr, client_round
 from fedpeft.strategies import ClientProfile, Upload, build_method
 from fedpeft.strategies.ffa_lora import SEED_KEY, frozen_factor
 
@@ -151,16 +151,16 @@ def test_client_round_trains_b_and_head_only_with_the_servers_a() -> None:
     moved = [k for k in expected if not torch.equal(result.payload.tensors[k], state.tensors[k])]
     assert any("lora_B" in k for k in moved)
     new = method.aggregate(state, [Upload(PROFILE, result.payload, result.num_examples)])
-    assert set(method.global_adapter(new)) == set(state.tensors)  # export gets A, B and head
+    assert set(method.export(new).tensors) == set(state.tensors)  # export gets A, B and head
 
 
 def test_default_learning_rate_is_ffa_specific() -> None:
     ffa_cfg = load_config(None, ['method.name="ffa-lora"'])
     fedit_cfg = load_config(None, [])
-    assert learning_rate(ffa_cfg, build_method(ffa_cfg)) == pytest.approx(0.02)
-    assert learning_rate(fedit_cfg, build_method(fedit_cfg)) == pytest.approx(0.002)
+    assert client_lr(ffa_cfg, build_method(ffa_cfg)) == pytest.approx(0.02)
+    assert client_lr(fedit_cfg, build_method(fedit_cfg)) == pytest.approx(0.002)
     explicit = load_config(None, ['method.name="ffa-lora"', "train.lr=0.005"])
-    assert learning_rate(explicit, build_method(explicit)) == pytest.approx(0.005)
+    assert client_lr(explicit, build_method(explicit)) == pytest.approx(0.005)
 
 
 def test_embedding_lora_is_refused() -> None:

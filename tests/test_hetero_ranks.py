@@ -113,8 +113,11 @@ def test_server_learns_a_nodes_rank_from_its_reply(monkeypatch: pytest.MonkeyPat
     """Deployment: a node started with --node-config rank=4 answers a rank-8 message without
     training; the server sends it rank 4 from then on and does not count it as rejected."""
     from fedpeft.server.app import FedPeftStrategy
+    from fedpeft.server.rounds import RoundLoop
     from flwr.app import MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpeft.core.wire import unpack_record
 
     for attr in ("_task_id", "_run_id", "_node_id"):  # what a running ServerApp has set
         monkeypatch.setattr(TaskIdentity, attr, 1)
@@ -122,10 +125,10 @@ def test_server_learns_a_nodes_rank_from_its_reply(monkeypatch: pytest.MonkeyPat
     cfg = load_config(None, ['method.name="hetlora"', "federation.clients=2",
                              "federation.clients_per_round=2"])
     method = build_method(cfg)
-    strategy = FedPeftStrategy(cfg, method, method.init(_adapter(8, torch.Generator())))
+    strategy = FedPeftStrategy(RoundLoop(cfg, method, method.init(_adapter(8, torch.Generator()))))
     grid = SimpleNamespace(get_node_ids=lambda: [11, 22])
     first = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, grid)}
-    assert first[11].content["tensors"][f"{'m.l0.q'}.lora_A.weight"].shape[0] == 8
+    assert unpack_record(first[11].content)[f"{'m.l0.q'}.lora_A.weight"].shape[0] == 8
     reply = SimpleNamespace(
         metadata=SimpleNamespace(src_node_id=11), has_error=lambda: False,
         content=RecordDict({"metrics": MetricRecord(
@@ -134,8 +137,8 @@ def test_server_learns_a_nodes_rank_from_its_reply(monkeypatch: pytest.MonkeyPat
     _, stats = strategy.aggregate_train(1, [reply])
     assert (stats["clients_resized"], stats["clients_rejected"], stats["clients_ok"]) == (1, 0, 0)
     second = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, None, None, grid)}
-    assert second[11].content["tensors"]["m.l0.q.lora_A.weight"].shape[0] == 4
-    assert second[22].content["tensors"]["m.l0.q.lora_A.weight"].shape[0] == 8
+    assert unpack_record(second[11].content)["m.l0.q.lora_A.weight"].shape[0] == 4
+    assert unpack_record(second[22].content)["m.l0.q.lora_A.weight"].shape[0] == 8
 
 
 def test_client_app_answers_a_wrong_rank_without_training(
@@ -222,7 +225,7 @@ def test_hetlora_rank_pruning_on_the_client() -> None:
     gen = torch.Generator().manual_seed(0)
     sent = {k: torch.randn(v.shape, generator=gen) for k, v in model.params.items()}
     model.load(sent)
-    penalty = method.extra_loss(model)
+    penalty = method.train_spec(model).extra_loss
     assert penalty is not None and float(penalty()) > 0
     # Tail (index 3 = floor(0.99 * 4)) shrinks during training -> the client drops to rank 3.
     with torch.no_grad():
@@ -241,7 +244,7 @@ def test_hetlora_rank_pruning_on_the_client() -> None:
     method.uplink(model, Payload(sent), kept)
     assert RANK_KEY not in kept.values
     off = build_method(load_config(None, [*TINY, 'method.name="hetlora"', "method.prune=false"]))
-    assert off.extra_loss(model) is None
+    assert off.train_spec(model).extra_loss is None
 
 
 # ---- FlexLoRA -----------------------------------------------------------------------------
@@ -351,7 +354,7 @@ def test_flora_clients_rebuild_the_same_merged_base() -> None:
 @pytest.mark.parametrize("name", ["hetlora", "flexlora", "flora"])
 def test_mixed_rank_run_end_to_end(name: str) -> None:
     rows = run_plain(None, [*TINY, f'method.name="{name}"', 'federation.rank_mix="2:0.5,4:0.5"',
-                            "federation.rounds=2"], log=False, count_bytes=True)
+                            "federation.rounds=2"])
     assert len(rows) == 3
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
     assert rows[-1]["loss"] != pytest.approx(rows[0]["loss"])  # the global model changed
@@ -363,8 +366,9 @@ def test_mixed_rank_flower_simulation_counts_bytes_per_client(tmp_path) -> None:
     """HetLoRA through the real Flower simulation (SuperLink + Ray): every sampled client's own
     downlink and uplink bytes in metrics.jsonl, larger for a larger rank, summing to the
     round's totals."""
+    from fedpeft.server.reporting import MetricsLog
+
     from fedpeft.cli import main
-    from fedpeft.run.reporting import MetricsLog
 
     args = ["simulate", "--method", "hetlora", "--out", str(tmp_path)]
     for item in [*TINY, "federation.clients_per_round=6", 'federation.rank_mix="2:0.5,8:0.5"']:

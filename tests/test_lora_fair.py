@@ -212,7 +212,7 @@ def test_downlink_is_averaged_a_and_corrected_b_and_clients_start_from_it() -> N
     method.load(adapter, down, ClientState())
     for key, value in adapter.state().items():
         assert torch.equal(value, down.tensors[key]), key
-    assert method.trainable(adapter) is None  # LoRA training on both factors from there
+    assert method.train_spec(adapter).keys is None  # LoRA training on both factors from there
     result = client_round(cfg, method, workspace, down, partition_id=0, rank=cfg.model.rank,
                           server_round=2, client_state=ClientState())
     moved = {k for k, v in result.payload.tensors.items() if not torch.equal(v, down.tensors[k])}

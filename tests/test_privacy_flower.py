@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY
+from fedpeft.server.reporting import MetricsLog
 
 from fedpeft.cli import main
-from fedpeft.run.reporting import MetricsLog
 
 
 @pytest.mark.slow

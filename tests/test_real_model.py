@@ -13,7 +13,6 @@ def test_minilm_learns_rotten_tomatoes() -> None:
         None,
         ["federation.clients=1", "federation.clients_per_round=1", "federation.rounds=1",
          "train.local_steps=80", 'data.partitioner="iid"', "eval.subset=300"],
-        log=False,
     )
     before, after = rows[0]["accuracy"], rows[-1]["accuracy"]
     majority = 0.575  # share of "fresh" in the fixed 1,000-snippet test split

@@ -42,6 +42,7 @@ from fedpeft.server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from fedpeft.server.reporting import MetricsLog
 from fedpeft.server.validation import check_examples, check_upload
 from fedpeft.strategies import METHODS, build_method
 from flwr.app import Context, Error, Message, RecordDict
@@ -49,12 +50,11 @@ from flwr.common.constant import ErrorCode
 from safetensors.torch import load_file
 
 from fedpeft.cli import main
-from fedpeft.run.session import finish_simulation
 from fedpeft.core.config import FAULT_KINDS, ConfigError, FedConfig, load_config, to_toml
 from fedpeft.core.evaluation import evaluate_adapter_dir
 from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.sampling import sample_clients
-from fedpeft.run.reporting import MetricsLog
+from fedpeft.run.session import finish_simulation
 from tests.conftest import TINY
 
 # ---------------------------------------------------------------------------------------------

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedpeft.server.reporting import MetricsLog
 from safetensors.torch import load_file
 
 from fedpeft.cli import main
 from fedpeft.core.config import load_config
-from fedpeft.run.reporting import MetricsLog
 from tests.conftest import TINY
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,3 +25,15 @@ class ClientState:
 
     tensors: Tensors = field(default_factory=dict)
     values: dict[str, Scalar] = field(default_factory=dict)
+
+
+def update_norm(tensors: Tensors, reference: Tensors) -> float:
+    """L2 norm of ``tensors`` minus ``reference`` (where a same-shaped reference exists)."""
+    total = 0.0
+    for key, tensor in tensors.items():
+        value = tensor.double()
+        sent = reference.get(key)
+        if sent is not None and sent.shape == tensor.shape:
+            value = value - sent.double()
+        total += float((value ** 2).sum())
+    return math.sqrt(total)

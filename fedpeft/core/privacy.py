@@ -61,11 +61,11 @@ import torch
 
 from fedpeft.core.adapters import AdapterModel
 from fedpeft.core.config import ConfigError, FedConfig, PrivacyConfig
+from fedpeft.core.keys import BUDGET_SPENT
 from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.training import Encoded, TrainResult, make_optimizer
 
 ACCOUNTANT_KEY = "fedpeft.privacy.accountant"  # ClientState.values: JSON of the accountant
-BUDGET_SPENT = "budget_spent"  # metric: 1 when a client refused to train (budget spent)
 History = list[tuple[float, float, int]]  # Opacus accountant history: (sigma, q, steps)
 _EPS_SLACK = 1e-9  # relative slack when comparing a composed epsilon with the target
 
@@ -388,9 +388,3 @@ def clip_update(uplink: Payload, downlink: Payload, clip: float) -> Payload:
                for k, v in zip(keys, up, strict=True)}
     return Payload(tensors, dict(uplink.scalars))
 
-
-def update_norm(upload: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
-    """L2 norm of upload - reference over all keys of ``upload``."""
-    return float(np.sqrt(sum(float(np.sum((upload[k].astype(np.float64)
-                                           - reference[k].astype(np.float64)) ** 2))
-                             for k in upload)))

@@ -12,14 +12,14 @@ Device (``run_client``): a ``flower-supernode`` with ``--isolation process`` who
 carries the device's data file, LoRA rank, torch device and threads, and, in this process, the
 long-running ClientApp executor of ``fedpeft.deploy.clientexec`` (no process start, imports or
 model load per round). The SuperNode dies with this process, also when it is killed
-(PR_SET_PDEATHSIG).
+(PR_SET_PDEATHSIG), and a watchdog (``fedpeft.run.launcher.Watchdog``) stops whatever it started;
+likewise every process of the coordinator, whose run folder stays locked until they are gone.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import json
 import math
@@ -77,7 +77,6 @@ EXIT_USAGE = 2
 DEPLOY_ROUND_TIMEOUT_S = 600.0  # a silent device costs a round this long, never the whole run
 MiB = 2**20
 SIMULATION_ONLY = ("faults",)  # config sections a deployment refuses: they make clients misbehave
-_PR_SET_PDEATHSIG = 1
 Emit = Callable[[str], None]
 
 
@@ -107,37 +106,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _load_prctl() -> Callable[..., int] | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
-    except (OSError, AttributeError):  # not Linux
-        return None
-
-
-_PRCTL = _load_prctl()  # resolved here: the child after fork only calls it
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the thread that started it ends."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def spawn(cmd: list[str], env: dict[str, str], output: Path | None,
-          die_with_parent: bool = False) -> launcher.Tracker:
+          die_with_parent: bool = False,
+          watchdog: launcher.Watchdog | None = None) -> launcher.Tracker:
     """Start ``cmd`` in its own session (Ctrl-C reaches only us; we stop it), tracked with its
     whole process tree; output to the file ``output``, or to a pipe when None.
 
     ``die_with_parent`` (only before this process starts threads of its own: preexec_fn) makes
-    the child get SIGTERM even when we are SIGKILLed."""
+    the child get SIGTERM even when we are SIGKILLed; ``watchdog`` then stops its whole tree."""
     sink = open(output, "ab") if output is not None else subprocess.PIPE  # noqa: SIM115
     try:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=sink,
                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent if die_with_parent else None)
+                                preexec_fn=launcher.die_with_parent if die_with_parent else None)
     finally:
         if output is not None:
             sink.close()  # type: ignore[union-attr]
+    if watchdog is not None:
+        watchdog.adopt(proc.pid)
     return launcher.Tracker(proc)
 
 
@@ -303,6 +289,9 @@ class Coordinator:
         self.trackers: list[launcher.Tracker] = []
         self.gateway = None
         self.port = 0
+        # if we are killed: stops what we started, holds the run folder's lock until then
+        self.watchdog = launcher.Watchdog(launcher.held_fds(opts.resume or opts.out))
+        self.watchdog.remove_on_death(self.home)
 
     def start_superlink(self, log_path: Path) -> None:
         ctx = _tls_context(self.tls.ca_cert) if self.tls else None
@@ -317,7 +306,8 @@ class Coordinator:
                         "--enable-supernode-auth"]
             else:
                 cmd += ["--insecure"]
-            self.trackers.append(spawn(cmd, self.env, log_path, die_with_parent=True))
+            self.trackers.append(spawn(cmd, self.env, log_path, die_with_parent=True,
+                                       watchdog=self.watchdog))
             scheme = "https" if self.tls else "http"
             if _wait_healthy(f"{scheme}://127.0.0.1:{self.port}/health", ctx,
                              self.trackers[-1].proc, 60.0):
@@ -368,7 +358,7 @@ class Coordinator:
         """``flwr run --stream`` until the run ends; 0 only when it finished ``completed``."""
         cmd = ["flwr", "run", str(app_dir), CONNECTION, "--stream", "--run-config",
                str(run_config)]
-        tracker = spawn(cmd, self.env, None)
+        tracker = spawn(cmd, self.env, None, watchdog=self.watchdog)
         self.trackers.append(tracker)
         lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=launcher.pump, args=(tracker.proc.stdout, lines),
@@ -401,6 +391,7 @@ class Coordinator:
         if self.gateway is not None:
             self.gateway.stop()
         shutil.rmtree(self.home, ignore_errors=True)
+        self.watchdog.close()
 
 
 def _insecure_warning(emit: Emit) -> None:
@@ -418,6 +409,7 @@ def run_server(opts: ServerOptions, emit: Emit = say) -> int:
     """The whole coordinator side; returns the exit status."""
     from fedpeft.server.reporting import MetricsLog, human_bytes, results_table
 
+    launcher.hold_folder(opts.resume or opts.out)  # one run writes into a folder at a time
     tls = _server_tls(opts)
     keys = _node_keys(opts)
     if opts.insecure:
@@ -689,6 +681,8 @@ def run_client(opts: ClientOptions, emit: Emit = say, log_path: Path | None = No
 
     home = _private_home("fedpeft-node-")
     trackers: list[launcher.Tracker] = []
+    watchdog = launcher.Watchdog()  # if we are killed: stops the SuperNode's whole tree
+    watchdog.remove_on_death(home)
     node_log: _NodeLog | None = None
     tasks = {"ok": 0, "failed": 0}
 
@@ -703,7 +697,7 @@ def run_client(opts: ClientOptions, emit: Emit = say, log_path: Path | None = No
         with guard:
             port = free_port()
             trackers.append(spawn(supernode_command(opts, home, port), flower_env(home), None,
-                                  die_with_parent=True))
+                                  die_with_parent=True, watchdog=watchdog))
             proc = trackers[0].proc
             node_log = _NodeLog(proc, emit, opts.verbose, log_path)
             emit(f"fedpeft: device node for {opts.superlink} (data {opts.data}, device "
@@ -725,6 +719,7 @@ def run_client(opts: ClientOptions, emit: Emit = say, log_path: Path | None = No
         if node_log is not None:
             node_log.close()
         shutil.rmtree(home, ignore_errors=True)
+        watchdog.close()
     assert node_log is not None
     if node_log.gave_up is not None and node_log.replies:
         emit(f"fedpeft: the coordinator is gone after {node_log.replies} replies from this "

@@ -5,11 +5,19 @@ Avoids the deprecated ``run_simulation``/``start_simulation`` and the detached S
 its own port, ``FLWR_HOME`` and Ray temp dir, so calls can run in parallel, and it stops every
 process it started (SuperLink, SuperExec, flwr-simulation, Ray) before returning, also on errors,
 KeyboardInterrupt and SIGTERM. Linux only: processes are tracked through ``/proc``.
+
+When this process is killed outright (SIGKILL, the OOM killer) no ``finally`` runs. Then: the
+processes it started directly get SIGTERM from the kernel (:func:`die_with_parent`), and a
+:class:`Watchdog` process, which has tracked their whole trees, stops everything that is left and
+removes the private home. A run folder is held with an exclusive lock (:func:`hold_folder`) that
+the watchdog inherits, so it is free again only once no process of the run can write into it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -29,6 +37,8 @@ from pathlib import Path
 
 import tomli_w  # a dependency of flwr
 
+from fedpeft.core.config import ConfigError
+
 RunValue = str | int | float | bool
 CONNECTION = "fedpeft-sim"
 EXIT_FAILED = 1
@@ -42,8 +52,103 @@ ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONU
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
+LOCK_FILE = ".lock"  # in a run folder: held by the run that writes there
+_PR_SET_PDEATHSIG = 1
+
+
 class RunTimeout(Exception):
     pass
+
+
+# ------------------------------------------------------------------------- dying with us
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _load_prctl()  # resolved here: the child after fork only calls it
+
+
+def die_with_parent() -> None:
+    """A ``preexec_fn``: the child gets SIGTERM when the thread that started it ends (also when
+    this process is SIGKILLed). Only a pre-resolved libc call: safe after fork."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# -------------------------------------------------------------------------- run folders
+_HELD: dict[Path, int] = {}  # run folder -> the open lock file (held until this process ends)
+
+
+def hold_folder(folder: Path) -> int:
+    """Lock ``folder`` (``LOCK_FILE`` in it, ``flock``) for this process's lifetime, or raise
+    ConfigError naming the process that holds it. Re-entrant in one process. The kernel drops the
+    lock when the last process holding the file closes it (a :class:`Watchdog` started with it
+    holds it too), so a crash cannot leave a folder locked. Returns the lock's file descriptor."""
+    folder = Path(folder).resolve()
+    if folder in _HELD:
+        return _HELD[folder]
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(f"{folder} is in use: another fedpeft process (pid {owner}) is writing "
+                          "into it; wait for it to end or stop it, or choose another folder")\
+            from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[folder] = fd
+    return fd
+
+
+def held_fds(folder: Path | None) -> list[int]:
+    """The lock of ``folder`` if this process holds it (for a watchdog to inherit)."""
+    fd = _HELD.get(Path(folder).resolve()) if folder is not None else None
+    return [] if fd is None else [fd]
+
+
+# ------------------------------------------------------------------------------ watchdog
+class Watchdog:
+    """A process (``fedpeft.run.watchdog``) that outlives this one: it tracks the process trees
+    it is told about (:meth:`adopt`) and, if this process dies without saying :meth:`close`,
+    stops them all and removes the paths it was given (:meth:`remove_on_death`). ``keep_fds``
+    (run folder locks) stay open in it until it has done so."""
+
+    def __init__(self, keep_fds: Iterable[int] = ()) -> None:
+        keep = list(keep_fds)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fedpeft.run.watchdog", str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, pass_fds=keep)
+        self._lock = threading.Lock()
+
+    def _send(self, line: str) -> None:
+        with self._lock, contextlib.suppress(BrokenPipeError, ValueError, OSError):
+            self.proc.stdin.write(f"{line}\n".encode())  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+
+    def adopt(self, pid: int) -> None:
+        """Track ``pid`` (a process we started, in a session of its own) and its descendants."""
+        self._send(f"pid {pid} {start_time(pid)}")
+
+    def remove_on_death(self, path: Path) -> None:
+        self._send(f"rm {path}")
+
+    def close(self) -> None:
+        """We stopped everything ourselves: the watchdog leaves without touching anything."""
+        self._send("done")
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def write_app_dir(target: Path, serverapp: str, clientapp: str,
@@ -83,7 +188,14 @@ def sigterm_as_keyboard_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _proc_table() -> dict[int, tuple[int, int, int]]:
+def start_time(pid: int) -> int:
+    """The start time of ``pid`` (clock ticks since boot; -1 when it is gone): with the pid it
+    names one process, even after the pid is reused."""
+    entry = proc_table().get(pid)
+    return -1 if entry is None else entry[2]
+
+
+def proc_table() -> dict[int, tuple[int, int, int]]:
     """Live processes as pid -> (ppid, session id, start time); zombies count as gone."""
     table = {}
     for entry in os.scandir("/proc"):
@@ -100,20 +212,33 @@ def _proc_table() -> dict[int, tuple[int, int, int]]:
 
 class Tracker:
     """Every process descended from ``proc``, also once orphaned: remembered by (pid, start time)
-    and by session (SuperExec starts a new session; flwr-simulation and Ray stay in it)."""
+    and by session (SuperExec starts a new session; flwr-simulation and Ray stay in it).
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc, self.sessions, self.known = proc, {proc.pid}, {proc.pid: -1}
+    ``proc`` None (the watchdog): no process of our own; roots come from :meth:`adopt`, and
+    ``foreign_sessions`` (the caller's own) are never taken for a root's."""
+
+    def __init__(self, proc: subprocess.Popen[bytes] | None,
+                 foreign_sessions: Iterable[int] = ()) -> None:
+        self.proc, self.sessions, self.known = proc, set(), {}
+        self.foreign = set(foreign_sessions)
         self._terminated: set[tuple[int, int]] = set()  # (pid, start time) sent SIGTERM
         self._stop = threading.Event()
-        threading.Thread(target=self._poll, daemon=True).start()
+        if proc is not None:
+            self.adopt(proc.pid)
+            threading.Thread(target=self._poll, daemon=True).start()
+
+    def adopt(self, pid: int, start: int = -1) -> None:
+        """Track ``pid`` (started with ``start_new_session``: its session is its own)."""
+        self.known[pid] = start
+        if pid not in self.foreign:
+            self.sessions.add(pid)
 
     def _poll(self) -> None:
         while not self._stop.wait(0.5):
             self.scan()
 
     def scan(self) -> dict[int, int]:
-        table = _proc_table()
+        table = proc_table()
         alive = {p: t for p, t in self.known.items() if p in table and t in (-1, table[p][2])}
         children: dict[int, list[int]] = {}
         for pid, (ppid, _, _) in table.items():
@@ -124,7 +249,7 @@ class Tracker:
                 if child not in alive:
                     alive[child] = table[child][2]
                     todo.append(child)
-        self.sessions |= {table[p][1] for p in alive}
+        self.sessions |= {table[p][1] for p in alive} - self.foreign
         alive.update({p: t[2] for p, t in table.items() if t[1] in self.sessions})
         alive.pop(os.getpid(), None)
         self.known.update(alive)
@@ -150,13 +275,14 @@ class Tracker:
                         os.kill(pid_start[0], sig)
                     sent.add(pid_start)
                 time.sleep(0.2)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(2)  # reap our direct child
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)  # reap our direct child
         return sorted(self.scan())
 
 
 def _start_superlink(home: Path, env: dict[str, str], log_path: Path, trackers: list[Tracker],
-                     timeout_s: float = 60.0) -> int:
+                     watchdog: Watchdog, timeout_s: float = 60.0) -> int:
     """Start ``flower-superlink`` in its own session on a free port, wait for ``/health``, write
     the connection into ``$FLWR_HOME/config.toml`` and return the port (3 tries: port races)."""
     for _ in range(3):
@@ -169,7 +295,8 @@ def _start_superlink(home: Path, env: dict[str, str], log_path: Path, trackers: 
         with open(log_path, "ab") as log_fh:
             trackers.append(Tracker(subprocess.Popen(
                 cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
-                start_new_session=True)))
+                start_new_session=True, preexec_fn=die_with_parent)))
+        watchdog.adopt(trackers[-1].proc.pid)  # type: ignore[union-attr]
         deadline = time.monotonic() + timeout_s
         while trackers[-1].proc.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(OSError), urllib.request.urlopen(
@@ -227,11 +354,13 @@ def run_simulation_app(app_dir: Path, run_config: Mapping[str, RunValue], num_su
     client: subprocess.Popen[str] | None = None
     guard = (sigterm_as_keyboard_interrupt() if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
              else contextlib.nullcontext())
+    watchdog = Watchdog(held_fds(log_dir))  # if we are killed: stops what we started
+    watchdog.remove_on_death(home)
     try:
         with guard:
             logs.mkdir(parents=True, exist_ok=True)
             t0 = time.monotonic()
-            port = _start_superlink(home, env, logs / "superlink.log", trackers)
+            port = _start_superlink(home, env, logs / "superlink.log", trackers, watchdog)
             _LOG.info("SuperLink on 127.0.0.1:%d ready after %.1f s", port, time.monotonic() - t0)
             cmd = ["flwr", "run", str(Path(app_dir).resolve()), CONNECTION, "--stream",
                    "--federation-config", f"num-supernodes={int(num_supernodes)} "
@@ -241,7 +370,9 @@ def run_simulation_app(app_dir: Path, run_config: Mapping[str, RunValue], num_su
                 cmd += ["--run-config", str(home / "run_config.toml")]
             client = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      errors="replace", bufsize=1, start_new_session=True)
+                                      errors="replace", bufsize=1, start_new_session=True,
+                                      preexec_fn=die_with_parent)
+            watchdog.adopt(client.pid)
             lines: queue.Queue[str | None] = queue.Queue()
             threading.Thread(target=pump, args=(client.stdout, lines), daemon=True).start()
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -265,6 +396,7 @@ def run_simulation_app(app_dir: Path, run_config: Mapping[str, RunValue], num_su
         return EXIT_TIMEOUT
     finally:
         _cleanup(client, trackers, home)
+        watchdog.close()
 
 
 def next_line(lines: queue.Queue[str | None], deadline: float | None) -> str | None:

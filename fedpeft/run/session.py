@@ -15,11 +15,14 @@ from pathlib import Path
 
 from fedpeft.core.config import ConfigError, FedConfig, to_toml
 from fedpeft.core.runfiles import CONFIG_FILE, ERROR_FILE, METRICS_FILE, SUMMARY_FILE
+from fedpeft.run.launcher import hold_folder
 
 
 def prepare_out(out: Path, cfg: FedConfig, resume: bool) -> Path:
-    """Create the run folder, drop the files a new attempt rewrites (a resumed run keeps its
-    metrics), write the config once; returns the config file's path."""
+    """Lock the run folder for this process (refused while another run writes there), create
+    it, drop the files a new attempt rewrites (a resumed run keeps its metrics), write the
+    config once; returns the config file's path."""
+    hold_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     for name in (SUMMARY_FILE, ERROR_FILE, *(() if resume else (METRICS_FILE,))):
         (out / name).unlink(missing_ok=True)
@@ -111,7 +114,7 @@ class Progress:
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _poll(self) -> None:
-        from fedpeft.run.reporting import MetricsLog, round_line
+        from fedpeft.server.reporting import MetricsLog, round_line
 
         rows = MetricsLog.read(self.path)
         for row in rows[self.seen:]:
@@ -150,7 +153,7 @@ def flower_line_filter(verbose: bool) -> Callable[[str], None]:
 def finish_simulation(out: Path, rc: int, started: float) -> int:
     """Report the run's outcome: the ServerApp's own error message if it left one, else the
     results."""
-    from fedpeft.run.reporting import MetricsLog, human_bytes, results_table
+    from fedpeft.server.reporting import MetricsLog, human_bytes, results_table
 
     error = run_error(out)
     if error is not None:

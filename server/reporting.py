@@ -56,9 +56,10 @@ def round_line(row: dict, rounds: int) -> str:
         f"down {human_bytes(row.get('bytes_down', 0))}",
         f"{row.get('wall_s', 0):.1f}s",
     ]
-    if row.get("project_s") is not None:  # Ferret: random-basis cost next to training
-        parts.append(f"train {row.get('train_s', 0):.1f}s project {row['project_s']:.1f}s "
-                     f"reconstruct {row.get('reconstruct_s', 0):.1f}s (summed over clients)")
+    timings = row.get("method_timings") or []  # a method's own client seconds (Method.timings)
+    if timings:
+        own = " ".join(f"{name.removesuffix('_s')} {row.get(name, 0):.1f}s" for name in timings)
+        parts.append(f"train {row.get('train_s', 0):.1f}s {own} (summed over clients)")
     if row.get("epsilon") is not None:
         parts.append(f"eps {row['epsilon']:.2f}")
     if row.get("clients_failed") or row.get("clients_rejected"):
@@ -74,19 +75,20 @@ def round_line(row: dict, rounds: int) -> str:
 
 
 def results_table(rows: list[dict]) -> str:
-    """A Markdown table of the rounds (printed at the end of a run)."""
-    ferret = any(r.get("project_s") is not None for r in rows)
+    """A Markdown table of the rounds (printed at the end of a run), with a column for each
+    per-client timing the method reports (``Method.timings``)."""
+    timings = list(dict.fromkeys(n for r in rows for n in r.get("method_timings") or []))
     head = ("| round | accuracy | loss | clients ok/sampled | bytes up | bytes down | train s "
-            + ("| project s " if ferret else "") + "| wall s |")
-    lines = [head, "|" + "---:|" * (8 + ferret)]
+            + "".join(f"| {n.removesuffix('_s')} s " for n in timings) + "| wall s |")
+    lines = [head, "|" + "---:|" * (8 + len(timings))]
     for r in rows:
         acc = f"{r['accuracy']:.3f}" if r.get("accuracy") is not None else "-"
         loss = f"{r['loss']:.3f}" if r.get("loss") is not None else "-"
-        project = f" {r.get('project_s', 0):.1f} |" if ferret else ""
+        own = "".join(f" {r.get(n, 0):.1f} |" for n in timings)
         lines.append(
             f"| {r['round']} | {acc} | {loss} | {r.get('clients_ok', 0)}/"
             f"{r.get('clients_sampled', 0)} | {human_bytes(r.get('bytes_up', 0))} | "
-            f"{human_bytes(r.get('bytes_down', 0))} | {r.get('train_s', 0):.1f} |{project} "
+            f"{human_bytes(r.get('bytes_down', 0))} | {r.get('train_s', 0):.1f} |{own} "
             f"{r.get('wall_s', 0):.1f} |"
         )
     return "\n".join(lines)

@@ -1,0 +1,16 @@
+"""Names shared by the two ends of the wire: the round scalars the server adds to a downlink
+and the metrics a client reports (one constant per key, so client and server cannot drift)."""
+
+# Downlink scalars
+ROUND = "fedpeft.round"
+PARTITION = "fedpeft.partition"
+RANK = "fedpeft.rank"
+
+# Reply metrics
+NUM_EXAMPLES = "num-examples"  # the aggregation weight a client claims (Flower's convention)
+TRAIN_S = "train_s"  # seconds of local training
+TRAIN_LOSS = "train_loss"
+EPSILON = "epsilon"  # the client's DP-SGD epsilon so far
+NEXT_RANK = "next_rank"  # the LoRA rank the client holds from now on
+RANK_MISMATCH = "rank_mismatch"  # 1: the client holds another rank than it was sent
+BUDGET_SPENT = "budget_spent"  # 1: the client refused to train (its privacy budget is spent)
