@@ -28,11 +28,12 @@ from fedpeft.core.ledger import (
 )
 from fedpeft.core.privacy import BUDGET_SPENT, dp_reply
 from fedpeft.core.wire import (
-    CONFIG_RECORD,
     METRICS_RECORD,
+    RUN_CONFIG_KEY,
     load_client_state,
     payload_to_records,
     records_to_payload,
+    run_config_json,
     save_client_state,
 )
 from fedpeft.core.workspace import (
@@ -43,10 +44,12 @@ from fedpeft.core.workspace import (
     set_torch_threads,
 )
 
+from .attacks import inject_attacks
 from .faults import inject_faults
 from .trainer import ClientResult, client_round
 
-app = ClientApp(mods=[inject_faults])  # [faults] config: injected misbehaviour (tests)
+# [faults] and [attacks] config: injected misbehaviour (tests, robustness experiments)
+app = ClientApp(mods=[inject_faults, inject_attacks])
 
 
 @functools.lru_cache(maxsize=4)
@@ -59,7 +62,11 @@ def _setup(cfg_json: str) -> tuple[FedConfig, Method]:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, method = _setup(str(msg.content[CONFIG_RECORD]["json"]))
+    cfg_json = run_config_json(context.run_config, msg.content)
+    if cfg_json is None:
+        raise ConfigError("the message carries no run config (fedpeft sends it in the Flower "
+                          f"run config {RUN_CONFIG_KEY!r} or in the message)")
+    cfg, method = _setup(cfg_json)
     downlink = records_to_payload(msg.content)
     scalars = downlink.scalars
     state = load_client_state(context.state)

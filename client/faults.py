@@ -29,10 +29,10 @@ from flwr.clientapp.typing import ClientAppCallable
 from fedpeft.core.config import FAULT_KINDS, FedConfig, from_dict
 from fedpeft.core.sampling import sample_clients
 from fedpeft.core.wire import (
-    CONFIG_RECORD,
     SCALARS,
     has_tensors,
     replace_tensors,
+    run_config_json,
     unpack_record,
 )
 
@@ -104,9 +104,10 @@ def _config(cfg_json: str) -> FedConfig:
 
 def inject_faults(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower mod: apply this client's fault for this round, if the config gives it one."""
-    if msg.metadata.message_type != MessageType.TRAIN or CONFIG_RECORD not in msg.content:
+    cfg_json = run_config_json(context.run_config, msg.content)
+    if msg.metadata.message_type != MessageType.TRAIN or cfg_json is None:
         return call_next(msg, context)
-    cfg = _config(str(msg.content[CONFIG_RECORD]["json"]))
+    cfg = _config(cfg_json)
     if not faults_enabled(cfg):
         return call_next(msg, context)
     scalars = msg.content[SCALARS]

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from fedpeft.core.config import ConfigError, FedConfig, config_help, load_config
+from fedpeft.core.keys import RUN_CONFIG_KEY, SIMULATION_KEY
 from fedpeft.core.runfiles import METRICS_FILE
 from fedpeft.run.session import (
     Progress,
@@ -82,10 +83,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     progress = Progress(out / METRICS_FILE, fed.rounds, lambda s: print(s, flush=True))
     progress.seen = done + 1  # a resumed run's earlier rounds were shown by the first run
     run_config = {"config-file": str(config_file), "out-dir": str(out),
+                  RUN_CONFIG_KEY: cfg.to_json(), SIMULATION_KEY: "1",
                   "resume": "1" if args.resume else ""}
     with tempfile.TemporaryDirectory(prefix="fedpeft-app-") as tmp, progress:
         app_dir = write_app_dir(Path(tmp) / "app", SERVERAPP, CLIENTAPP,
-                                {"config-file": "", "out-dir": str(out), "resume": ""})
+                                {"config-file": "", "out-dir": str(out), "resume": "",
+                                 RUN_CONFIG_KEY: "", SIMULATION_KEY: ""})
         rc = run_simulation_app(
             app_dir, run_config,
             num_supernodes=fed.clients, num_cpus_per_client=cfg.simulation.cpus_per_client,

@@ -8,25 +8,26 @@ defaults) and ``out-dir`` (where metrics, summary, plot and adapter go).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterable
 from logging import ERROR, INFO
 from pathlib import Path
 
-from fedpeft.strategies import ClientProfile, build_method
+from fedpeft.strategies import ClientProfile
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft.core.adapters import build_adapter_model
-from fedpeft.core.config import ConfigError, FedConfig, load_config
-from fedpeft.core.keys import PARTITION, RANK, ROUND
+from fedpeft.core.config import ConfigError, FedConfig, from_dict, load_config
+from fedpeft.core.keys import PARTITION, RANK, ROUND, SIMULATION_KEY
 from fedpeft.core.runfiles import ERROR_FILE
 from fedpeft.core.wire import (
     CONFIG_RECORD,
     METRICS_RECORD,
+    RUN_CONFIG_KEY,
     config_record,
     has_tensors,
     payload_to_records,
@@ -37,7 +38,7 @@ from fedpeft.core.workspace import default_threads, get_workspace, set_torch_thr
 
 from .client_dp import with_client_dp
 from .reporting import write_json_atomic
-from .rounds import Reply, RoundLoop, run_rounds
+from .rounds import Reply, RoundLoop, new_loop, run_rounds
 
 app = ServerApp()
 
@@ -46,9 +47,12 @@ class FedPeftStrategy(Strategy):
     """The one Flower strategy: each sampled client's message carries the method's downlink;
     replies become :class:`Reply` objects for the round loop."""
 
-    def __init__(self, loop: RoundLoop) -> None:
+    def __init__(self, loop: RoundLoop, config_in_run: bool = False) -> None:
         self.loop = loop
         self.attempt = 0  # retries of a short round sample afresh (train_round)
+        # True when the clients get the config from Flower's run config (once per run);
+        # otherwise (plain ``flwr run .``) every train message carries it
+        self.config_in_run = config_in_run
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -58,7 +62,8 @@ class FedPeftStrategy(Strategy):
             extra = {ROUND: server_round, PARTITION: profile.partition_id, RANK: profile.rank}
             content = payload_to_records(self.loop.downlink(profile), extra,
                                          filters=self.loop.cfg.compression.down)
-            content[CONFIG_RECORD] = config_record(self.loop.cfg)
+            if not self.config_in_run:
+                content[CONFIG_RECORD] = config_record(self.loop.cfg)
             messages.append(Message(content=content, dst_node_id=profile.node_id,
                                     message_type=MessageType.TRAIN, group_id=str(server_round)))
         return messages
@@ -191,18 +196,16 @@ def wait_for_nodes(grid: Grid, needed: int, timeout_s: float = 600.0) -> list[in
         time.sleep(1.0)
 
 
-def run_server(grid: Grid, cfg: FedConfig, out: Path, resume: bool = False) -> dict:
+def run_server(grid: Grid, cfg: FedConfig, out: Path, resume: bool = False,
+               config_in_run: bool = False, simulation: bool = False) -> dict:
     """The whole run over a Flower Grid; ``resume``: continue after the last round
-    checkpointed in ``out``. Returns the summary."""
+    checkpointed in ``out``; ``config_in_run``: the clients read the config from Flower's run
+    config; ``simulation``: the clients are virtual ones holding the config's partitions.
+    Returns the summary."""
     set_torch_threads(default_threads())
     workspace = get_workspace(cfg)
-    method = build_method(cfg, num_labels=workspace.num_labels)
-    # A freshly built adapter, not the workspace's: that model is shared with anything else this
-    # process ran (in-process tests, clients), so its current values may be trained.
-    pristine = build_adapter_model(cfg.model, workspace.num_labels, cfg.model.rank)
-    loop = RoundLoop(cfg, method, method.init(pristine.state()))
-    del pristine
-    strategy = FedPeftStrategy(loop)
+    loop = new_loop(cfg, workspace, simulation)
+    strategy = FedPeftStrategy(loop, config_in_run)
     driver = with_client_dp(strategy, loop, cfg)  # Flower's DP wrapper when privacy.client_level
     driver.summary()
     nodes = wait_for_nodes(grid, cfg.federation.clients)
@@ -232,7 +235,11 @@ def main(grid: Grid, context: Context) -> None:
     resume = str(run_config.get("resume", "")).strip().lower() in ("1", "true", "yes")
     try:
         cfg = load_config(str(run_config.get("config-file", "")) or None)
-        run_server(grid, cfg, out, resume=resume)
+        in_run = bool(str(run_config.get(RUN_CONFIG_KEY, "") or ""))
+        if in_run and from_dict(json.loads(str(run_config[RUN_CONFIG_KEY]))) != cfg:
+            raise ConfigError(f"run config {RUN_CONFIG_KEY!r} and config-file disagree")
+        simulation = str(run_config.get(SIMULATION_KEY, "")) == "1"
+        run_server(grid, cfg, out, resume=resume, config_in_run=in_run, simulation=simulation)
     except ConfigError as exc:  # a user error: one clear message (no traceback), no work done
         report_error(out, exc)
     except Exception as exc:

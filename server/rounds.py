@@ -17,10 +17,12 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedpeft.strategies import ClientProfile, Method, Upload
+from fedpeft.strategies import ClientProfile, Method, Upload, build_method
 from flwr.common.logger import log  # Flower's logger: its lines reach the run's log and the CLI
 
+from fedpeft.core.adapters import build_adapter_model
 from fedpeft.core.config import FedConfig, to_toml
+from fedpeft.core.data import partition_indices
 from fedpeft.core.keys import (
     BUDGET_SPENT,
     EPSILON,
@@ -237,6 +239,20 @@ class RoundLoop:
         self.epsilon = float(data.get("epsilon", 0.0))
 
 
+def new_loop(cfg: FedConfig, workspace: Workspace, simulation: bool) -> RoundLoop:
+    """A run's round loop at round 0: the method's initial state from a freshly built adapter
+    (not the workspace's model: it is shared with whatever else this process ran, clients and
+    earlier runs, so its values may be trained). In a simulation the server knows every
+    partition, and a client's claimed example count is capped at its partition's size."""
+    method = build_method(cfg, num_labels=workspace.num_labels)
+    pristine = build_adapter_model(cfg.model, workspace.num_labels, cfg.model.rank)
+    cap = None
+    if simulation:
+        sizes = [len(part) for part in partition_indices(cfg.data, cfg.federation.clients)]
+        cap = sizes.__getitem__
+    return RoundLoop(cfg, method, method.init(pristine.state()), example_cap=cap)
+
+
 def _sum(uploads: list[Upload], key: str) -> float:
     return float(sum(u.metrics.get(key, 0.0) for u in uploads))
 
@@ -304,7 +320,9 @@ def run_rounds(loop: RoundLoop, transport: Transport, workspace: Workspace, out:
     ckpt = load_checkpoint(out) if resume else None
     if ckpt is not None:
         check_resumable(ckpt, cfg, out)
-    (out / CONFIG_FILE).write_text(to_toml(cfg))
+    config_file, text = out / CONFIG_FILE, to_toml(cfg)
+    if not config_file.is_file() or config_file.read_text() != text:  # the CLI wrote it already
+        config_file.write_text(text)
     (out / ERROR_FILE).unlink(missing_ok=True)
     metrics = MetricsLog(out / METRICS_FILE, ckpt.metrics if ckpt else ())
     nodes = transport.nodes()

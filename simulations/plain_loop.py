@@ -13,12 +13,12 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from fedpeft.client.attacks import attack_upload
 from fedpeft.client.trainer import client_round
 from fedpeft.server.reporting import MetricsLog
-from fedpeft.server.rounds import Reply, RoundLoop, run_rounds
-from fedpeft.strategies import Method, build_method
+from fedpeft.server.rounds import Reply, RoundLoop, new_loop, run_rounds
+from fedpeft.strategies import Method
 
-from fedpeft.core.adapters import build_adapter_model
 from fedpeft.core.config import ConfigError, FedConfig, load_config
 from fedpeft.core.keys import NUM_EXAMPLES
 from fedpeft.core.payload import ClientState
@@ -45,6 +45,8 @@ class InProcessTransport:
             res = client_round(self.cfg, self.method, self.workspace, down,
                                partition_id=profile.partition_id, rank=profile.rank,
                                server_round=rnd, client_state=state)
+            res.payload.tensors = attack_upload(self.cfg, profile.partition_id, rnd,
+                                                res.payload.tensors, down.tensors)  # [attacks]
             upload, bytes_up = None, 0  # a client whose DP budget is spent sends nothing
             if res.payload.tensors:
                 upload, bytes_up = transmit(res.payload, filters=comp.up,
@@ -75,13 +77,8 @@ def run_plain(config: str | None, overrides: list[str], out: Path | None = None)
                           "`fedpeft simulate` (this loop runs without Flower's strategies)")
     set_torch_threads(default_threads())
     workspace = get_workspace(cfg)
-    method = build_method(cfg, num_labels=workspace.num_labels)
-    # A freshly built adapter, as the ServerApp does: the workspace's cached model may carry the
-    # training of an earlier run in this process (experiment scripts run several back to back).
-    pristine = build_adapter_model(cfg.model, workspace.num_labels, cfg.model.rank)
-    loop = RoundLoop(cfg, method, method.init(pristine.state()))
-    del pristine
-    transport = InProcessTransport(cfg, method, workspace)
+    loop = new_loop(cfg, workspace, simulation=True)
+    transport = InProcessTransport(cfg, loop.method, workspace)
     with tempfile.TemporaryDirectory(prefix="fedpeft-plain-") as tmp:
         folder = out or Path(tmp)
         run_rounds(loop, transport, workspace, folder)

@@ -23,6 +23,10 @@ from typing import Any
 
 from fedpeft.core.filters import FilterError, parse_chain
 
+# The default experiment's method: the one method name core knows (the registry in
+# ``strategies/`` owns every method; this is only a config default).
+DEFAULT_METHOD = "fedit"
+
 
 class ConfigError(ValueError):
     """A user error in the configuration: the message names the key and the allowed values."""
@@ -37,27 +41,56 @@ def option(default: Any, help: str = "", **meta: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = option("minilm-l6", "model from the registry", choices=("minilm-l6", "tiny-bert"))
-    target_modules: list[str] = option(["query", "value"], "module names that get LoRA")
+    name: str = option("minilm-l6", "registry model (minilm-l6, smollm2-135m, tiny-bert), a local "
+                       "Hugging Face model folder, or a hub id in the local Hugging Face cache")
+    task: str = option("auto", "what the model is tuned for (auto: the registry entry or the "
+                       "folder's config.json architecture says)",
+                       choices=("auto", "classification", "causal-lm"))
+    target_modules: list[str] = option(["auto"], "module names that get LoRA ('auto': peft's "
+                                       "defaults for the architecture)")
     rank: int = option(8, "LoRA rank r", min=1)
     alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)", gt=0)
     dropout: float = option(0.0, "LoRA dropout", min=0, max=0.9)
-    max_length: int = option(64, "tokens per example (truncation)", min=8, max=512)
+    max_length: int = option(64, "tokens per example (longer ones are truncated: a causal LM "
+                             "cuts the prompt from the left, then the response from the right)",
+                             min=8, max=8192)
+    dtype: str = option("float32", "dtype of the frozen base",
+                        choices=("float32", "bfloat16", "float16"))
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (less "
+                                          "memory, more time)")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = option("rotten-tomatoes", "dataset source", choices=("rotten-tomatoes", "file"))
-    path: str = option("", "CSV or JSONL file when dataset = 'file'")
+    dataset: str = option("rotten-tomatoes", "dataset source",
+                          choices=("rotten-tomatoes", "chatterbot", "file"))
+    path: str = option("", "CSV, JSONL or Parquet file, or a folder saved with Hugging Face "
+                       "datasets, when dataset = 'file'")
     text_column: str = option("text", "text column of a user file")
     label_column: str = option("label", "label column of a user file")
     labels: list[str] = option([], "class names in label order (empty: inferred from the data)")
-    partitioner: str = option("movie", "how the training data is split across clients",
-                            choices=("iid", "dirichlet", "movie"))
+    prompt: str = option("", "a label task on a causal LM: prompt with {text} (empty: "
+                         "'Review: {text}\\nSentiment:' for Rotten Tomatoes, '{text}\\nLabel:' "
+                         "for a file)")
+    verbalizers: list[str] = option([], "a label task on a causal LM: the answer per class, in "
+                                    "label order (empty: ' negative'/' positive' for Rotten "
+                                    "Tomatoes, ' ' + class name for a file)")
+    chat_template: str = option("auto", "instruction/chat data: the tokenizer's chat template "
+                                "where it has one, else the plain one ('plain': always)",
+                                choices=("auto", "plain"))
+    partitioner: str = option("movie", "how the training data is split across clients "
+                              "('natural': whole groups of data.partition_by per client; "
+                              "'movie': the same, by movie for Rotten Tomatoes)",
+                              choices=("iid", "dirichlet", "movie", "natural"))
+    partition_by: str = option("", "column of the natural split (empty: movie_name for Rotten "
+                               "Tomatoes, topic for chatterbot)")
     dirichlet_alpha: float = option(0.5, "Dirichlet concentration (smaller = more skew)", gt=0)
     min_partition_size: int = option(2, "smallest allowed client partition", min=1)
     test_size: int = option(1000, "held-out test examples (fixed, never trained on)", min=10)
     seed: int = option(0, "seed of the test split and the partitioner")
+
+
+AGGREGATORS = ("mean", "median", "trimmed-mean", "norm-clip")
 
 
 @dataclass
@@ -86,6 +119,16 @@ class FederationConfig:
     max_examples_per_client: int = option(0, "cap on the example count a client may claim for "
                                           "its weight (0 = no cap; in simulation the server "
                                           "also caps it at the partition's real size)", min=0)
+    aggregator: str = option("mean", "how the uploads are combined (methods whose aggregate is a "
+                             "mean of uploads): the weighted mean; the coordinate-wise median; "
+                             "the coordinate-wise trimmed mean; or each update clipped to a "
+                             "norm, then the weighted mean", choices=AGGREGATORS)
+    trim_fraction: float = option(0.2, "trimmed-mean: share of the uploads dropped at each end "
+                                  "of every coordinate (floor(fraction * n) each side; < 0.5)",
+                                  min=0)
+    clip_norm: float = option(0.0, "norm-clip: L2 bound on a client's whole update (0 = the "
+                              "median of the round's update norms)", min=0,
+                              non_finite="0 means the median of the round's update norms")
 
 
 @dataclass
@@ -171,6 +214,21 @@ class FaultsConfig:
 
 
 FAULT_KINDS = ("crash", "hang", "nan", "wrong_shape", "oversized", "explode")
+ATTACK_KINDS = ("none", "sign-flip", "scaled", "noise", "label-flip")
+
+
+@dataclass
+class AttacksConfig:
+    """Attack injection for robustness experiments (client/attacks.py): a share of the clients,
+    drawn once by ``federation.seed``, is malicious for the whole run and attacks whenever it
+    is sampled. Simulation only (``fedpeft server`` refuses it)."""
+
+    kind: str = option("none", "sign-flip: upload -update; scaled: upload scale * update; noise: "
+                       "a Gaussian update of the honest update's norm; label-flip: train on "
+                       "flipped labels (class c -> num_labels - 1 - c)", choices=ATTACK_KINDS)
+    fraction: float = option(0.0, "share of all clients that attack (round(fraction * "
+                             "federation.clients) clients)", min=0, max=1)
+    scale: float = option(-10.0, "the scaled attack's factor on the update")
 
 
 @dataclass
@@ -187,7 +245,7 @@ class CompressionConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = option("fedit", "federated method (see `fedpeft methods`)")
+    name: str = option(DEFAULT_METHOD, "federated method (see `fedpeft methods`)")
     options: dict[str, Any] = option({}, "the method's own options")
 
 
@@ -202,6 +260,7 @@ class FedConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    attacks: AttacksConfig = field(default_factory=AttacksConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -296,7 +355,7 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
         values = dict(values)
         options = dict(values.pop("options", {}))
         options.update({k: v for k, v in values.items() if k != "name"})
-        method_name = values.get("name", "fedit")
+        method_name = values.get("name", DEFAULT_METHOD)
         return MethodConfig(name=_coerce("method.name", method_name, str, {}), options=options)
     return parse_dataclass(cls, values, name)
 
@@ -358,16 +417,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FedConfig:
     """Load a TOML file (or the defaults), apply ``--set`` overrides and validate."""
-    raw: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p} is not valid TOML: {exc}") from exc
+    raw = read_toml(path, "config file") if path else {}
     return from_dict(apply_overrides(raw, overrides or []))
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file as nested dicts; a missing or malformed file is one ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p} is not valid TOML: {exc}") from exc
 
 
 def validate(cfg: FedConfig) -> None:
@@ -386,11 +448,7 @@ def validate(cfg: FedConfig) -> None:
         )
     if cfg.data.dataset == "file" and not cfg.data.path:
         raise ConfigError("data.path is required when data.dataset = 'file'")
-    if cfg.data.partitioner == "movie" and cfg.data.dataset != "rotten-tomatoes":
-        raise ConfigError(
-            "data.partitioner = 'movie' needs data.dataset = 'rotten-tomatoes'; "
-            "use 'iid' or 'dirichlet' for a user file"
-        )
+    validate_data(cfg)
     if not cfg.model.target_modules:
         raise ConfigError("model.target_modules is empty: name at least one module for LoRA")
     dev = cfg.train.device
@@ -398,7 +456,25 @@ def validate(cfg: FedConfig) -> None:
         raise ConfigError(f"train.device = {dev!r}: expected 'cpu', 'cuda' or 'cuda:N'")
     validate_privacy(cfg)
     validate_faults(cfg)
+    validate_robustness(cfg)
     validate_compression(cfg)
+
+
+def validate_data(cfg: FedConfig) -> None:
+    """[data]: a natural split needs a column to split by."""
+    data = cfg.data
+    natural = data.partitioner in ("movie", "natural")
+    if data.partition_by and not natural:
+        raise ConfigError(f"data.partition_by = {data.partition_by!r} is the column of a natural "
+                          f"split: set data.partitioner = 'natural' (not {data.partitioner!r})")
+    if data.partitioner == "movie" and data.dataset != "rotten-tomatoes" and not data.partition_by:
+        raise ConfigError(
+            "data.partitioner = 'movie' needs data.dataset = 'rotten-tomatoes'; use 'iid' or "
+            "'dirichlet', or 'natural' with data.partition_by = '<column>', for other data"
+        )
+    if data.partitioner == "natural" and data.dataset == "file" and not data.partition_by:
+        raise ConfigError("data.partitioner = 'natural' needs data.partition_by = '<column>' "
+                          "for a user file")
 
 
 def validate_privacy(cfg: FedConfig) -> None:
@@ -441,6 +517,28 @@ def validate_faults(cfg: FedConfig) -> None:
     if (faults.hang or faults.hang_fraction) and fed.round_timeout_s == 0:
         raise ConfigError("faults.hang / faults.hang_fraction need federation.round_timeout_s > 0; "
                           "without a round timeout the server waits for a hanging client forever")
+
+
+def validate_robustness(cfg: FedConfig) -> None:
+    """federation.aggregator and [attacks] checks that span keys (which methods can use a robust
+    aggregator: ``build_method``)."""
+    fed, attacks = cfg.federation, cfg.attacks
+    if fed.trim_fraction >= 0.5:
+        raise ConfigError(f"federation.trim_fraction = {fed.trim_fraction!r} is out of range: "
+                          "below 0.5 (it drops that share at each end of every coordinate)")
+    if fed.aggregator != "mean" and cfg.privacy.client_level != "off":
+        raise ConfigError(
+            f"federation.aggregator = {fed.aggregator!r} with privacy.client_level = "
+            f"{cfg.privacy.client_level!r}: client-level DP's noise is calibrated to one "
+            "client's influence on a mean of clipped updates; use federation.aggregator = 'mean'"
+        )
+    attackers = round(attacks.fraction * fed.clients)
+    if (attacks.kind == "none") != (attackers == 0):
+        raise ConfigError(
+            f"attacks.kind = {attacks.kind!r} with attacks.fraction = {attacks.fraction!r} "
+            f"({attackers} of federation.clients = {fed.clients}): set both (an attack kind and "
+            "a fraction that chooses at least one client) or neither"
+        )
 
 
 def validate_compression(cfg: FedConfig) -> None:

@@ -1,6 +1,12 @@
 """Names shared by the two ends of the wire: the round scalars the server adds to a downlink
 and the metrics a client reports (one constant per key, so client and server cannot drift)."""
 
+# Flower run config key: the resolved config as JSON, sent to every client once per run
+RUN_CONFIG_KEY = "config-json"
+# Flower run config key: "1" when the clients are the simulation's virtual clients, whose
+# partitions (and so their real example counts) the server knows
+SIMULATION_KEY = "simulation"
+
 # Downlink scalars
 ROUND = "fedpeft.round"
 PARTITION = "fedpeft.partition"

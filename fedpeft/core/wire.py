@@ -24,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedpeft.core.config import FedConfig
 from fedpeft.core.filters import parse_chain
+from fedpeft.core.keys import RUN_CONFIG_KEY
 from fedpeft.core.packing import Packed, PackError, pack, unpack
 from fedpeft.core.payload import ClientState, Payload, Tensors
 
@@ -31,12 +32,22 @@ TENSORS, SCALARS = "tensors", "scalars"  # TENSORS: per-key tensors (one Array e
 PACKED, MANIFEST = "fedpeft.packed", "fedpeft.manifest"  # all tensors in one Array + its manifest
 RESIDUAL_PREFIX = "fedpeft.residual."  # ClientState.tensors keys of top-k error feedback
 BYTES_STYPE = "fedpeft.bytes"  # the packed Array's data is the bare buffer (no npy header)
-CONFIG_RECORD = "fedpeft.config"  # the run's config as JSON, sent with every train message
+CONFIG_RECORD = "fedpeft.config"  # the config as JSON in a message (runs without RUN_CONFIG_KEY)
 METRICS_RECORD = "metrics"
 
 
 def config_record(cfg: FedConfig) -> ConfigRecord:
     return ConfigRecord({"json": cfg.to_json()})
+
+
+def run_config_json(run_config: Any, content: RecordDict) -> str | None:
+    """The run's config as JSON: from Flower's run config (``RUN_CONFIG_KEY``, set once per
+    run by ``fedpeft simulate`` / ``fedpeft server``), else from the message (a run started
+    with plain ``flwr run .`` sends it with every train message); None when neither has it."""
+    text = str(run_config.get(RUN_CONFIG_KEY, "") or "") if run_config else ""
+    if text:
+        return text
+    return str(content[CONFIG_RECORD]["json"]) if CONFIG_RECORD in content else None
 
 
 def to_array_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:

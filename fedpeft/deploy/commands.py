@@ -51,6 +51,7 @@ from fedpeft.core.config import (
     apply_overrides,
     load_config,
 )
+from fedpeft.core.keys import RUN_CONFIG_KEY
 from fedpeft.core.ledger import (
     DEVICE_DELTA,
     check_device_delta,
@@ -76,7 +77,7 @@ CLIENTAPP = "fedpeft.client.app:app"
 EXIT_USAGE = 2
 DEPLOY_ROUND_TIMEOUT_S = 600.0  # a silent device costs a round this long, never the whole run
 MiB = 2**20
-SIMULATION_ONLY = ("faults",)  # config sections a deployment refuses: they make clients misbehave
+SIMULATION_ONLY = ("faults", "attacks")  # sections a deployment refuses: clients misbehave
 Emit = Callable[[str], None]
 
 
@@ -229,8 +230,9 @@ def refuse_simulation_only(cfg: FedConfig) -> None:
     real devices."""
     keys = simulation_only_keys(cfg)
     if keys:
-        raise ConfigError(f"{', '.join(keys)}: fault injection is for `fedpeft simulate` only; "
-                          "`fedpeft server` does not tell real devices to misbehave. Remove "
+        raise ConfigError(f"{', '.join(keys)}: fault and attack injection are for `fedpeft "
+                          "simulate` only; `fedpeft server` does not tell real devices to "
+                          "misbehave. Remove "
                           f"{'it' if len(keys) == 1 else 'them'} from the config")
 
 
@@ -442,10 +444,12 @@ def run_server(opts: ServerOptions, emit: Emit = say) -> int:
                  f"devices ({fed.clients_per_round} per round); writing to {out}"
                  + (f"; resuming after round {done}" if opts.resume else ""))
             app_dir = launcher.write_app_dir(coord.home / "app", SERVERAPP, CLIENTAPP,
-                                             {"config-file": "", "out-dir": "", "resume": ""})
+                                             {"config-file": "", "out-dir": "", "resume": "",
+                                              RUN_CONFIG_KEY: ""})
             run_config = coord.home / "run_config.toml"
             run_config.write_text(tomli_w.dumps({"config-file": str(config_file),
                                                  "out-dir": str(out),
+                                                 RUN_CONFIG_KEY: cfg.to_json(),
                                                  "resume": "1" if opts.resume else ""}))
             progress = Progress(out / METRICS_FILE, fed.rounds, emit)
             progress.seen = done + 1  # the first run showed the rounds before the resume

@@ -52,13 +52,19 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpeft.core.config import SECTIONS, ConfigError, FedConfig, load_config, parse_override
+from fedpeft.core.config import (
+    SECTIONS,
+    ConfigError,
+    FedConfig,
+    load_config,
+    parse_override,
+    read_toml,
+)
 from fedpeft.core.runfiles import CHECKPOINT_DIR, CONFIG_FILE, STATE_FILE, SUMMARY_FILE
 from fedpeft.run.sweepreport import cell_line, cell_record, write_results
 
@@ -117,12 +123,7 @@ class CellState:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file; every mistake is one ConfigError naming the file and key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    raw = read_toml(path, "sweep file")
     unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}; allowed top-level keys: "
