@@ -22,6 +22,8 @@ from fedpeft.core.privacy import Accountant, clip_update, dp_train
 from fedpeft.core.training import make_optimizer, resolve_device, train_steps
 from fedpeft.core.workspace import Workspace
 
+from .attacks import attacked_data
+
 
 @dataclass
 class ClientResult:
@@ -63,6 +65,7 @@ def client_round(
     start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     data = workspace.partition(partition_id, cfg.federation.clients)
+    data = attacked_data(cfg, data, partition_id, workspace.num_labels)  # [attacks] label-flip
     adapter = workspace.adapter_model(rank)
     adapter.model.to(device)
     adapter.reset_base()  # a shared model object: undo any base merge of another client/method

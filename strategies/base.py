@@ -45,6 +45,8 @@ from fedpeft.core.config import (
 from fedpeft.core.filters import compression_refusal
 from fedpeft.core.payload import ClientState, Payload, Scalar, Tensors
 
+from .aggregators import Aggregator
+
 __all__ = ["ClientState", "Payload", "Scalar", "Tensors"]
 
 # ClientState.values key: the LoRA rank a client holds from now on, when a method changes it
@@ -67,12 +69,13 @@ class MethodContext:
     client_ranks: tuple[int, ...]
     model: ModelConfig
     num_labels: int | None = None
+    aggregator: Aggregator = field(default_factory=Aggregator)  # federation.aggregator
 
     @classmethod
     def from_config(cls, cfg: FedConfig, num_labels: int | None = None) -> MethodContext:
         return cls(seed=cfg.federation.seed, rank=cfg.model.rank, alpha=cfg.model.alpha,
                    client_ranks=tuple(federation_ranks(cfg)), model=cfg.model,
-                   num_labels=num_labels)
+                   num_labels=num_labels, aggregator=Aggregator.from_config(cfg))
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,9 @@ class Method(abc.ABC):
     # client's update and noise the mean, which is sound only when the aggregate is a mean of
     # the uploads and every client gets the same downlink (the state's tensors of those keys).
     client_dp: ClassVar[bool] = False
+    # federation.aggregator other than 'mean' (strategies/aggregators.py): only where the
+    # aggregate is a mean of the uploads, which the method then takes with ``robust_mean``.
+    robust_aggregation: ClassVar[bool] = False
     # Lossy wire filters ([compression]) change the uploaded numbers; a method whose maths they
     # would break says why here.
     compression_refusal: ClassVar[str] = ""
@@ -239,6 +245,7 @@ def build_method(cfg: FedConfig, num_labels: int | None = None) -> Method:
     check_ranks(cls, cfg)
     check_privacy(cls, cfg)
     check_compression(cls, cfg)
+    check_aggregator(cls, cfg)
     return cls(options, MethodContext.from_config(cfg, num_labels))
 
 
@@ -256,6 +263,21 @@ def check_privacy(cls: type[Method], cfg: FedConfig) -> None:
             f"{cls.name!r} aggregates otherwise, so clipped-and-noised means would not bound "
             "one client's influence"
         )
+
+
+def check_aggregator(cls: type[Method], cfg: FedConfig) -> None:
+    """Refuse a robust aggregator for a method whose aggregate is not a mean of the uploads."""
+    rule = cfg.federation.aggregator
+    if rule == "mean" or cls.robust_aggregation:
+        return
+    able = ", ".join(n for n, c in METHODS.items() if c.robust_aggregation) or "none registered"
+    doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+    raise ConfigError(
+        f"federation.aggregator = {rule!r} needs a method whose aggregate is a mean of the "
+        f"uploads ({able}); method.name = {cls.name!r} aggregates otherwise ({doc}), so a "
+        "median, trimmed or clipped mean of its uploads is not its aggregate: use "
+        "federation.aggregator = 'mean'"
+    )
 
 
 def check_compression(cls: type[Method], cfg: FedConfig) -> None:

@@ -3,7 +3,8 @@ separately, weighted by each client's number of training examples."""
 
 from __future__ import annotations
 
-from .base import Method, Payload, Upload, register, weighted_mean
+from .aggregators import robust_mean
+from .base import Method, Payload, Upload, register
 
 
 @register("fedit")
@@ -12,6 +13,7 @@ class FedIT(Method):
 
     default_lr = 0.002
     client_dp = True  # a weighted mean of the uploads, the same downlink for every client
+    robust_aggregation = True  # federation.aggregator: median, trimmed mean, norm-clip
 
     def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
-        return Payload(weighted_mean(uploads, state.tensors))
+        return Payload(robust_mean(self.ctx.aggregator, uploads, state.tensors, state.tensors))

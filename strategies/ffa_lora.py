@@ -24,6 +24,7 @@ import torch
 from fedpeft.core.adapters import AdapterModel, lora_pairs
 from fedpeft.core.config import ConfigError, option
 
+from .aggregators import robust_mean
 from .base import (
     ClientProfile,
     ClientState,
@@ -34,7 +35,6 @@ from .base import (
     TrainSpec,
     Upload,
     register,
-    weighted_mean,
 )
 
 SEED_KEY = "ffa_lora.seed"
@@ -100,6 +100,7 @@ class FFALoRA(Method):
     Options = FFAOptions
     default_lr = 0.02
     client_dp = True  # a weighted mean of the uploads (B, head), the same downlink for all
+    robust_aggregation = True  # federation.aggregator: median, trimmed mean, norm-clip
 
     def __init__(self, options: FFAOptions, ctx: MethodContext) -> None:
         super().__init__(options, ctx)
@@ -128,7 +129,8 @@ class FFALoRA(Method):
 
     def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
         tensors = dict(state.tensors)
-        tensors.update(weighted_mean(uploads, self._sent_keys(state)))
+        tensors.update(robust_mean(self.ctx.aggregator, uploads, self._sent_keys(state),
+                                   state.tensors))
         return Payload(tensors, dict(state.scalars))
 
     # ---- client half -------------------------------------------------------------------

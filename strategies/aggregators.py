@@ -1,0 +1,127 @@
+"""Robust means of the clients' uploads (``federation.aggregator``), as pure tensor math.
+
+For the methods whose aggregate is a mean of uploads (``Method.robust_aggregation``):
+
+- ``mean``: the weighted mean (weights: example counts or 1, ``federation.weighting``).
+- ``median``: the coordinate-wise median; for an even count the mean of the two middle values
+  (as ``numpy.median``). Breaks down only when half of the uploads are hostile.
+- ``trimmed-mean``: per coordinate, drop the ``k = floor(trim_fraction * n)`` largest and the k
+  smallest values and average the rest (as ``scipy.stats.trim_mean``). Tolerates k hostile
+  uploads in a round.
+- ``norm-clip``: scale each client's whole update (upload minus what it was sent, L2 over all
+  tensors) down to at most a bound, then the weighted mean. The bound is ``clip_norm`` or, at
+  0, the median of the round's update norms: with fewer than half of the round's clients
+  hostile that median lies among honest norms, so no update weighs more than a typical honest
+  one, and it follows the norms as they change with method, learning rate, local steps and
+  training progress (a fixed bound must be tuned to all of these: too small slows every
+  client, too large clips nothing). Honest updates above the median are clipped too: that is
+  its cost on a clean run.
+
+Median and trimmed mean are unweighted (one client, one vote): a weighted median would let a
+client's claimed example count buy influence back. Both commute with a common shift, so they
+are taken over the uploads directly; everything is computed in float64 and returned in the
+uploads' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from fedpeft.core.config import AGGREGATORS, FedConfig, FederationConfig
+from fedpeft.core.payload import Payload, Tensors
+
+__all__ = ["AGGREGATORS", "Aggregator", "robust_mean"]
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    """How a round's uploads are combined; see the module docstring."""
+
+    rule: str = "mean"
+    trim_fraction: float = 0.2
+    clip_norm: float = 0.0  # 0: the median of the round's update norms
+
+    @classmethod
+    def from_config(cls, cfg: FedConfig | FederationConfig) -> Aggregator:
+        fed = cfg.federation if isinstance(cfg, FedConfig) else cfg
+        return cls(fed.aggregator, fed.trim_fraction, fed.clip_norm)
+
+    def __post_init__(self) -> None:
+        if self.rule not in AGGREGATORS:
+            raise ValueError(f"aggregator {self.rule!r}: one of {', '.join(AGGREGATORS)}")
+
+
+class _Upload(Protocol):
+    payload: Payload
+    num_examples: int
+
+
+def robust_mean(aggregator: Aggregator, uploads: Sequence[_Upload], keys: Iterable[str],
+                reference: Mapping[str, torch.Tensor], weights: Sequence[float] | None = None
+                ) -> Tensors:
+    """The aggregate of ``keys`` over ``uploads`` by ``aggregator``. ``reference``: what the
+    clients were sent (the updates' origin, for norm-clip); ``weights`` default to the uploads'
+    example counts (mean and norm-clip only)."""
+    keys = list(keys)
+    w = torch.tensor(weights if weights is not None else [u.num_examples for u in uploads],
+                     dtype=torch.float64)
+    stacks = {k: torch.stack([u.payload.tensors[k].to(torch.float64) for u in uploads])
+              for k in keys}
+    rule = aggregator.rule
+    if rule == "median":
+        out = {k: coordinate_median(s) for k, s in stacks.items()}
+    elif rule == "trimmed-mean":
+        out = {k: trimmed_mean(s, aggregator.trim_fraction) for k, s in stacks.items()}
+    elif rule == "norm-clip":
+        ref = {k: reference[k].to(torch.float64) for k in keys}
+        updates = {k: s - ref[k] for k, s in stacks.items()}
+        clipped = clip_updates(updates, aggregator.clip_norm)
+        out = {k: ref[k] + weighted_average(u, w) for k, u in clipped.items()}
+    else:
+        out = {k: weighted_average(s, w) for k, s in stacks.items()}
+    return {k: v.to(uploads[0].payload.tensors[k].dtype) for k, v in out.items()}
+
+
+def weighted_average(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i x_i / sum_i w_i over the first dimension."""
+    w = weights.to(stacked.dtype)
+    return torch.tensordot(w / w.sum(), stacked, dims=1)
+
+
+def coordinate_median(stacked: torch.Tensor) -> torch.Tensor:
+    """The median over the first dimension; an even count gives the mean of the middle two
+    (``torch.median`` would give the lower one)."""
+    ordered = stacked.sort(dim=0).values
+    n = ordered.shape[0]
+    if n % 2:
+        return ordered[n // 2]
+    return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def trimmed_mean(stacked: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The mean over the first dimension after dropping the ``floor(fraction * n)`` largest and
+    smallest values of every coordinate."""
+    n = stacked.shape[0]
+    k = math.floor(fraction * n)
+    if not 0 <= 2 * k < n:
+        raise ValueError(f"trim fraction {fraction} drops all {n} values")
+    return stacked.sort(dim=0).values[k:n - k].mean(dim=0)
+
+
+def update_norms(updates: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Each client's L2 norm over all tensors (``updates``: key -> stacked clients)."""
+    return torch.sqrt(sum(u.flatten(1).pow(2).sum(dim=1) for u in updates.values()))
+
+
+def clip_updates(updates: Mapping[str, torch.Tensor], bound: float = 0.0) -> Tensors:
+    """Scale each client's whole update (key -> stacked clients) to L2 norm at most ``bound``
+    (0: the median of the clients' norms)."""
+    norms = update_norms(updates)
+    limit = torch.tensor(bound, dtype=norms.dtype) if bound > 0 else coordinate_median(norms)
+    factor = torch.where(norms > limit, limit / norms.clamp_min(1e-300), torch.ones_like(norms))
+    return {k: u * factor.view(-1, *([1] * (u.dim() - 1))) for k, u in updates.items()}
