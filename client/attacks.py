@@ -72,7 +72,7 @@ def attack_upload(cfg: FedConfig, partition_id: int, server_round: int, upload: 
     """The upload this client sends: ``upload`` from an honest or label-flip client, the
     attacked update (:func:`attacked_update`) from an update attacker."""
     kind = attack_for(cfg, partition_id)
-    if kind not in UPDATE_ATTACKS:
+    if kind not in UPDATE_ATTACKS or not upload:  # nothing to attack (a spent DP budget)
         return upload
     seed = [cfg.federation.seed, 23, server_round, partition_id]
     return attacked_update(kind, upload, sent, scale=cfg.attacks.scale, seed=seed)

@@ -274,6 +274,7 @@ def test_noise_attackers_upload_gaussian_noise_of_the_updates_norm() -> None:
     again = attack_upload(cfg, bad, 1, upload, sent)
     assert all(torch.equal(again[k], got[k]) for k in KEYS)  # seeded by run, round, client
     other = attack_upload(cfg, bad, 2, upload, sent)
+    assert attack_upload(cfg, bad, 1, {}, sent) == {}  # no upload (DP budget spent): nothing
     assert not torch.equal(other["head.weight"], got["head.weight"])
 
 
