@@ -1,41 +1,69 @@
 """LoRA-FAIR (Bian, Wang, Zhang, Xu; ICCV 2025): FedIT's averages plus a server-side correction of
 B, so that the product the clients start from points the way of the ideal update.
 
-Per wrapped layer, with p_k the example weights of the round's clients:
+Per wrapped layer l, with p_k the example weights of the round's clients:
     A_bar = sum p_k A_k,   B_bar = sum p_k B_k,   dW = sum p_k B_k A_k   (the ideal update)
-    dB*   = argmin_dB  sum_j [1 - cos(dW[:, j], ((B_bar + dB) A_bar)[:, j])] / d_in
-                       + lam * ||dB||_F^2
+    dB*   = argmin_dB  sum_l { sum_j [1 - cos(dW[:, j], ((B_bar + dB) A_bar)[:, j])] / d_in
+                               + lam * ||dB||_F^2 / ||B_bar||_F^2 }
 solved iteratively with autograd (L-BFGS by default; Adam or the reference code's SGD as options),
 and the server sends A_bar and B_bar + dB*; clients train both factors from there. The head is
 averaged as in FedIT.
 
 ``solver = "lstsq"`` replaces the cosine objective by the Frobenius one, whose closed form is
-dB = (dW - B_bar A_bar) A_bar^T (A_bar A_bar^T + lam I)^-1. It is NOT the paper's method.
+dB = (dW - B_bar A_bar) A_bar^T (A_bar A_bar^T + lam' I)^-1. It is NOT the paper's method.
+
+Scale. The cosine term depends only on the direction of each column of the product, so it is the
+same at any scale of B; the paper's regulariser lam * ||dB||^2 is not (at B of RMS 1e-2 the
+paper's lam = 0.01 weighs a 10% change of B by 4e-7 per 1000 entries: nothing). Two choices:
+- ``regulariser = "relative"`` (default) penalises each layer's relative change,
+  lam * ||dB_l||^2 / ||B_bar_l||^2, so that lam means the same at every scale of B and every
+  layer size: lam = 0.01 costs 1e-4 per layer for a 10% change of that layer's B, against a
+  cosine term in [0, 2] per layer. Multiplying every B by c multiplies dB* by c. For ``lstsq`` the
+  Frobenius term is divided by ||dW_l||^2 as well, so lam' = lam ||dW_l||^2 / ||B_bar_l||^2.
+- ``regulariser = "absolute"`` is the paper's and the reference code's literal lam ||dB||_F^2.
+
+Solver. The problem is a sum of independent per-layer problems, so dividing each layer's term by
+a positive constant and rescaling its variables leaves the minimiser unchanged. Each layer's term
+is divided by its value at dB = 0 (the objective starts at 1 per layer; the mean over layers is
+minimised, so it starts at 1), and its variables are scaled so that the gradient at dB = 0 has
+norm 1 over all layers. Every stopping rule then reads relative to the start: ``tol`` is a change
+of the objective as a fraction of its starting value, whatever the scale of B and however close
+the clients are. (With the objective and dB in B's own units, clients that roughly agree, B of
+RMS 1e-2 and 20-50% drift, have a squared gradient below L-BFGS's absolute tolerance of 1e-6 and
+the old solver stopped before its first step: dB = 0, every round.) Layers whose product already
+points the way of the ideal update (1 - cos < 1e-10 per layer: beneath that the objective is
+float64 rounding) or are stationary at dB = 0 are left alone, so clients that agree change
+nothing.
+
+Observability. ``aggregate`` stores what the correction did in the state's scalars under
+``lora_fair.metrics.`` (the server never sends state scalars to clients); ``round_metrics`` returns
+them for the round's metrics row:
+    fair_correction_rel     ||dB|| / ||B_bar|| over all layers
+    fair_cos_before/after   mean over layers and columns of cos(dW[:, j], product[:, j]) for
+                            B_bar A_bar (FedIT's product of means) and (B_bar + dB) A_bar
+    fair_objective_before/after  the objective above at dB = 0 and at dB* (summed over layers)
+    fair_iterations         solver iterations, summed over groups of same-shaped layers
+    fair_layers_corrected   layers given a non-zero dB (of fair_layers)
 
 Implementation notes (where the reference code is followed or not):
-- lambda defaults to the paper's 0.01; the reference code's ``lambda_reg`` = 1.0 is an option.
-- The regulariser is the squared Frobenius norm, as in the reference code.
+- lambda defaults to the paper's 0.01 (relative, see above); the reference code's ``lambda_reg``
+  = 1.0 is an option.
 - dB starts at 0 (the reference code draws it Xavier-uniform): 0 minimises the regulariser and,
   when the clients agree (dW = B_bar A_bar), is already optimal, so agreement changes nothing.
 - As in the reference code the loss is summed over layers (same-shaped layers are solved in one
-  batch) and the stop watches the summed loss (|change| < tol).
-- The iterations run on dB / sigma with sigma = RMS of the layer's B_bar (the same minimiser; the
-  cosine term is invariant to the scale of B, so without this the step size would depend on how
-  far training has gone). ``lr`` (adam / sgd) is the step size in those units.
+  batch).
 - Solver: the reference code runs SGD (lr 0.01, <= 1000 steps, early stop). L-BFGS with a
-  strong-Wolfe line search minimises the same objective without a step size to tune, never ends
-  above where it began and stops at once on a zero gradient. Adam (normalised steps of ~lr) took
-  clients that nearly agree (0.1% spread) to a cosine loss of 3e-6 from < 1e-6 at dB = 0, and
-  moved B of identical clients by 0.2% of its RMS from rounding-size gradients; adam / sgd now
-  return their best iterate and stop on a zero gradient. Measured at MiniLM-L6's shapes (12
-  layers, 384 x 384, r = 8, 5 disagreeing clients): L-BFGS 14 iterations, 0.1 s, objective
-  0.72004 from 0.73684; Adam 67 steps, 0.72005.
+  strong-Wolfe line search minimises the same objective without a step size to tune and never
+  ends above where it began. Adam and SGD (options) run on the same normalised problem, return
+  their best iterate (Adam's normalised steps can end above the start near the optimum) and stop
+  on a zero gradient.
 - A_bar, B_bar and dW are formed in float64 from the uploads, so agreeing clients give
   B_bar A_bar = dW to float64 rounding.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,116 +74,175 @@ from fedpeft.core.config import ConfigError, option
 
 from .base import Method, MethodContext, Payload, Upload, register, weighted_mean
 
-# Gradient size (in units of B_bar's RMS) below which dB is at a stationary point: clients that
-# agree give gradients of rounding size (~1e-17), which must not be mistaken for a direction.
+# 1 - cos (per layer, mean over columns) below which a layer's product already points the way of
+# the ideal update: float64 rounding of the cosine is ~1e-16, so below this the objective's
+# relative changes would be rounding.
+_AGREED = 1e-10
+# A layer whose relative gradient at dB = 0 (objective / its start, dB / ||B_bar||) is below
+# this is at a stationary point: rounding, not a direction.
+_STATIONARY = 1e-6
+# Gradient entries of the normalised objective (start 1, gradient norm 1) that count as zero.
 _GRAD_TOL = 1e-9
+
+# State scalars reserved for the correction's per-round metrics (``round_metrics`` reads them).
+METRICS_PREFIX = "lora_fair.metrics."
+METRIC_NAMES = ("correction_rel", "cos_before", "cos_after", "objective_before",
+                "objective_after", "iterations", "layers_corrected", "layers")
 
 
 @dataclass
 class FairOptions:
-    lam: float = option(0.01, "regulariser weight lambda (paper 0.01; reference code 1.0)", min=0)
+    lam: float = option(0.01, "regulariser weight lambda (paper 0.01; reference code 1.0); with "
+                        "regulariser = 'relative' it weighs ||dB_l||^2 / ||B_bar_l||^2 per layer, "
+                        "the same at any scale of B", min=0)
+    regulariser: str = option("relative", "relative = lam ||dB_l||^2 / ||B_bar_l||^2 per layer "
+                              "(scale-free); absolute = the paper's literal lam ||dB||^2, whose "
+                              "effect depends on B's scale", choices=("relative", "absolute"))
     solver: str = option("cosine", "cosine = the paper's iterative objective; lstsq = closed-form "
                          "Frobenius variant (NOT the paper's method)", choices=("cosine", "lstsq"))
     iterations: int = option(1000, "most iterations per round (cosine solver)", min=1)
     optimizer: str = option("lbfgs", "solver of the cosine objective: lbfgs (line search, "
                             "monotone), or adam / sgd (reference code: sgd) with early stop",
                             choices=("lbfgs", "adam", "sgd"))
-    lr: float = option(0.01, "adam / sgd step size, in units of B_bar's RMS", gt=0)
-    tol: float = option(1e-6, "stop when |loss change| < tol (adam / sgd: for ``patience`` "
-                        "steps)", min=0)
+    lr: float = option(0.01, "adam / sgd step size on the normalised problem (objective 1 and "
+                       "gradient norm 1 at dB = 0)", gt=0)
+    tol: float = option(1e-9, "stop when the objective changes by < tol times its value at "
+                        "dB = 0 (adam / sgd: for ``patience`` steps)", min=0)
     patience: int = option(5, "adam / sgd: consecutive calm steps before stopping", min=1)
 
 
 def column_cosine_loss(ideal: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
     """1 - the mean over columns j of cos(ideal[:, j], product[:, j]) (one layer, for reference
-    and tests; the solver uses the equivalent ``_stacked_loss``)."""
+    and tests; the solver uses the equivalent ``CosineTerms``)."""
     cos = torch.nn.functional.cosine_similarity(ideal, product, dim=0, eps=1e-12)
     return 1.0 - cos.mean()
 
 
+class CosineTerms:
+    """Per-layer 1 - mean_j cos(ideal[:, j], (b a)[:, j]) for a stack of same-shaped layers
+    (ideal (L, d_out, d_in), a (L, r, d_in)), without forming b a:
+    <ideal_j, b a_j> = (ideal^T b)_j . a_j and ||b a_j||^2 = a_j^T (b^T b) a_j."""
+
+    def __init__(self, ideal: torch.Tensor, a: torch.Tensor) -> None:
+        self.ideal_t, self.a_t = ideal.transpose(1, 2), a.transpose(1, 2)
+        self.ideal_norm = ideal.norm(dim=1)
+
+    def __call__(self, b: torch.Tensor) -> torch.Tensor:
+        dots = (torch.bmm(self.ideal_t, b) * self.a_t).sum(-1)
+        norms_sq = (torch.bmm(self.a_t, torch.bmm(b.transpose(1, 2), b)) * self.a_t).sum(-1)
+        cos = dots / (self.ideal_norm * norms_sq.clamp_min(1e-300).sqrt()).clamp_min(1e-300)
+        return 1.0 - cos.mean(-1)
+
+
+def reg_weights(b_bar: torch.Tensor, lam: float, regulariser: str) -> torch.Tensor:
+    """Per-layer weight of ||dB_l||^2: lam (absolute) or lam / ||B_bar_l||^2 (relative; 0 where
+    B_bar_l = 0, a layer that is never corrected)."""
+    if regulariser == "absolute":
+        return torch.full(b_bar.shape[:1], lam, dtype=b_bar.dtype)
+    sq = b_bar.pow(2).sum(dim=(1, 2))
+    return torch.where(sq > 0, lam / sq.clamp_min(1e-300), torch.zeros_like(sq))
+
+
+def layer_objective(terms: CosineTerms, b_bar: torch.Tensor, weights: torch.Tensor,
+                    db: torch.Tensor) -> torch.Tensor:
+    """The paper's objective per layer: cosine term + weight * ||dB_l||^2."""
+    return terms(b_bar + db) + weights * db.pow(2).sum(dim=(1, 2))
+
+
 def lstsq_correction(ideal: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Tensor,
-                     lam: float) -> torch.Tensor:
+                     lam: float | torch.Tensor) -> torch.Tensor:
     """Closed form of argmin ||ideal - (B_bar + dB) A_bar||_F^2 + lam ||dB||_F^2 (batched over
-    leading dimensions)."""
+    leading dimensions; ``lam`` a number or one per layer)."""
     residual = ideal - b_bar @ a_bar
     eye = torch.eye(a_bar.shape[-2], dtype=a_bar.dtype)
+    lam = torch.as_tensor(lam, dtype=a_bar.dtype).reshape(-1, 1, 1) if a_bar.dim() == 3 else lam
     gram = a_bar @ a_bar.transpose(-1, -2) + lam * eye
     # dB gram = residual A_bar^T  <=>  gram dB^T = A_bar residual^T (gram is symmetric)
     return torch.linalg.solve(gram, a_bar @ residual.transpose(-1, -2)).transpose(-1, -2)
 
 
-def _stacked_loss(ideal_t: torch.Tensor, ideal_norm: torch.Tensor, b: torch.Tensor,
-                  a_t: torch.Tensor) -> torch.Tensor:
-    """sum over layers of 1 - mean_j cos(ideal[:, j], (b a)[:, j]), without forming b a:
-    <ideal_j, b a_j> = (ideal^T b)_j . a_j and ||b a_j||^2 = a_j^T (b^T b) a_j. Shapes: ideal_t
-    (L, d_in, d_out), ideal_norm (L, d_in), b (L, d_out, r), a_t (L, d_in, r)."""
-    dots = (torch.bmm(ideal_t, b) * a_t).sum(-1)
-    norms_sq = (torch.bmm(a_t, torch.bmm(b.transpose(1, 2), b)) * a_t).sum(-1)
-    cos = dots / (ideal_norm * norms_sq.clamp_min(1e-300).sqrt()).clamp_min(1e-300)
-    return (1.0 - cos.mean(-1)).sum()
+def relative_lstsq_lam(ideal: torch.Tensor, b_bar: torch.Tensor, lam: float) -> torch.Tensor:
+    """lam' for ``lstsq`` with the relative regulariser: argmin ||R - dB A||^2 / ||dW||^2 +
+    lam ||dB||^2 / ||B_bar||^2 is the closed form with lam' = lam ||dW||^2 / ||B_bar||^2."""
+    return lam * ideal.pow(2).sum(dim=(1, 2)) / b_bar.pow(2).sum(dim=(1, 2)).clamp_min(1e-300)
 
 
 def cosine_correction(ideal: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Tensor,
                       opts: FairOptions) -> tuple[torch.Tensor, int]:
     """Iterative solution of the paper's objective for a stack of same-shaped layers (ideal
-    (L, d_out, d_in), b_bar (L, d_out, r), a_bar (L, r, d_in)); returns dB and the iterations
-    taken. Layers with B_bar = 0 or an ideal update of 0 get no correction."""
-    sigma = b_bar.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
-    active = (sigma.flatten() > 0) & (ideal.flatten(1).abs().amax(1) > 0)
+    (L, d_out, d_in), b_bar (L, d_out, r), a_bar (L, r, d_in)) on the normalised problem (module
+    docstring); returns dB and the iterations taken. Layers already aligned, stationary at
+    dB = 0, or with B_bar = 0 or dW = 0 get no correction."""
     correction = torch.zeros_like(b_bar)
+    norms = b_bar.flatten(1).norm(dim=1)
+    active = (norms > 0) & (ideal.flatten(1).norm(dim=1) > 0)
     if not bool(active.any()):
         return correction, 0
-    ideal, b_bar, a_bar, sigma = ideal[active], b_bar[active], a_bar[active], sigma[active]
-    ideal_t, a_t, ideal_norm = ideal.transpose(1, 2), a_bar.transpose(1, 2), ideal.norm(dim=1)
+    ideal, b_bar, a_bar = ideal[active], b_bar[active], a_bar[active]
+    terms = CosineTerms(ideal, a_bar)
+    weights = reg_weights(b_bar, opts.lam, opts.regulariser)
+    zero = torch.zeros_like(b_bar, requires_grad=True)
+    start = layer_objective(terms, b_bar, weights, zero)
+    (grad,) = torch.autograd.grad(start.sum(), zero)
+    start, grad = start.detach(), grad.flatten(1).norm(dim=1)
+    moving = (start > _AGREED) & (norms[active] * grad > _STATIONARY * start)
+    count = int(moving.sum())
+    if count == 0:
+        return correction, 0
+    keep = moving.nonzero().flatten()
+    terms = CosineTerms(ideal[keep], a_bar[keep])
+    b_bar, weights, start = b_bar[keep], weights[keep], start[keep]
+    # dB_l = scale_l x_l with the mean of objective_l / start_l minimised: it starts at 1 and
+    # its gradient in x has norm 1 / sqrt(count) per layer, 1 in all.
+    scale = (math.sqrt(count) * start / grad[keep]).reshape(-1, 1, 1)
 
-    def objective(delta: torch.Tensor) -> torch.Tensor:  # delta = dB / sigma, per layer
-        step_db = sigma * delta
-        return (_stacked_loss(ideal_t, ideal_norm, b_bar + step_db, a_t)
-                + opts.lam * step_db.pow(2).sum())
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        return (layer_objective(terms, b_bar, weights, scale * x) / start).mean()
 
     solve = _lbfgs if opts.optimizer == "lbfgs" else _first_order
-    delta, steps = solve(objective, torch.zeros_like(b_bar), opts)
-    correction[active] = sigma * delta
+    x, steps = solve(objective, torch.zeros_like(b_bar), opts)
+    rows = active.nonzero().flatten()[keep]
+    correction[rows] = scale * x
     return correction, steps
 
 
 def _lbfgs(objective: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor,
            opts: FairOptions) -> tuple[torch.Tensor, int]:
-    """L-BFGS with a strong-Wolfe line search: the objective never increases, and a start with
-    a zero gradient (clients that agree) is returned untouched."""
-    delta = start.clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([delta], lr=1.0, max_iter=opts.iterations, history_size=20,
+    """L-BFGS with a strong-Wolfe line search: the objective never increases. Its tolerances
+    are absolute, which is right here: the objective starts at 1 with a unit gradient."""
+    x = start.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([x], lr=1.0, max_iter=opts.iterations, history_size=20,
                                   tolerance_grad=_GRAD_TOL, tolerance_change=opts.tol,
                                   line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = objective(delta)
+        loss = objective(x)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return delta.detach(), int(optimizer.state[delta].get("n_iter", 0))
+    return x.detach(), int(optimizer.state[x].get("n_iter", 0))
 
 
 def _first_order(objective: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor,
                  opts: FairOptions) -> tuple[torch.Tensor, int]:
-    """Adam or SGD (the reference code's) with its early stop (|loss change| < tol for
+    """Adam or SGD (the reference code's) with its early stop (|objective change| < tol for
     ``patience`` steps). Returns the best iterate seen: Adam normalises the gradient's size, so
     near the optimum it keeps taking steps of about ``lr`` and can end above where it began."""
-    delta = start.clone().requires_grad_(True)
+    x = start.clone().requires_grad_(True)
     make = torch.optim.Adam if opts.optimizer == "adam" else torch.optim.SGD
-    optimizer = make([delta], lr=opts.lr)
+    optimizer = make([x], lr=opts.lr)
     best, best_value = start.clone(), float("inf")
     previous, calm, steps = float("inf"), 0, 0
     while steps < opts.iterations and calm < opts.patience:
         optimizer.zero_grad()
-        loss = objective(delta)
+        loss = objective(x)
         value = float(loss.detach())
         if value < best_value:
-            best, best_value = delta.detach().clone(), value
+            best, best_value = x.detach().clone(), value
         loss.backward()
-        if float(delta.grad.abs().max()) <= _GRAD_TOL:  # stationary: nothing to gain
+        if float(x.grad.abs().max()) <= _GRAD_TOL:  # stationary: nothing to gain
             break
         optimizer.step()
         steps += 1
@@ -177,9 +264,41 @@ def ideal_update(uploads: list[Upload], a_key: str, b_key: str,
 def mean64(uploads: list[Upload], key: str, weights: torch.Tensor) -> torch.Tensor:
     """sum_k p_k X_k in float64. The solver must see A_bar and B_bar at the precision of the
     ideal update: with float32 means, B_bar A_bar differs from an agreeing clients' dW by
-    rounding, and Adam (which normalises the gradient's size) turns that into real steps."""
+    rounding, which the normalised problem would take for a direction."""
     return torch.tensordot(weights, torch.stack([u.payload.tensors[key].double()
                                                  for u in uploads]), dims=1)
+
+
+class Tally:
+    """Sums over groups of same-shaped layers for the round's metrics."""
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(("db_sq", "b_sq", "cos_before", "cos_after", "objective_before",
+                                   "objective_after", "iterations", "layers_corrected",
+                                   "layers"), 0.0)
+
+    def add(self, ideal: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Tensor,
+            db: torch.Tensor, weights: torch.Tensor, iterations: int) -> None:
+        terms = CosineTerms(ideal, a_bar)
+        before, after = terms(b_bar), terms(b_bar + db)
+        s = self.sums
+        s["db_sq"] += float(db.pow(2).sum())
+        s["b_sq"] += float(b_bar.pow(2).sum())
+        s["cos_before"] += float((1 - before).sum())
+        s["cos_after"] += float((1 - after).sum())
+        s["objective_before"] += float(before.sum())
+        s["objective_after"] += float((after + weights * db.pow(2).sum(dim=(1, 2))).sum())
+        s["iterations"] += iterations
+        s["layers_corrected"] += int((db.flatten(1).abs().amax(1) > 0).sum())
+        s["layers"] += len(b_bar)
+
+    def metrics(self) -> dict[str, float]:
+        s, layers = self.sums, max(self.sums["layers"], 1)
+        values = {"correction_rel": math.sqrt(s["db_sq"] / s["b_sq"]) if s["b_sq"] > 0 else 0.0,
+                  "cos_before": s["cos_before"] / layers, "cos_after": s["cos_after"] / layers,
+                  **{k: s[k] for k in ("objective_before", "objective_after", "iterations",
+                                       "layers_corrected", "layers")}}
+        return {name: float(values[name]) for name in METRIC_NAMES}
 
 
 @register("lora-fair")
@@ -203,18 +322,36 @@ class LoRAFAIR(Method):
         for pair in lora_pairs(list(state.tensors), 1.0).values():
             shape = (*means[pair.b_key].shape, means[pair.a_key].shape[-1])
             groups.setdefault(shape, []).append(pair)
+        tally = Tally()
         for pairs in groups.values():  # same-shaped layers are solved together
             a_bar = torch.stack([mean64(uploads, p.a_key, weights) for p in pairs])
             b_bar = torch.stack([mean64(uploads, p.b_key, weights) for p in pairs])
             ideal = torch.stack([ideal_update(uploads, p.a_key, p.b_key, weights) for p in pairs])
-            corrected = b_bar + self.correction(ideal, b_bar, a_bar)
-            for pair, b_new in zip(pairs, corrected, strict=True):
+            db, iterations = self.correction(ideal, b_bar, a_bar)
+            tally.add(ideal, b_bar, a_bar, db,
+                      reg_weights(b_bar, self.options.lam, self.options.regulariser), iterations)
+            for pair, b_new in zip(pairs, b_bar + db, strict=True):
                 means[pair.b_key] = b_new.to(means[pair.b_key].dtype)
-        return Payload(means, dict(state.scalars))
+        scalars = {k: v for k, v in state.scalars.items() if not k.startswith(METRICS_PREFIX)}
+        scalars.update({METRICS_PREFIX + k: v for k, v in tally.metrics().items()})
+        return Payload(means, scalars)
 
     def correction(self, ideal: torch.Tensor, b_bar: torch.Tensor,
-                   a_bar: torch.Tensor) -> torch.Tensor:
-        """dB for a stack of same-shaped layers."""
-        if self.options.solver == "lstsq":
-            return lstsq_correction(ideal, b_bar, a_bar, self.options.lam)
-        return cosine_correction(ideal, b_bar, a_bar, self.options)[0]
+                   a_bar: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """dB for a stack of same-shaped layers, and the solver's iterations."""
+        opts = self.options
+        if opts.solver == "cosine":
+            return cosine_correction(ideal, b_bar, a_bar, opts)
+        if opts.regulariser == "absolute":
+            return lstsq_correction(ideal, b_bar, a_bar, opts.lam), 0
+        live = b_bar.flatten(1).norm(dim=1) > 0  # relative: B_bar = 0 is never corrected
+        db = torch.zeros_like(b_bar)
+        if bool(live.any()):
+            lam = relative_lstsq_lam(ideal[live], b_bar[live], opts.lam)
+            db[live] = lstsq_correction(ideal[live], b_bar[live], a_bar[live], lam)
+        return db, 0
+
+    def round_metrics(self, state: Payload) -> dict[str, float]:
+        """What the last aggregate's correction did (module docstring), as ``fair_*``."""
+        return {"fair_" + k.removeprefix(METRICS_PREFIX): float(v)
+                for k, v in state.scalars.items() if k.startswith(METRICS_PREFIX)}
