@@ -37,7 +37,14 @@ from fedpeft.core.wire import transmit
 from fedpeft.core.workspace import Workspace
 
 from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
-from .federation import client_profile, eval_due, eval_subset, evaluate_global, reported_rank
+from .federation import (
+    append_samples,
+    client_profile,
+    eval_due,
+    eval_subset,
+    evaluate_global,
+    reported_rank,
+)
 from .reporting import (
     MetricsLog,
     plot_report,
@@ -136,6 +143,8 @@ class RoundLoop:
                                  "aggregated": int(aggregated)}
         if self.cfg.privacy.enabled or client_eps:
             stats.update(self._privacy_stats(rnd, client_eps))
+        if aggregated:
+            stats.update(self.method.round_metrics(self.state))
         return stats
 
     def _take(self, rnd: int, reply: Reply, client_eps: dict[int, float]) -> Upload | str:
@@ -324,6 +333,8 @@ def run_rounds(loop: RoundLoop, transport: Transport, workspace: Workspace, out:
     if not config_file.is_file() or config_file.read_text() != text:  # the CLI wrote it already
         config_file.write_text(text)
     (out / ERROR_FILE).unlink(missing_ok=True)
+    if ckpt is None:
+        (out / "samples.md").unlink(missing_ok=True)  # appended to per round
     metrics = MetricsLog(out / METRICS_FILE, ckpt.metrics if ckpt else ())
     nodes = transport.nodes()
     fed = cfg.federation
@@ -344,7 +355,8 @@ def run_rounds(loop: RoundLoop, transport: Transport, workspace: Workspace, out:
         if eval_due(cfg, rnd):
             ev = evaluate_global(cfg, method, loop.state, workspace, eval_subset(cfg, rnd))
             row.update(accuracy=ev.accuracy, loss=ev.loss, eval_examples=ev.examples,
-                       eval_s=ev.seconds)
+                       eval_s=ev.seconds, **ev.extra)
+            append_samples(out / "samples.md", rnd, ev.samples)
         else:
             row.update(accuracy=None, loss=None)
         row["wall_s"] = time.perf_counter() - start
@@ -387,7 +399,8 @@ def _export_report(loop: RoundLoop, workspace: Workspace, rows: list[dict],
         return {"adapter_exact": True}
     ev = evaluate_global(loop.cfg, loop.method, loop.state, workspace, subset=0, export=True)
     final = next((r["accuracy"] for r in reversed(rows) if r.get("accuracy") is not None), None)
-    log(WARNING, "adapter/ is not the whole global model: %s. It scores %.3f on the held-out "
-        "split; the global model %s", note, ev.accuracy,
+    log(WARNING, "adapter/ is not the whole global model: %s. It scores %s on the held-out "
+        "split; the global model %s", note,
+        f"{ev.accuracy:.3f}" if ev.accuracy is not None else f"loss {ev.loss:.4f}",
         "scored -" if final is None else f"scored {final:.3f}")
     return {"adapter_exact": False, "adapter_note": note, "adapter_accuracy": ev.accuracy}

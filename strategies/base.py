@@ -8,6 +8,7 @@ Server half
     ``init(template) -> state``                      the global state from a fresh adapter
     ``downlink(state, profile) -> payload``          what one client is sent
     ``aggregate(state, uploads) -> state``           the next global state
+    ``round_metrics(state) -> metrics``              what the last aggregate did (for the log)
     ``expected_upload(state, profile) -> shapes``    keys and shapes a valid upload has
     ``check_upload(state, profile, payload)``        a method-specific reason to reject one
     ``load_global(model, state)``                    the global model, for server evaluation
@@ -165,6 +166,11 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
         """The next global state from the round's validated uploads (at least one)."""
+
+    def round_metrics(self, state: Payload) -> dict[str, float]:
+        """Numbers about the aggregate that produced ``state`` (e.g. LoRA-FAIR's correction),
+        added to the round's metrics row."""
+        return {}
 
     def expected_upload(self, state: Payload, profile: ClientProfile) -> dict[str, tuple[int, ...]]:
         """Keys and shapes a well-formed upload from ``profile`` must have (for validation)."""
