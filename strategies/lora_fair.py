@@ -13,8 +13,10 @@ averaged as in FedIT.
 dB = (dW - B_bar A_bar) A_bar^T (A_bar A_bar^T + lam' I)^-1. It is NOT the paper's method.
 
 Scale. The cosine term depends only on the direction of each column of the product, so it is the
-same at any scale of B; the paper's regulariser lam * ||dB||^2 is not (at B of RMS 1e-2 the
-paper's lam = 0.01 weighs a 10% change of B by 4e-7 per 1000 entries: nothing). Two choices:
+same at any scale of B; the paper's regulariser is not: lam ||dB_l||^2 = lam ||B_bar_l||^2 rho^2
+for a relative change rho, so its weight grows with ||B_bar_l||^2 (for a 384 x 8 factor lam = 0.01
+acts like a relative 0.003 at B of RMS 1e-2 and like 31 at RMS 1: nothing early in training,
+everything later). Two choices:
 - ``regulariser = "relative"`` (default) penalises each layer's relative change,
   lam * ||dB_l||^2 / ||B_bar_l||^2, so that lam means the same at every scale of B and every
   layer size: lam = 0.01 costs 1e-4 per layer for a 10% change of that layer's B, against a
