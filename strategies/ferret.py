@@ -83,13 +83,18 @@ from .base import (
 )
 from .lowrank import seed_of, weights_by_examples
 
-COEF, DELTA = "ferret.coef", "ferret.delta"
-ROUND, RUN, FROM, SYNCED, BASIS = (
-    "ferret.round", "ferret.run", "ferret.from", "ferret.synced", "ferret.basis_round")
+COEF, DELTA, IDS = "ferret.coef", "ferret.delta", "ferret.ids"
+ROUND, RUN, FROM, SYNCED, BASIS, CLIENT = (
+    "ferret.round", "ferret.run", "ferret.from", "ferret.synced", "ferret.basis_round",
+    "ferret.basis_id")
 PROJECT_S, RECONSTRUCT_S = "ferret.project_s", "ferret.reconstruct_s"
 BASE = "base::"  # target name prefix of a base-model parameter (named_parameters name follows)
 CHUNK_FLOATS = 1 << 22  # at most this many basis numbers in memory at once (16 MiB)
 CACHE_ROUNDS = 4  # global states kept per process
+SHARED = -1  # basis id of a round's shared bases (every client projects on them)
+NEEDS_SYNC = "needs_sync"  # reply metric: 1 when the client held no usable global state
+LOST = "ferret.lost"  # ClientState value: this round's load found no usable global state
+ASKED = "ferret.needs_sync"  # state scalar: clients of the last round that asked for a resync
 
 
 @dataclass
@@ -103,6 +108,10 @@ class FerretOptions:
     modules: list[str] = option(["query", "key", "value", "dense"],  # noqa: RUF009 (copied)
                                 "nn.Linear module names whose weight and bias train (full)")
     server_lr: float = option(1.0, "server learning rate on the reconstructed update", gt=0)
+    seeds: str = option("client", "bases of a round: each client its own (client: the paper's "
+                        "choice, less reconstruction variance, a downlink of every client's "
+                        "coefficients) or one set shared by all (shared)",
+                        choices=("client", "shared"))
     history: int = option(64, "rounds of aggregated coefficients kept for catch-up", min=1)
     seed: int = option(-1, "seed of the random bases (-1: federation.seed)", min=-1)
 
@@ -130,14 +139,22 @@ def block_slices(total: int, block_size: int) -> Iterator[tuple[int, slice]]:
         yield g, slice(g * block_size, min((g + 1) * block_size, total))
 
 
-def basis_chunks(seed: int, rnd: int, block: int, d: int,
-                 k: int) -> Iterator[tuple[int, torch.Tensor]]:
+def basis_seed(seed: int, rnd: int, block: int, start: int, basis: int) -> int:
+    """The generator seed of one chunk of basis rows: the round's shared bases (``basis`` =
+    SHARED) or client ``basis``'s own (its partition id)."""
+    if basis == SHARED:
+        return seed_of(seed, rnd, block, start, 3)
+    return seed_of(seed, rnd, block, start, 4, basis)
+
+
+def basis_chunks(seed: int, rnd: int, block: int, d: int, k: int,
+                 basis: int = -1) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, rows) of block ``block``'s K x d basis, U[-1, 1) float32, at most
     ``CHUNK_FLOATS`` numbers at a time; each chunk has its own generator seed, so the basis does
     not depend on how it is consumed."""
     rows = max(1, CHUNK_FLOATS // d)
     for start in range(0, k, rows):
-        gen = torch.Generator().manual_seed(seed_of(seed, rnd, block, start, 3))
+        gen = torch.Generator().manual_seed(basis_seed(seed, rnd, block, start, basis))
         chunk = torch.rand(min(rows, k - start), d, generator=gen, dtype=torch.float32)
         yield start, chunk.mul_(2.0).sub_(1.0)
 
@@ -148,46 +165,71 @@ def coef_scale(scaling: str, k: int) -> float:
 
 
 def project(update: torch.Tensor, seed: int, rnd: int, k: int, block_size: int,
-            scaling: str = "unbiased") -> torch.Tensor:
-    """The (G, K) float32 coefficients of a flat update."""
+            scaling: str = "unbiased", basis: int = -1) -> torch.Tensor:
+    """The (G, K) float32 coefficients of a flat update on the bases ``basis``."""
     update = update.to(torch.float32)
     coefs = torch.zeros(num_blocks(update.numel(), block_size), k, dtype=torch.float32)
     for g, sl in block_slices(update.numel(), block_size):
         block = update[sl]
-        for start, chunk in basis_chunks(seed, rnd, g, block.numel(), k):
+        for start, chunk in basis_chunks(seed, rnd, g, block.numel(), k, basis):
             coefs[g, start:start + chunk.shape[0]] = chunk @ block
     return coefs * coef_scale(scaling, k)
 
 
-def reconstruct_block(coefs: torch.Tensor, seed: int, rnd: int, block: int,
-                      d: int) -> torch.Tensor:
-    """sum_k coefs[k] u_k in float32, row by row (deterministic: no BLAS reduction)."""
-    out = torch.zeros(d, dtype=torch.float32)
+def reconstruct_block(coefs: torch.Tensor, seed: int, rnd: int, block: int, d: int,
+                      basis: int = -1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out`` (default zeros) + sum_k coefs[k] u_k in float32, row by row (deterministic: no
+    BLAS reduction)."""
+    out = torch.zeros(d, dtype=torch.float32) if out is None else out
     values = coefs.tolist()
-    for start, chunk in basis_chunks(seed, rnd, block, d, len(values)):
+    for start, chunk in basis_chunks(seed, rnd, block, d, len(values), basis):
         for j in range(chunk.shape[0]):
             out.add_(chunk[j], alpha=values[start + j])
     return out
 
 
 def reconstruct(coefs: torch.Tensor, seed: int, rnd: int, total: int,
-                block_size: int) -> torch.Tensor:
-    """The flat update (length ``total``) that coefficients (G, K) stand for."""
+                block_size: int, basis: int = -1) -> torch.Tensor:
+    """The flat update (length ``total``) that coefficients (G, K) on bases ``basis`` stand
+    for."""
     out = torch.empty(total, dtype=torch.float32)
     for g, sl in block_slices(total, block_size):
-        out[sl] = reconstruct_block(coefs[g], seed, rnd, g, sl.stop - sl.start)
+        out[sl] = reconstruct_block(coefs[g], seed, rnd, g, sl.stop - sl.start, basis)
     return out
 
 
 def apply_round(delta: torch.Tensor, coefs: torch.Tensor, seed: int, rnd: int, block_size: int,
-                server_lr: float) -> torch.Tensor:
+                server_lr: float, bases: torch.Tensor | None = None) -> torch.Tensor:
     """D_r = D_{r-1} + server_lr * reconstruction (a new tensor; ``delta`` is never changed: it
-    may be shared by many clients' states and the process cache)."""
+    may be shared by many clients' states and the process cache). ``coefs``: the round's (G, K)
+    coefficients on its shared bases, or (M, G, K) weighted coefficients of M clients with their
+    basis ids ``bases`` (M,), summed per block in that order."""
+    if coefs.dim() == 2:
+        coefs, bases = coefs.unsqueeze(0), torch.tensor([SHARED])
+    assert bases is not None and len(bases) == coefs.shape[0]
+    ids = [int(b) for b in bases]
     out = delta.clone()
     for g, sl in block_slices(delta.numel(), block_size):
-        out[sl].add_(reconstruct_block(coefs[g], seed, rnd, g, sl.stop - sl.start),
-                     alpha=server_lr)
+        block = torch.zeros(sl.stop - sl.start, dtype=torch.float32)
+        for j, basis in enumerate(ids):
+            reconstruct_block(coefs[j, g], seed, rnd, g, block.numel(), basis, out=block)
+        out[sl].add_(block, alpha=server_lr)
     return out
+
+
+def round_coefficients(uploads: list[Upload], seeds: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A round's (M, G, K) float32 coefficients and (M,) int64 basis ids, as every party
+    applies them: the weighted mean of the uploads (M = 1, SHARED: shared seeds make it the
+    coefficients of the mean update), or each client's coefficients times its weight (M clients,
+    in partition order, each on its own bases)."""
+    weights = torch.tensor(weights_by_examples([u.num_examples for u in uploads]),
+                           dtype=torch.float64)
+    stacked = torch.stack([u.payload.tensors[COEF].to(torch.float64) for u in uploads])
+    if seeds == "shared":
+        mean = torch.tensordot(weights, stacked, dims=1).to(torch.float32)
+        return mean.unsqueeze(0), torch.tensor([SHARED], dtype=torch.int64)
+    weighted = (weights.view(-1, 1, 1) * stacked).to(torch.float32)
+    return weighted, torch.tensor([u.profile.partition_id for u in uploads], dtype=torch.int64)
 
 
 # ---- model side: targets, pristine values, applying a global state ----------------------
@@ -252,6 +294,19 @@ def hist_key(rnd: int) -> str:
     return f"{COEF}.{rnd}"
 
 
+def ids_key(rnd: int) -> str:
+    """The basis ids of round ``rnd``'s coefficient rows (SHARED, or partition ids)."""
+    return f"{IDS}.{rnd}"
+
+
+def hist_round(key: str) -> int | None:
+    """The round of a history key (coefficients or basis ids), else None."""
+    for prefix in (COEF + ".", IDS + "."):
+        if key.startswith(prefix):
+            return int(key[len(prefix):])
+    return None
+
+
 def client_key(profile: ClientProfile) -> str:
     return f"{SYNCED}.{profile.node_id}:{profile.partition_id}"
 
@@ -274,7 +329,7 @@ class Ferret(Method):
     def __init__(self, options: FerretOptions, ctx: MethodContext) -> None:
         super().__init__(options, ctx)
         self.seed = options.seed if options.seed >= 0 else ctx.seed
-        self._before: tuple[int, torch.Tensor] | None = None  # (id(model), W before training)
+        self._before: tuple[int, torch.Tensor | None] | None = None  # (id(model), W before)
         # Recent global states (run, round) -> D_round, shared by every client this process
         # runs: in simulation one reconstruction per round serves them all.
         self._cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
@@ -311,11 +366,16 @@ class Ferret(Method):
         return Payload({DELTA: torch.zeros(total, dtype=torch.float32)}, {ROUND: 0, RUN: run})
 
     def downlink(self, state: Payload, profile: ClientProfile) -> Payload:
+        """The rounds the client missed (their coefficients and basis ids) when the server
+        holds them all and they hold fewer numbers than the dense D_now, else D_now: always for
+        a client that said it holds no usable state (synced -1)."""
         now = int(state.scalars[ROUND])
         synced = int(state.scalars.get(client_key(profile), 0))
-        scalars = {ROUND: now, RUN: int(state.scalars[RUN]), FROM: synced}
-        missing = [hist_key(r) for r in range(synced + 1, now + 1)]
-        if all(k in state.tensors for k in missing):
+        basis = SHARED if self.options.seeds == "shared" else profile.partition_id
+        scalars = {ROUND: now, RUN: int(state.scalars[RUN]), FROM: synced, CLIENT: basis}
+        missing = [k for r in range(synced + 1, now + 1) for k in (hist_key(r), ids_key(r))]
+        if synced >= 0 and all(k in state.tensors for k in missing) and sum(
+                state.tensors[k].numel() for k in missing[::2]) <= state.tensors[DELTA].numel():
             return Payload({k: state.tensors[k] for k in missing}, scalars)
         scalars[FROM] = now  # beyond the history: the dense global update, model-sized
         return Payload({DELTA: state.tensors[DELTA]}, scalars)
@@ -334,28 +394,47 @@ class Ferret(Method):
         return None
 
     def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
+        """Apply the round's coefficients. Uploads of clients that held no usable global state
+        (synced -1, zero coefficients) are left out of the mean; the server notes them and sends
+        them the dense global update next time."""
         now = int(state.scalars[ROUND]) + 1
         for upload in uploads:  # the server rejects these first; an invariant here
             problem = self.check_upload(state, upload.profile, upload.payload)
             if problem:
                 raise ValueError(f"ferret: client {upload.profile.partition_id} {problem}")
-        weights = torch.tensor(weights_by_examples([u.num_examples for u in uploads]),
-                               dtype=torch.float64)
-        stacked = torch.stack([u.payload.tensors[COEF].to(torch.float64) for u in uploads])
-        coefs = torch.tensordot(weights, stacked, dims=1).to(torch.float32)
-        tensors = {k: v for k, v in state.tensors.items()
-                   if not k.startswith(COEF + ".") or int(k.rsplit(".", 1)[1])
-                   > now - self.options.history}
+        synced = [u for u in uploads if int(u.payload.scalars.get(SYNCED, 0)) >= 0]
+        if not synced:
+            raise ValueError(f"ferret: none of the {len(uploads)} uploads holds the global state "
+                             "(every client asked for a resynchronisation)")
+        coefs, bases = round_coefficients(synced, self.options.seeds)
+        tensors = {k: v for k, v in state.tensors.items() if hist_round(k) is None}
         tensors[DELTA] = apply_round(state.tensors[DELTA], coefs, self.seed, now,
-                                     self.options.block_size, self.options.server_lr)
-        tensors[hist_key(now)] = coefs
+                                     self.options.block_size, self.options.server_lr, bases)
+        tensors.update(self._history(state.tensors, now, coefs, bases))
         scalars = dict(state.scalars)
-        scalars[ROUND] = now
+        scalars.update({ROUND: now, ASKED: len(uploads) - len(synced)})
         for upload in uploads:
             if SYNCED in upload.payload.scalars:
                 scalars[client_key(upload.profile)] = int(upload.payload.scalars[SYNCED])
         self._remember(int(state.scalars[RUN]), now, tensors[DELTA])
         return Payload(tensors, scalars)
+
+    def round_metrics(self, state: Payload) -> dict[str, float]:
+        """``needs_sync``: how many clients of the last round held no usable global state."""
+        return {NEEDS_SYNC: float(state.scalars.get(ASKED, 0))}
+
+    def _history(self, old: Tensors, now: int, coefs: torch.Tensor,
+                 bases: torch.Tensor) -> Tensors:
+        """The newest rounds' coefficients and basis ids: at most ``history`` rounds, and no
+        more than the dense D holds in numbers (a client missing more rounds gets D anyway)."""
+        kept = {hist_key(now): coefs, ids_key(now): bases}
+        room = old[DELTA].numel() - coefs.numel()
+        for rnd in range(now - 1, now - self.options.history, -1):
+            if hist_key(rnd) not in old or old[hist_key(rnd)].numel() > room:
+                break
+            room -= old[hist_key(rnd)].numel()
+            kept.update({hist_key(rnd): old[hist_key(rnd)], ids_key(rnd): old[ids_key(rnd)]})
+        return kept
 
     def export(self, state: Payload) -> Export:
         """The adapter tensors of the global model (under ``full``: the trained head and
@@ -380,9 +459,22 @@ class Ferret(Method):
 
     # ---- client half ---------------------------------------------------------------------
     def load(self, model: AdapterModel, payload: Payload, client_state: ClientState) -> None:
+        """Rebuild D_now and set the targets to W_0 + D_now. A client that holds no usable
+        global state (lost, or from another run) trains nothing useful this round: it loads
+        W_0, uploads zero coefficients marked synced -1 and reports ``needs_sync`` = 1, and the
+        server sends it the dense D next time."""
         start = time.perf_counter()
         run, now = int(payload.scalars[RUN]), int(payload.scalars[ROUND])
         delta = self._global_delta(model, payload, client_state)
+        if delta is None:
+            client_state.tensors.pop(DELTA, None)
+            for key in (RUN, SYNCED):
+                client_state.values.pop(key, None)
+            client_state.values[LOST] = 1
+            total = layout(select_targets(model, self.options.target, self.options.modules))[1]
+            self._apply(model, torch.zeros(total, dtype=torch.float32), trainable=False)
+            self._before = (id(model), None)
+            return
         self._remember(run, now, delta)
         client_state.tensors[DELTA] = delta
         client_state.values.update({RUN: run, SYNCED: now})
@@ -392,8 +484,9 @@ class Ferret(Method):
         client_state.values[RECONSTRUCT_S] = time.perf_counter() - start
 
     def _global_delta(self, model: AdapterModel, payload: Payload,
-                      client_state: ClientState) -> torch.Tensor:
-        """D_now from the cache, the dense downlink, or a held D_s plus rounds s+1..now."""
+                      client_state: ClientState) -> torch.Tensor | None:
+        """D_now from the cache, the dense downlink, or a held D_s plus rounds s+1..now; None
+        when this client holds no global state the downlink builds on."""
         run, now, first = (int(payload.scalars[k]) for k in (RUN, ROUND, FROM))
         if (run, now) in self._cache:
             return self._cache[(run, now)]
@@ -401,21 +494,20 @@ class Ferret(Method):
             return payload.tensors[DELTA].to(torch.float32).clone()
         held = {r: d for (c_run, r), d in self._cache.items() if c_run == run and first <= r < now}
         synced = int(client_state.values.get(SYNCED, -1))
-        if client_state.values.get(RUN) == run and first <= synced <= now:
+        if client_state.values.get(RUN) == run and first <= synced <= now \
+                and DELTA in client_state.tensors:
             held.setdefault(synced, client_state.tensors[DELTA])
         if first == 0:
             total = layout(select_targets(model, self.options.target, self.options.modules))[1]
             held.setdefault(0, torch.zeros(total, dtype=torch.float32))
         if not held:
-            raise RuntimeError(
-                f"ferret: the server sent the rounds {first + 1}..{now} for a client synced to "
-                f"round {first}, but this client holds no global state of that round (its "
-                "client state was lost or is from another run)")
+            return None
         base = max(held)
         delta = held[base]
         for rnd in range(base + 1, now + 1):
             delta = apply_round(delta, payload.tensors[hist_key(rnd)], self.seed, rnd,
-                                self.options.block_size, self.options.server_lr)
+                                self.options.block_size, self.options.server_lr,
+                                payload.tensors[ids_key(rnd)])
         return delta
 
     def train_spec(self, model: AdapterModel) -> TrainSpec:
@@ -425,22 +517,32 @@ class Ferret(Method):
                                if not k.startswith(BASE)})
 
     def uplink(self, model: AdapterModel, payload: Payload, client_state: ClientState) -> Payload:
+        """The update's coefficients on this client's bases for the next round (its own seed
+        or the round's shared one, as the downlink says)."""
         start = time.perf_counter()
         if self._before is None or self._before[0] != id(model):
             raise RuntimeError("ferret: uplink without a matching load on this model")
         params = select_targets(model, self.options.target, self.options.modules)
-        update = flatten(params) - self._before[1]
+        before = self._before[1]
         self._before = None
         basis_round = int(payload.scalars[ROUND]) + 1
-        coefs = project(update, self.seed, basis_round, self.options.k, self.options.block_size,
-                        self.options.scaling)
+        if before is None:  # no usable global state: nothing to project, ask for a resync
+            shape = (num_blocks(layout(params)[1], self.options.block_size), self.options.k)
+            return Payload({COEF: torch.zeros(shape, dtype=torch.float32)},
+                           {BASIS: basis_round, SYNCED: -1})
+        coefs = project(flatten(params) - before, self.seed, basis_round, self.options.k,
+                        self.options.block_size, self.options.scaling,
+                        int(payload.scalars.get(CLIENT, SHARED)))
         client_state.values[PROJECT_S] = time.perf_counter() - start
         return Payload({COEF: coefs}, {BASIS: basis_round, SYNCED: int(payload.scalars[ROUND])})
 
     def client_metrics(self, client_state: ClientState) -> dict[str, float]:
         held = (PROJECT_S, RECONSTRUCT_S)  # ClientState keys of the two timings
-        return {name: float(client_state.values.pop(key, 0.0))
-                for name, key in zip(self.timings, held, strict=True)}
+        metrics = {name: float(client_state.values.pop(key, 0.0))
+                   for name, key in zip(self.timings, held, strict=True)}
+        if client_state.values.pop(LOST, 0):
+            metrics[NEEDS_SYNC] = 1.0
+        return metrics
 
 
 def uplink_nbytes(num_coefs: int, header: int) -> int:

@@ -48,6 +48,9 @@ from .lowrank import (
 
 DELTA = "flora.delta::"
 ROUND, SYNCED, FROM, SEED = "flora.round", "flora.synced", "flora.from", "flora.seed"
+LOST = "flora.lost"  # ClientState value: this round's load found no usable merged base
+NEEDS_SYNC = "needs_sync"  # reply metric: 1 when the client held no usable merged base
+ASKED = "flora.needs_sync"  # state scalar: clients of the last round that asked for a resync
 
 
 def hist_key(t: int, factor: str, layer: str) -> str:
@@ -88,7 +91,10 @@ class FLoRA(Method):
         tensors = dict(head_of(state.tensors))
         scalars = {ROUND: now, FROM: synced,
                    SEED: seed_of(self.ctx.seed, now, profile.partition_id, 47)}
-        if synced < now:
+        if synced < 0:  # the client said it holds no usable merged base: the dense sum
+            tensors.update({k: v for k, v in state.tensors.items() if k.startswith(DELTA)})
+            scalars[FROM] = now
+        elif synced < now:
             missing = list(range(synced + 1, now + 1))
             layers = self.layers(state.tensors)
             if all(hist_key(t, "A", layers[0].name) in state.tensors for t in missing) and (
@@ -106,7 +112,19 @@ class FLoRA(Method):
         return {**shapes, **factor_shapes(self.layers(state.tensors), profile.rank)}
 
     def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
+        """Stack the round's factors. Uploads of clients that held no usable merged base
+        (synced -1, zero tensors) are left out; the server notes them and sends them the dense
+        sum next time."""
         now = int(state.scalars[ROUND]) + 1
+        marks = {id(u): int(u.payload.scalars.get(SYNCED, 0)) for u in uploads}
+        scalars = dict(state.scalars)
+        for upload in uploads:
+            if SYNCED in upload.payload.scalars:
+                scalars[client_key(upload.profile)] = marks[id(upload)]
+        uploads = [u for u in uploads if marks[id(u)] >= 0]
+        if not uploads:
+            raise ValueError("flora: every upload of the round came from a client that holds no "
+                             "merged base (each asked for a resynchronisation)")
         weights = weights_by_examples([u.num_examples for u in uploads])
         layers = self.layers(state.tensors)
         tensors = {k: v for k, v in state.tensors.items() if k not in head_of(state.tensors)}
@@ -118,12 +136,12 @@ class FLoRA(Method):
             tensors[hist_key(now, "B", layer.name)] = b_stack.to(delta.dtype)
             tensors[hist_key(now, "A", layer.name)] = a_stack.to(delta.dtype)
         drop_old_history(tensors, layers, now)
-        scalars = dict(state.scalars)
-        scalars[ROUND] = now
-        for upload in uploads:
-            if SYNCED in upload.payload.scalars:
-                scalars[client_key(upload.profile)] = int(upload.payload.scalars[SYNCED])
+        scalars.update({ROUND: now, ASKED: len(marks) - len(uploads)})
         return Payload(tensors, scalars)
+
+    def round_metrics(self, state: Payload) -> dict[str, float]:
+        """``needs_sync``: how many clients of the last round held no usable merged base."""
+        return {NEEDS_SYNC: float(state.scalars.get(ASKED, 0))}
 
     def export(self, state: Payload) -> Export:
         """The rank-``model.rank`` truncated SVD of the merged update (an approximation:
@@ -149,11 +167,21 @@ class FLoRA(Method):
 
     # ---- client half ---------------------------------------------------------------------
     def load(self, model: AdapterModel, payload: Payload, client_state: ClientState) -> None:
+        """Merge the downlink into this client's base and start a fresh adapter. A client that
+        holds no merged base the downlink builds on (its state was lost) keeps W0, uploads zeros
+        marked synced -1 and reports ``needs_sync`` = 1; the server sends it the dense sum
+        next time."""
         merged = merged_update(model, payload, client_state)
-        for layer, delta in merged.items():
+        if merged is None:
+            for key in [k for k in client_state.tensors if k.startswith(DELTA)]:
+                del client_state.tensors[key]
+            client_state.values[SYNCED] = -1
+            client_state.values[LOST] = 1
+        for layer, delta in (merged or {}).items():
             model.set_base_delta(layer, delta)
             client_state.tensors[DELTA + layer] = delta
-        client_state.values[SYNCED] = int(payload.scalars[ROUND])
+        if merged is not None:
+            client_state.values[SYNCED] = int(payload.scalars[ROUND])
         seed = int(payload.scalars[SEED])
         fresh = dict(head_of(payload.tensors))
         for i, name in enumerate(sorted(model.pairs)):
@@ -164,22 +192,27 @@ class FLoRA(Method):
         model.load(fresh)
 
     def uplink(self, model: AdapterModel, payload: Payload, client_state: ClientState) -> Payload:
+        if client_state.values.get(LOST):  # trained on W0: nothing the server may stack
+            zeros = {k: torch.zeros_like(v) for k, v in model.state().items()}
+            return Payload(zeros, {SYNCED: -1})
         return Payload(model.state(), {SYNCED: int(client_state.values[SYNCED])})
+
+    def client_metrics(self, client_state: ClientState) -> dict[str, float]:
+        return {NEEDS_SYNC: 1.0} if client_state.values.pop(LOST, 0) else {}
 
 
 def merged_update(model: AdapterModel, payload: Payload,
-                  client_state: ClientState) -> dict[str, torch.Tensor]:
-    """W - W0 per layer after applying the downlink to what this client merged before."""
+                  client_state: ClientState) -> dict[str, torch.Tensor] | None:
+    """W - W0 per layer after applying the downlink to what this client merged before; None
+    when the client does not hold the merged base the downlink builds on (its client state was
+    lost, or is from another run)."""
     dense = {k[len(DELTA):]: v for k, v in payload.tensors.items() if k.startswith(DELTA)}
     if dense:
         return {layer: t.clone() for layer, t in dense.items()}
     synced = int(client_state.values.get(SYNCED, 0))
     start, now = int(payload.scalars[FROM]), int(payload.scalars[ROUND])
     if synced < start or synced > now:
-        raise RuntimeError(
-            f"flora: this client merged rounds up to {synced}, but the server sent the updates "
-            f"of rounds {start + 1}..{now}; its client state was lost or is from another run"
-        )
+        return None
     merged = {}
     for name in model.pairs:
         weight = model.base_weight(name)

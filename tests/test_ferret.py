@@ -108,10 +108,10 @@ def _global_values(method, state: Payload, cfg) -> torch.Tensor:
     return values
 
 
-@pytest.mark.parametrize("history", [8, 1])
+@pytest.mark.parametrize(("history", "seeds"), [(8, "client"), (1, "client"), (8, "shared")])
 def test_every_party_ends_a_round_with_bit_identical_parameters(
-        history: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = load_config(None, [*FERRET, f"method.history={history}"])
+        history: int, seeds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(None, [*FERRET, f"method.history={history}", f'method.seeds="{seeds}"'])
     method = build_method(cfg, num_labels=get_workspace(cfg).num_labels)
     loaded: dict[str, torch.Tensor] = {}
     original_load = method.load
@@ -129,8 +129,11 @@ def test_every_party_ends_a_round_with_bit_identical_parameters(
     for rnd, clients in schedule.items():
         if rnd == 4:  # client 0 is synced to round 0: it catches up on rounds 1..3
             down = method.downlink(state, ClientProfile(0, cfg.model.rank))
-            catch_up = {fr.hist_key(r) for r in (1, 2, 3)}
+            catch_up = {k(r) for r in (1, 2, 3) for k in (fr.hist_key, fr.ids_key)}
             assert set(down.tensors) == ({DELTA} if history == 1 else catch_up)
+            if history > 1:  # per-client seeds: a row per client of each round, with its id
+                rows = [2, 2, 2] if seeds == "client" else [1, 1, 1]
+                assert [len(down.tensors[fr.ids_key(r)]) for r in (1, 2, 3)] == rows
         state = _round(method, state, rnd, clients, states, cfg, loaded, values)
         new_values = _global_values(method, state, cfg)
         assert not torch.equal(new_values, values)
@@ -232,3 +235,69 @@ def test_progress_and_results_show_projection_time_next_to_training() -> None:
     plain = {k: v for k, v in row.items()
              if k not in ("project_s", "reconstruct_s", "method_timings")}
     assert "project" not in results_table([plain]) and "project" not in round_line(plain, 3)
+
+
+def test_each_client_projects_on_its_own_bases_and_apply_round_sums_them() -> None:
+    """Per-client seeds: other bases per client (and none equal the shared ones), and a round
+    of M weighted coefficient rows applies the sum of their reconstructions."""
+    d, k = 30, 4
+    shared = _explicit_basis(3, 2, 0, d, k)
+    own = {c: torch.cat([ch for _, ch in basis_chunks(3, 2, 0, d, k, c)]) for c in (0, 7)}
+    assert not torch.equal(own[0], own[7]) and not torch.equal(own[0], shared)
+    torch.manual_seed(1)
+    updates = {c: torch.randn(2 * d) for c in (0, 7)}
+    coefs = torch.stack([0.25 * project(updates[0], 3, 2, k, d, basis=0),
+                         0.75 * project(updates[7], 3, 2, k, d, basis=7)])
+    expected = (0.25 * reconstruct(coefs[0] / 0.25, 3, 2, 2 * d, d, basis=0).double()
+                + 0.75 * reconstruct(coefs[1] / 0.75, 3, 2, 2 * d, d, basis=7).double())
+    got = fr.apply_round(torch.ones(2 * d), coefs, 3, 2, d, 0.5, torch.tensor([0, 7]))
+    torch.testing.assert_close(got.double(), 1 + 0.5 * expected, rtol=1e-5, atol=1e-5)
+    # a (G, K) tensor is the round's shared bases
+    torch.testing.assert_close(fr.apply_round(torch.zeros(2 * d), coefs[0], 3, 2, d, 1.0),
+                               reconstruct(coefs[0], 3, 2, 2 * d, d))
+
+
+def test_per_client_seeds_cut_the_reconstruction_error_of_the_mean_about_n_times() -> None:
+    """N clients with the same update: shared bases reconstruct the mean with one draw's error,
+    per-client bases average N independent errors (expected N times smaller)."""
+    d, k, n, trials = 64, 2, 8, 200
+    torch.manual_seed(0)
+    update = torch.randn(d)
+    errors = {"shared": 0.0, "client": 0.0}
+    for t in range(trials):
+        uploads = [Upload(ClientProfile(c, 8), Payload({COEF: project(
+            update, t, 1, k, d, basis=c)}), 1) for c in range(n)]
+        for seeds in errors:
+            if seeds == "shared":
+                uploads_s = [Upload(u.profile, Payload({COEF: project(update, t, 1, k, d)}), 1)
+                             for u in uploads]
+                coefs, bases = fr.round_coefficients(uploads_s, seeds)
+            else:
+                coefs, bases = fr.round_coefficients(uploads, seeds)
+            rec = fr.apply_round(torch.zeros(d), coefs, t, 1, d, 1.0, bases)
+            errors[seeds] += float(((rec - update) ** 2).sum()) / trials
+    assert errors["shared"] / errors["client"] > n / 2  # expected n; 200 trials: within 2x
+
+
+def test_the_downlink_holds_the_missed_rounds_or_the_dense_state_whichever_is_smaller() -> None:
+    cfg = load_config(None, [*FERRET, "method.k=400"])  # a few rounds outweigh the dense state
+    method = build_method(cfg, num_labels=get_workspace(cfg).num_labels)
+    state = method.init(get_workspace(cfg).adapter_model(cfg.model.rank).state())
+    total = state.tensors[DELTA].numel()
+    shape = method.expected_upload(state, ClientProfile(0, cfg.model.rank))[COEF]
+    per_round = 3 * shape[0] * shape[1]  # three clients a round, each its own coefficients
+    rounds = total // per_round  # this many rounds of history fit in the dense state's size
+    assert 2 <= rounds < method.options.history
+    for rnd in range(1, rounds + 2):
+        uploads = [Upload(ClientProfile(c, 8), Payload(
+            {COEF: torch.full(shape, 1e-3)}, {fr.BASIS: rnd, fr.SYNCED: rnd - 1}), 5)
+            for c in range(1, 4)]
+        state = method.aggregate(state, uploads)
+        down = method.downlink(state, ClientProfile(0, 8))  # client 0 never took part
+        held = sum(v.numel() for k, v in down.tensors.items() if k.startswith(COEF))
+        if rnd <= rounds:
+            assert DELTA not in down.tensors and held == rnd * per_round <= total
+        else:
+            assert set(down.tensors) == {DELTA} and down.scalars[fr.FROM] == rnd
+    kept = [k for k in state.tensors if fr.hist_round(k) is not None and k.startswith(COEF)]
+    assert 0 < len(kept) <= rounds  # the server keeps no round it would never send
