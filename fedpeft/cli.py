@@ -63,7 +63,8 @@ def _resume_target(args: argparse.Namespace) -> tuple[FedConfig, Path, int]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.run.launcher import hold_folder, run_simulation_app, write_app_dir
 
-    hold_folder(Path(args.resume or args.out or "runs/latest"))  # before a resume reads it
+    if args.resume:  # locked before the resume reads it; a new run's folder in prepare_out
+        hold_folder(Path(args.resume))
     done = -1
     if args.resume:
         cfg, out, done = _resume_target(args)

@@ -34,7 +34,7 @@ from fedpeft.server.reporting import MetricsLog
 
 from fedpeft.core.data import RT_LABELS, rotten_tomatoes_path
 from fedpeft.deploy.certs import make_certs
-from fedpeft.deploy.commands import free_port, spawn, stop_all
+from fedpeft.deploy.processes import free_port, spawn, stop_all
 from fedpeft.run.launcher import Tracker
 
 

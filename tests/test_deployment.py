@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from fedpeft.server.reporting import MetricsLog
 
 from fedpeft.deploy.certs import CertPaths, CertsError, certificate_sans, make_certs
-from fedpeft.deploy.commands import free_port, spawn, stop_all
 from fedpeft.deploy.gateway import allowed
+from fedpeft.deploy.processes import free_port, spawn, stop_all
 from fedpeft.run.launcher import Tracker
 
 FEDPEFT = [sys.executable, "-m", "fedpeft.cli"]

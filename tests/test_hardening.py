@@ -271,14 +271,14 @@ TINY_DEPLOY = ['model.name="tiny-bert"', "data.test_size=200"]
                                                 (["federation.round_timeout_s=0"], 0.0)])
 def test_server_waits_600_s_per_round_unless_the_config_says(sets: list[str],
                                                              expected: float) -> None:
-    from fedpeft.deploy.commands import ServerOptions, deployment_config
+    from fedpeft.deploy.coordinator import ServerOptions, deployment_config
 
     opts = ServerOptions(insecure=True, clients=2, overrides=[*TINY_DEPLOY, *sets])
     assert deployment_config(opts, 0).federation.round_timeout_s == expected
 
 
 def test_server_round_timeout_from_a_toml_file_is_kept(tmp_path: Path) -> None:
-    from fedpeft.deploy.commands import ServerOptions, deployment_config
+    from fedpeft.deploy.coordinator import ServerOptions, deployment_config
 
     path = tmp_path / "c.toml"
     path.write_text("[federation]\nround_timeout_s = 0.0\n")
@@ -348,7 +348,7 @@ def test_client_refuses_subprocess_isolation_without_allow_remote_code(tmp_path:
 
 
 def test_subprocess_isolation_with_allow_remote_code_warns(tmp_path: Path) -> None:
-    from fedpeft.deploy.commands import ClientOptions, check_isolation
+    from fedpeft.deploy.device import ClientOptions, check_isolation
 
     lines: list[str] = []
     opts = ClientOptions("127.0.0.1:9", tmp_path, isolation="subprocess", allow_remote_code=True)
@@ -405,7 +405,7 @@ def test_the_superlink_registers_a_device_made_public_key(tmp_path: Path) -> Non
     """A real SuperLink with SuperNode authentication (as `fedpeft server` starts it) admits
     the .pub that `fedpeft keygen` made on a device: the coordinator never saw its private key."""
     from fedpeft.deploy.certs import CertPaths, make_certs, make_device_key
-    from fedpeft.deploy.commands import Coordinator, ServerOptions
+    from fedpeft.deploy.coordinator import Coordinator, ServerOptions
 
     pki = make_certs(tmp_path / "pki", [], nodes=0)
     _, pub = make_device_key(tmp_path / "device")
