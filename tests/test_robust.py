@@ -200,7 +200,8 @@ def test_fedpeft_server_refuses_attacks() -> None:
     from fedpeft.deploy.coordinator import refuse_simulation_only
 
     cfg = load_config(None, ['attacks.kind="sign-flip"', "attacks.fraction=0.1"])
-    with pytest.raises(ConfigError, match=r"attacks.kind, attacks.fraction: attack injection is for"):
+    with pytest.raises(ConfigError,
+                       match=r"attacks.kind, attacks.fraction: attack injection is for"):
         refuse_simulation_only(cfg)
     refuse_simulation_only(load_config(None, []))
 
