@@ -5,11 +5,14 @@ Client, round r: load the global model W_{r-1}, take ``train.local_steps`` first
 targeted parameters, and flatten its update Delta = W_after - W_before (targets in sorted-name
 order) into one vector of D floats. Split it into G = ceil(D / block_size) consecutive blocks; block
 g of length d is projected onto K basis vectors u_{k,g} in R^d with i.i.d. U[-1, 1) entries, drawn
-from a ``torch.Generator`` seeded by (seed, round, block, first row of the chunk): every party
-regenerates the same basis and nothing but the coefficients travels. Bases are generated in chunks
-of at most ``CHUNK_FLOATS`` numbers, never K x d at once. Uplink: one (G, K) float32 tensor
-``ferret.coef`` plus the scalar header (the round whose seeds were used and the round the client
-holds), i.e. 4 G K bytes plus a constant record overhead (``uplink_nbytes`` documents it).
+from a ``torch.Generator`` seeded by (seed, round, block, first row of the chunk, basis id): every
+party regenerates the same basis and nothing but the coefficients travels. The basis id is the
+client's partition id under ``seeds = "client"`` (the paper's per-client seed s^(i)) or SHARED
+(one set of bases for every client of the round, the official code's choice); the downlink says
+which. Bases are generated in chunks of at most ``CHUNK_FLOATS`` numbers, never K x d at once.
+Uplink: one (G, K) float32 tensor ``ferret.coef`` plus the scalar header (the round whose seeds
+were used and the round the client holds), i.e. 4 G K bytes plus a constant record overhead
+(``uplink_nbytes`` documents it).
 
 Coefficients and scaling. The client uploads c_{k,g} = a <Delta_g, u_{k,g}>, and every party
 reconstructs Delta~_g = sum_k c_{k,g} u_{k,g}. Since E[u u^T] = I/3:
@@ -17,32 +20,59 @@ reconstructs Delta~_g = sum_k c_{k,g} u_{k,g}. Since E[u u^T] = I/3:
 - ``reference`` (allen4747/Ferret's code): a = 1 / K, i.e. gamma = (d/K) <Delta, v> with
   v = u / sqrt(d), so E[Delta~] = Delta / 3 (its server lr of 10 absorbs the factor).
 The reconstruction error is E||Delta~_g - Delta_g||^2 ~ (d/K) ||Delta_g||^2 (unbiased), so over
-all blocks it depends on the total coefficient count G K = D K / block_size only, while the RNG
-work is K D per projection or reconstruction. Small K with small blocks gives the same variance
-per uploaded number for less generation time. CPU default: K = 4 with blocks of 131072 floats
-(MiniLM full target: G = 83 blocks, 332 coefficients, 1.3 KB; projection ~0.2 s and
-reconstruction ~0.2 s per round on 2 cores, well under a round's training; the measured
-trade-off is in simulations/results/compare_ferret.md).
+all blocks it is ~ (D / N) ||Delta||^2 for N = G K coefficients, whatever the block size, while
+the RNG work is K D = N block_size per projection or reconstruction: small blocks cost less time
+for the same variance. One round's reconstruction of the mean update therefore has a cosine of
+about sqrt(N / D) with it: N / D is what decides whether Ferret learns.
 
-Server: weighted mean of the coefficient tensors (by examples; shared seeds make this the
-coefficients of the mean update), reconstruct once, W_r = W_{r-1} + server_lr * Delta~. Global
-state: the accumulated update D_r = W_r - W_0 as one flat float32 vector (``ferret.delta``, for
-evaluation and for clients far behind), the aggregated coefficients of the last ``history`` rounds
-(``ferret.coef.<r>``), and each client's last synced round (echoed in its uploads).
+Reconstruction variance, what the paper offers and what it buys here (measured on round 1 of
+the default experiment, 10 clients, offline):
+- per-client seeds: the mean of N_c independent reconstructions; its error is
+  (D / N) sum_i w_i^2 ||Delta_i||^2 instead of (D / N) ||sum_i w_i Delta_i||^2, i.e. N_c times
+  smaller when clients agree, but only 1.5-1.7x (LoRA target) and ~1.4x (full) here, where the
+  clients' updates are nearly orthogonal (mean pairwise cosine 0.18 and 0.05): cosine 0.15 vs
+  0.12 (LoRA, N = 1021) and 0.012 vs 0.010 (full, N = 1024);
+- the target: D = 74,498 (LoRA r = 8 on query/value, plus head) instead of 10.8M (full) cuts
+  D / N 145x at the same upload: the largest lever by far;
+- the official code's coefficient counts per group in proportion to the group's update norm:
+  the best allocation (K_g ~ sqrt(d_g) ||Delta_g||) would cut the error by only 2-6% here (the
+  update's energy is spread evenly over the blocks), so it is not implemented;
+- server momentum on the coefficients (code default 0.9) needs the same bases every round,
+  which the paper's fresh per-round seeds do not have; not implemented.
 
-Downlink and catch-up. Every client reconstructs the same global update from the aggregated
-coefficients itself (which is what lets the downlink stay tiny): a client synced to round s gets
-the coefficient tensors of rounds s+1..r (4 G K bytes each); if some of them fell out of the
-history, it gets the dense D_r instead (4 D bytes, the model's size; counted by the real message).
-The client applies the rounds to the D_s it holds (its ClientState, or this process's cache of
-recent global states keyed by run and round, so in simulation one reconstruction per round serves
-all virtual clients of a process) and sets its targets to W_0 + D_r.
+Server: the weighted coefficients of the round (by examples) as every party applies them:
+under shared seeds their mean (the coefficients of the mean update, one row per round), under
+per-client seeds each client's coefficients times its weight with its basis id (a row per
+client), W_r = W_{r-1} + server_lr * Delta~. Global state: the accumulated update
+D_r = W_r - W_0 as one flat float32 vector (``ferret.delta``, for evaluation and for clients far
+behind), the coefficient rows (``ferret.coef.<r>``, (M, G, K)) and basis ids (``ferret.ids.<r>``,
+(M,) int64) of the newest rounds, at most ``history`` rounds and no more numbers than D holds, and
+each client's last synced round (echoed in its uploads).
 
-Bit-identical parameters. Coefficients are aggregated once (server, float64 -> float32) and sent;
-every party then runs the same code: per block, the basis rows from the same seeds, accumulated
-with ``add_`` in row order in float32, then ``D_r = D_{r-1} + server_lr * Delta~`` block by block,
-then W = W_0 + D. Elementwise float32 ops in a fixed order give the same bits on the same torch
-build and CPU instruction set (no BLAS reductions, whose order can depend on threads).
+Downlink and catch-up. Every client reconstructs the same global update from the coefficients
+itself (which is what keeps the downlink small): a client synced to round s gets the rows of
+rounds s+1..r when the server holds them all and they hold fewer numbers than D_r, else the
+dense D_r (4 D bytes, the model's size; counted by the real message). Per-client seeds multiply
+this downlink by the clients per round (4 N M bytes per missed round): under the default
+experiment (10 of 100 clients a round, so ~10 missed rounds per client; N ~ 1,000 on the LoRA
+target) more than 7 missed rounds outweigh D, so most clients get D (298 KB, FedIT's downlink
+size); shared seeds keep it at 4 N bytes per missed round. The client applies the rounds to the
+D_s it holds (its ClientState, or this process's cache of recent global states keyed by run and
+round, so in simulation one reconstruction per round serves all virtual clients of a process)
+and sets its targets to W_0 + D_r.
+
+Lost client state. A client that holds no global state the downlink builds on (its ClientState
+was lost, or is from another run) says so instead of failing: it uploads zero coefficients
+marked synced -1 and reports ``needs_sync`` = 1; the server leaves that upload out of the
+aggregate, counts it in the round's ``needs_sync`` metric, and sends the client the dense D the
+next time it is sampled.
+
+Bit-identical parameters. Coefficients are weighted once (server, float64 -> float32) and sent;
+every party then runs the same code: per block, for each row in order, the basis rows from the
+same seeds, accumulated with ``add_`` in row order in float32, then
+``D_r = D_{r-1} + server_lr * Delta~`` block by block, then W = W_0 + D. Elementwise float32 ops in
+a fixed order give the same bits on the same torch build and CPU instruction set (no BLAS
+reductions, whose order can depend on threads).
 
 Targets. ``full`` (Ferret's own setting): weight and bias of every ``nn.Linear`` whose module name
 is in ``method.modules`` (default query, key, value, dense: all linear layers of MiniLM's encoder
@@ -91,6 +121,9 @@ PROJECT_S, RECONSTRUCT_S = "ferret.project_s", "ferret.reconstruct_s"
 BASE = "base::"  # target name prefix of a base-model parameter (named_parameters name follows)
 CHUNK_FLOATS = 1 << 22  # at most this many basis numbers in memory at once (16 MiB)
 CACHE_ROUNDS = 4  # global states kept per process
+# Default client learning rates (AdamW) per target: FedIT's on the LoRA target; on full
+# weights 1e-4 measured worse than 5e-5 (noisier reconstructions).
+LORA_LR, FULL_LR = 0.002, 5e-5
 SHARED = -1  # basis id of a round's shared bases (every client projects on them)
 NEEDS_SYNC = "needs_sync"  # reply metric: 1 when the client held no usable global state
 LOST = "ferret.lost"  # ClientState value: this round's load found no usable global state
@@ -99,12 +132,13 @@ ASKED = "ferret.needs_sync"  # state scalar: clients of the last round that aske
 
 @dataclass
 class FerretOptions:
-    k: int = option(4, "random basis vectors (coefficients) per block", min=1)
-    block_size: int = option(131072, "floats per block of the flattened update", min=1)
+    k: int = option(54, "random basis vectors (coefficients) per block", min=1)
+    block_size: int = option(4096, "floats per block of the flattened update", min=1)
     scaling: str = option("unbiased", "coefficient scale: unbiased (paper) or reference (code)",
                           choices=("unbiased", "reference"))
-    target: str = option("full", "train full weights of method.modules (+ head) or the LoRA "
-                         "adapter", choices=("full", "lora"))
+    target: str = option("lora", "train the LoRA adapter (+ head; default lr 0.002) or the full "
+                         "weights of method.modules (+ head; default lr 5e-5)",
+                         choices=("lora", "full"))
     modules: list[str] = option(["query", "key", "value", "dense"],  # noqa: RUF009 (copied)
                                 "nn.Linear module names whose weight and bias train (full)")
     server_lr: float = option(1.0, "server learning rate on the reconstructed update", gt=0)
@@ -317,7 +351,7 @@ class Ferret(Method):
     parties reconstruct the same update from shared seeds."""
 
     Options = FerretOptions
-    default_lr = 5e-5  # AdamW on full weights: 1e-4 measured worse (noisier reconstructions)
+    default_lr = LORA_LR  # the default target's; each instance uses its own target's
     dp_refusal = ("ferret trains base-model weights, which fedpeft's DP-SGD (Opacus over the "
                   "adapter tensors) does not cover")
 
@@ -328,6 +362,8 @@ class Ferret(Method):
 
     def __init__(self, options: FerretOptions, ctx: MethodContext) -> None:
         super().__init__(options, ctx)
+        # train.lr = 0: the target's own default (AdamW on full weights needs ~40x less)
+        self.default_lr = FULL_LR if options.target == "full" else LORA_LR
         self.seed = options.seed if options.seed >= 0 else ctx.seed
         self._before: tuple[int, torch.Tensor | None] | None = None  # (id(model), W before)
         # Recent global states (run, round) -> D_round, shared by every client this process

@@ -29,8 +29,8 @@ from fedpeft.core.wire import payload_to_records, serialized_nbytes
 from fedpeft.core.workspace import get_workspace
 from simulations.plain_loop import run_plain
 
-FERRET = [*TINY, 'method.name="ferret"', "method.block_size=4096", "method.k=3",
-          "train.lr=0.001"]
+FERRET = [*TINY, 'method.name="ferret"', 'method.target="full"', "method.block_size=4096",
+          "method.k=3", "train.lr=0.001"]
 
 
 def _explicit_basis(seed: int, rnd: int, block: int, d: int, k: int) -> torch.Tensor:
@@ -301,3 +301,18 @@ def test_the_downlink_holds_the_missed_rounds_or_the_dense_state_whichever_is_sm
             assert set(down.tensors) == {DELTA} and down.scalars[fr.FROM] == rnd
     kept = [k for k in state.tensors if fr.hist_round(k) is not None and k.startswith(COEF)]
     assert 0 < len(kept) <= rounds  # the server keeps no round it would never send
+
+
+def test_defaults_upload_50x_less_than_fedit_and_each_target_has_its_own_lr() -> None:
+    """The default (LoRA target, 54 coefficients per 4096-float block, per-client seeds) sends
+    1,026 coefficients from MiniLM: about 5 KB, >= 50x less than FedIT's 312,007 B message."""
+    from fedpeft.strategies.base import learning_rate
+
+    opts = fr.FerretOptions()
+    assert (opts.target, opts.k, opts.block_size, opts.seeds) == ("lora", 54, 4096, "client")
+    minilm_lora = 74498  # LoRA r=8 on query/value of MiniLM-L6 plus its head
+    assert uplink_nbytes(fr.num_blocks(minilm_lora, opts.block_size) * opts.k, 1000) * 50 \
+        <= 312007
+    for target, lr in [("lora", 0.002), ("full", 5e-5)]:
+        cfg = load_config(None, [*TINY, 'method.name="ferret"', f'method.target="{target}"'])
+        assert learning_rate(cfg.train.lr, build_method(cfg)) == lr
