@@ -23,6 +23,11 @@ The client then sets its base to W0 + merged update, loads the averaged head and
 rank-r_k adapter (A from a seed of round and client, B = 0). Server evaluation: W0 + the dense sum.
 Memory: each client's ClientState holds its dense merged update (L d_out d_in floats), FLoRA's
 inherent cost of a per-client merged base.
+
+A client that does not hold the merged base the downlink builds on (its ClientState was lost)
+says so instead of failing: zero tensors marked synced -1 and ``needs_sync`` = 1; the server
+leaves that upload out of the stack, counts it in the round's ``needs_sync`` metric and sends the
+client the dense sum the next time it is sampled.
 """
 
 from __future__ import annotations
