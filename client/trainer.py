@@ -19,7 +19,7 @@ from fedpeft.strategies.base import learning_rate
 from fedpeft.core.config import FedConfig
 from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.privacy import Accountant, clip_update, dp_train
-from fedpeft.core.training import make_optimizer, resolve_device, train_steps
+from fedpeft.core.training import client_optimizer, resolve_device, train_steps
 from fedpeft.core.workspace import Workspace
 
 from .attacks import attacked_data
@@ -83,9 +83,8 @@ def client_round(
                                                "partition_id": float(partition_id)})
         result = dp_result
     else:
-        params = adapter.trainable_params()  # adapter tensors + base weights a method unfroze
-        optimizer = make_optimizer(params, cfg.train.optimizer, client_lr(cfg, method),
-                                   cfg.train.weight_decay)
+        # adapter tensors + base weights a method unfroze (the head at train.head_lr if set)
+        optimizer = client_optimizer(adapter, cfg.train, client_lr(cfg, method))
         rng = np.random.default_rng([cfg.federation.seed, server_round, partition_id])
         with torch_seeded([cfg.federation.seed, server_round, partition_id], device):
             result = train_steps(

@@ -190,8 +190,8 @@ def test_empty_poisson_batch_is_a_noise_only_step(adapter: AdapterModel) -> None
                          noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8)
     before = {k: p.detach().clone() for k, p in params.items()}
     with privacy.per_sample_hooks(adapter.model):
-        loss = privacy._dp_step(adapter.model, _data(_cfg()), np.array([], dtype=int), params,
-                                dp_opt, CPU, None)
+        loss = privacy.dp_step(adapter.model, _data(_cfg()), np.array([], dtype=int), params,
+                               dp_opt, CPU, None)
     assert loss is None
     privacy.check_changed(before, params)  # noise moved every tensor
     assert _no_opacus_left(adapter.model)

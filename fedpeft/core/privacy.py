@@ -63,7 +63,7 @@ from fedpeft.core.adapters import AdapterModel
 from fedpeft.core.config import ConfigError, FedConfig, PrivacyConfig
 from fedpeft.core.keys import BUDGET_SPENT
 from fedpeft.core.payload import ClientState, Payload
-from fedpeft.core.training import Encoded, TrainResult, make_optimizer
+from fedpeft.core.training import Encoded, TrainResult, client_optimizer
 
 ACCOUNTANT_KEY = "fedpeft.privacy.accountant"  # ClientState.values: JSON of the accountant
 History = list[tuple[float, float, int]]  # Opacus accountant history: (sigma, q, steps)
@@ -264,13 +264,15 @@ def dp_train(
     ledger: Accountant | None = None,
 ) -> tuple[TrainResult | None, dict[str, float]]:
     """``train.local_steps`` DP-SGD steps with ``train.optimizer`` at learning rate ``lr`` (the
-    counterpart of ``fedpeft.core.training.train_steps``). Returns (None, metrics) without training
-    when this round would exceed the client's budget: the run's (history in ``client_state``),
-    or a device's lifetime budget when ``ledger`` is given."""
+    head at ``train.head_lr`` when set; the counterpart of
+    ``fedpeft.core.training.train_steps``). Each step is one Poisson batch of expected size
+    ``train.batch_size``, run as ``privacy.accumulate`` micro-batches and noised once. Returns
+    (None, metrics) without training when this round would exceed the client's budget: the
+    run's (history in ``client_state``), or a device's lifetime budget when ``ledger`` is
+    given."""
     priv, steps = cfg.privacy, cfg.train.local_steps
     params = trainable_tensors(adapter)
-    optimizer = make_optimizer(list(params.values()), cfg.train.optimizer, lr,
-                               cfg.train.weight_decay)
+    optimizer = client_optimizer(adapter, cfg.train, lr)
     n = len(data)
     if priv.delta >= 1.0 / n:
         warnings.warn(f"privacy.delta = {priv.delta:g} >= 1/n = {1 / n:.3g} for a client with "
@@ -282,14 +284,15 @@ def dp_train(
     if not spend.granted:
         return None, {**metrics, BUDGET_SPENT: 1.0}
     result = _dp_steps(adapter.model, data, params, optimizer=optimizer, sigma=spend.sigma, q=q,
-                       clip=priv.max_grad_norm, steps=steps, device=device, extra_loss=extra_loss)
+                       clip=priv.max_grad_norm, steps=steps, device=device, extra_loss=extra_loss,
+                       accumulate=priv.accumulate)
     return result, metrics
 
 
 def _dp_steps(model: torch.nn.Module, data: Encoded, params: dict[str, torch.nn.Parameter], *,
               optimizer: torch.optim.Optimizer, sigma: float, q: float, clip: float, steps: int,
-              device: torch.device,
-              extra_loss: Callable[[], torch.Tensor] | None) -> TrainResult:
+              device: torch.device, extra_loss: Callable[[], torch.Tensor] | None,
+              accumulate: int = 1) -> TrainResult:
     from opacus.optimizers import DPOptimizer
 
     n = len(data)
@@ -308,7 +311,7 @@ def _dp_steps(model: torch.nn.Module, data: Encoded, params: dict[str, torch.nn.
             indices = np.flatnonzero(rng.random(n) < q)
             before = {k: p.detach().clone() for k, p in params.items()} if step == 0 else None
             start = time.perf_counter()
-            loss = _dp_step(model, data, indices, params, dp_opt, device, extra_loss)
+            loss = dp_step(model, data, indices, params, dp_opt, device, extra_loss, accumulate)
             busy += time.perf_counter() - start
             if before is not None:
                 check_changed(before, params)
@@ -319,38 +322,54 @@ def _dp_steps(model: torch.nn.Module, data: Encoded, params: dict[str, torch.nn.
     return TrainResult(mean_loss, steps, examples, busy)
 
 
-def _dp_step(model: torch.nn.Module, data: Encoded, indices: np.ndarray,
-             params: dict[str, torch.nn.Parameter], dp_opt: Any, device: torch.device,
-             extra_loss: Callable[[], torch.Tensor] | None) -> float | None:
+def dp_step(model: torch.nn.Module, data: Encoded, indices: np.ndarray,
+            params: dict[str, torch.nn.Parameter], dp_opt: Any, device: torch.device,
+            extra_loss: Callable[[], torch.Tensor] | None = None, accumulate: int = 1,
+            ) -> float | None:
     """One DP-SGD step on the Poisson batch ``indices`` (may be empty: then noise only, as the
-    accounting assumes). Returns the batch loss, or None for an empty batch."""
+    accounting assumes), run as ``accumulate`` micro-batches: each is clipped per example and
+    summed into ``summed_grad`` (its per-example gradients then freed), the noise is added once
+    and the sum divided by the expected batch size, exactly as for one physical batch. Returns
+    the batch's mean loss, or None for an empty batch."""
     dp_opt.zero_grad(set_to_none=True)
-    loss_value = None
-    if len(indices):
-        batch = {k: v.to(device) for k, v in data.batch(indices).items()}
-        loss = model(**batch).loss
-        loss.backward()
-        loss_value = float(loss.detach())
-        missing = [k for k, p in params.items() if getattr(p, "grad_sample", None) is None]
-        if missing:
-            raise PrivacyError(f"no per-sample gradient for {missing[0]}: it is trainable but "
-                               "unused in the forward pass, or owned by a module Opacus cannot "
-                               "hook (e.g. embedding LoRA)")
-    else:
+    loss_sum = 0.0
+    for chunk in np.array_split(indices, min(accumulate, max(1, len(indices)))):
+        if len(chunk):
+            loss_sum += _micro_batch(model, data, chunk, params, device) * len(chunk)
+            dp_opt.clip_and_accumulate()
+            for p in params.values():
+                p.grad_sample = None  # clipped and summed: free the per-example gradients
+    if not len(indices):
         for p in params.values():
             p.grad_sample = p.new_zeros((0, *p.shape))
+        dp_opt.clip_and_accumulate()
+    loss_value = loss_sum / len(indices) if len(indices) else None
     reg_grads = None
     if extra_loss is not None:
         reg = extra_loss()
         reg_grads = torch.autograd.grad(reg, list(params.values()), allow_unused=True)
         loss_value = None if loss_value is None else loss_value + float(reg.detach())
-    if dp_opt.pre_step():  # clip per example, sum, add noise, divide by the expected batch
-        if reg_grads is not None:
-            for p, g in zip(params.values(), reg_grads, strict=True):
-                if g is not None:
-                    p.grad = p.grad + g
-        dp_opt.original_optimizer.step()
+    dp_opt.add_noise()  # p.grad = summed clipped gradients + N(0, (sigma C)^2)
+    for p, g in zip(params.values(), reg_grads or [None] * len(params), strict=True):
+        p.grad = p.grad / dp_opt.expected_batch_size  # the logical batch, however it was split
+        if g is not None:
+            p.grad = p.grad + g
+    dp_opt.original_optimizer.step()
     return loss_value
+
+
+def _micro_batch(model: torch.nn.Module, data: Encoded, indices: np.ndarray,
+                 params: dict[str, torch.nn.Parameter], device: torch.device) -> float:
+    """Forward and backward of one micro-batch: per-example gradients in ``p.grad_sample``."""
+    batch = {k: v.to(device) for k, v in data.batch(indices).items()}
+    loss = model(**batch).loss
+    loss.backward()
+    missing = [k for k, p in params.items() if getattr(p, "grad_sample", None) is None]
+    if missing:
+        raise PrivacyError(f"no per-sample gradient for {missing[0]}: it is trainable but "
+                           "unused in the forward pass, or owned by a module Opacus cannot "
+                           "hook (e.g. embedding LoRA)")
+    return float(loss.detach())
 
 
 def check_changed(before: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,8 +15,13 @@ import torch
 from fedpeft.core.tasks import Batchable
 from fedpeft.core.tasks.classification import Encoded, encode, evaluate
 
-__all__ = ["Encoded", "TrainResult", "encode", "evaluate", "make_optimizer", "resolve_device",
-           "sample_batches", "train_steps"]  # Encoded/encode/evaluate: the classification task's
+if TYPE_CHECKING:
+    from fedpeft.core.adapters import AdapterModel
+    from fedpeft.core.config import TrainConfig
+
+# Encoded/encode/evaluate: the classification task's
+__all__ = ["Encoded", "TrainResult", "client_optimizer", "encode", "evaluate", "make_optimizer",
+           "resolve_device", "sample_batches", "train_steps"]
 
 
 def sample_batches(n: int, batch_size: int, steps: int,
@@ -38,11 +44,27 @@ class TrainResult:
     seconds: float  # forward + backward + optimizer only
 
 
-def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter] | list[dict[str, Any]], name: str, lr: float,
+                   weight_decay: float, momentum: float = 0.0) -> torch.optim.Optimizer:
+    """``params``: tensors, or torch parameter groups (each may carry its own ``lr``)."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def client_optimizer(adapter: AdapterModel, train: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """``train.optimizer`` over every trainable tensor of ``adapter`` at ``lr``, except the task
+    head (adapter tensors that are not LoRA factors) at ``train.head_lr`` when it is set: a fresh
+    head is a few hundred coordinates with a strong gradient each, LoRA B tens of thousands of
+    weak ones, so one rate rarely suits both (and under DP-SGD each coordinate gets the same
+    noise)."""
+    head_ids = {id(adapter.params[k]) for k in adapter.head_keys}
+    params = adapter.trainable_params()
+    head = [p for p in params if id(p) in head_ids]
+    rest = [p for p in params if id(p) not in head_ids]
+    groups = [g for g in ({"params": rest, "lr": lr},
+                          {"params": head, "lr": train.head_lr or lr}) if g["params"]]
+    return make_optimizer(groups, train.optimizer, lr, train.weight_decay, train.momentum)
 
 
 def train_steps(

@@ -1,0 +1,197 @@
+"""What the optimiser needs under DP-SGD (issue 15): gradient accumulation over micro-batches of one
+Poisson batch (same gradient, same clipping, same accounting as one physical batch), a learning
+rate for the task head, SGD momentum, their refusals, and the DP sweep file (tiny-bert)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from opacus.accountants import create_accountant
+from opacus.optimizers import DPOptimizer
+
+from fedpeft.core import privacy
+from fedpeft.core.adapters import AdapterModel
+from fedpeft.core.config import ConfigError, FedConfig, load_config
+from fedpeft.core.payload import ClientState
+from fedpeft.core.training import client_optimizer, make_optimizer
+from fedpeft.core.workspace import Workspace, get_workspace
+from fedpeft.run.sweep import expand, load_sweep
+
+pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the (largest|smallest) alpha",
+                                        "ignore:Full backward hook is firing")
+DP = [*TINY, "privacy.enabled=true", "privacy.epsilon=8", "privacy.delta=1e-5"]
+CPU = torch.device("cpu")
+SWEEP = Path(__file__).resolve().parents[1] / "simulations" / "sweeps" / "dp.toml"
+
+
+def _cfg(*extra: str) -> FedConfig:
+    return load_config(None, [*DP, *extra])
+
+
+@pytest.fixture(scope="module")
+def ws() -> Workspace:
+    return get_workspace(_cfg())
+
+
+@pytest.fixture
+def adapter(ws: Workspace) -> Iterator[AdapterModel]:
+    """The shared tiny-bert adapter with fixed random tensors (every tensor gets a gradient),
+    fully trainable, dropout off (two passes over a batch are identical); restored after."""
+    model = ws.adapter_model(8)
+    initial = model.state()
+    dropouts = [m for m in model.model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = [m.p for m in dropouts]
+    gen = torch.Generator().manual_seed(0)
+    model.load({k: (0.01 * torch.randn(p.shape, generator=gen) if ".lora_B." in k
+                    else torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+                for k, p in model.params.items()})
+    model.set_trainable(None)
+    for m in dropouts:
+        m.p = 0.0
+    yield model
+    model.load(initial)
+    for m, rate in zip(dropouts, rates, strict=True):
+        m.p = rate
+
+
+def _data(cfg: FedConfig):
+    return get_workspace(cfg).partition(0, cfg.federation.clients)
+
+
+def _dp_update(adapter: AdapterModel, indices: np.ndarray, *, accumulate: int,
+               clip: float) -> tuple[dict[str, torch.Tensor], float | None]:
+    """The gradient one noiseless DP step handed to its optimizer (``p.grad`` at ``step()``),
+    and the loss it reported; the adapter is restored after."""
+    params = {k: adapter.params[k] for k in adapter.trainable_keys()}
+    before = {k: p.detach().clone() for k, p in params.items()}
+    dp_opt = DPOptimizer(make_optimizer(list(params.values()), "sgd", 1.0, 0.0),
+                         noise_multiplier=0.0, max_grad_norm=clip,
+                         expected_batch_size=len(indices))
+    with privacy.per_sample_hooks(adapter.model):
+        loss = privacy.dp_step(adapter.model, _data(_cfg()), indices, params, dp_opt, CPU,
+                               accumulate=accumulate)
+        assert all(p.grad_sample is None for p in params.values())  # freed per micro-batch
+        grad = {k: p.grad.detach().clone() for k, p in params.items()}
+    adapter.load(before, strict=False)
+    return grad, loss
+
+
+# ---- accumulation ---------------------------------------------------------------------------
+def test_accumulated_noiseless_unclipped_dp_gradient_is_the_logical_batch_gradient(
+        adapter: AdapterModel) -> None:
+    """10 examples in 3 micro-batches (4, 3, 3), no noise, a clipping bound that never binds:
+    the step applies the plain mean gradient of all 10 and reports their mean loss."""
+    indices = np.arange(10)
+    adapter.model.train()
+    adapter.model.zero_grad(set_to_none=True)
+    plain_loss = adapter.model(**_data(_cfg()).batch(indices)).loss
+    plain_loss.backward()
+    params = {k: adapter.params[k] for k in adapter.trainable_keys()}
+    plain = {k: p.grad.detach().clone() for k, p in params.items()}
+    adapter.model.zero_grad(set_to_none=True)
+    grad, loss = _dp_update(adapter, indices, accumulate=3, clip=1e9)
+    for key in plain:
+        assert torch.allclose(grad[key], plain[key], rtol=1e-4, atol=1e-8), key
+    assert loss == pytest.approx(float(plain_loss), rel=1e-5)
+
+
+def test_accumulation_clips_per_example_like_one_batch(adapter: AdapterModel) -> None:
+    """With a clipping bound that binds for every example, splitting the batch changes
+    nothing: clipping is per example, the sum and the division by the logical batch are kept."""
+    indices = np.arange(9)
+    one, _ = _dp_update(adapter, indices, accumulate=1, clip=1e-3)
+    split, _ = _dp_update(adapter, indices, accumulate=4, clip=1e-3)
+    unclipped, _ = _dp_update(adapter, indices, accumulate=1, clip=1e9)
+    for key in one:
+        assert torch.allclose(split[key], one[key], rtol=1e-4, atol=1e-10), key
+    norm = torch.sqrt(sum((g ** 2).sum() for g in one.values()))
+    assert norm <= 1e-3 * (1 + 1e-4)  # mean of 9 vectors of norm <= C
+    assert not torch.allclose(one[next(iter(one))], unclipped[next(iter(one))])  # it did clip
+
+
+def test_accumulation_keeps_the_logical_sample_rate_and_steps(adapter: AdapterModel) -> None:
+    """The accountant sees q = batch_size / n and local_steps steps whatever privacy.accumulate
+    is: epsilon with 4 micro-batches equals Opacus's epsilon of local_steps steps at the
+    logical batch (and the physical-batch rate would give a different one)."""
+    cfg1 = _cfg("train.batch_size=16", "train.local_steps=3")
+    cfg4 = _cfg("train.batch_size=16", "train.local_steps=3", "privacy.accumulate=4")
+    n = len(_data(cfg1))
+    state1, state4 = ClientState(), ClientState()
+    r1, m1 = privacy.dp_train(adapter, _data(cfg1), cfg=cfg1, lr=0.01, device=CPU,
+                              client_state=state1)
+    r4, m4 = privacy.dp_train(adapter, _data(cfg4), cfg=cfg4, lr=0.01, device=CPU,
+                              client_state=state4)
+    assert r1 is not None and r4 is not None and r4.steps == 3
+    assert m4["sample_rate"] == m1["sample_rate"] == pytest.approx(16 / n)
+    assert m4["noise_multiplier"] == m1["noise_multiplier"]
+    q, steps = 16 / n, cfg4.federation.rounds * 3
+    sigma = privacy.noise_multiplier(cfg4.privacy, q, steps)
+    acc = create_accountant(mechanism="rdp")
+    for _ in range(3):
+        acc.step(noise_multiplier=sigma, sample_rate=q)
+    assert m4["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
+    assert m4["epsilon"] == m1["epsilon"]
+    assert privacy.load_history(state4, "rdp") == [(sigma, q, 3)]
+    micro = create_accountant(mechanism="rdp")
+    for _ in range(12):
+        micro.step(noise_multiplier=sigma, sample_rate=q / 4)
+    assert micro.get_epsilon(delta=1e-5) != pytest.approx(m4["epsilon"], rel=1e-3)
+
+
+# ---- learning rate per group, momentum ------------------------------------------------------
+def test_head_lr_puts_the_head_in_its_own_group(adapter: AdapterModel) -> None:
+    cfg = _cfg('train.optimizer="sgd"', "train.momentum=0.9", "train.head_lr=0.5")
+    opt = client_optimizer(adapter, cfg.train, 0.01)
+    head = {id(adapter.params[k]) for k in adapter.head_keys}
+    assert head and len(head) < len(adapter.trainable_keys())
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert by_lr[0.5] == head
+    assert not by_lr[0.01] & head and len(by_lr[0.01]) == len(adapter.trainable_keys()) - len(head)
+    assert isinstance(opt, torch.optim.SGD)
+    assert all(g["momentum"] == 0.9 for g in opt.param_groups)
+    default = client_optimizer(adapter, _cfg().train, 0.01)
+    assert [g["lr"] for g in default.param_groups] == [0.01, 0.01]
+
+
+def test_dp_train_uses_head_lr(adapter: AdapterModel) -> None:
+    """Under DP-SGD too: body rate 0 and head rate 0.5, so only the head moves (and the guard
+    that every trainable tensor changes after the first step says so)."""
+    cfg = _cfg('train.optimizer="sgd"', "train.head_lr=0.5", "train.local_steps=1")
+    before = adapter.state()
+    with pytest.raises(privacy.PrivacyError, match="unchanged"):  # the body did not move
+        privacy.dp_train(adapter, _data(cfg), cfg=cfg, lr=0.0, device=CPU,
+                         client_state=ClientState())
+    moved = {k for k, p in adapter.params.items() if not torch.equal(before[k], p.detach())}
+    assert moved == set(adapter.head_keys)
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["train.momentum=0.9"], "applies to train.optimizer = 'sgd' only"),
+    (['train.optimizer="sgd"', "train.momentum=1.0"], "train.momentum"),
+    (["train.batch_size=4", "privacy.accumulate=8"], "exceeds train.batch_size"),
+    (["privacy.accumulate=0"], "privacy.accumulate"),
+])
+def test_refusals(sets: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _cfg(*sets)
+
+
+# ---- the sweep file --------------------------------------------------------------------------
+def test_dp_sweep_is_the_documented_grid() -> None:
+    """fedit and ffa-lora x epsilon {1, 3, 8, no DP} x seeds [0, 1], every cell a valid config
+    in the large-batch setting (few clients, all sampled, accumulation for memory)."""
+    sweep = load_sweep(SWEEP)
+    cells = expand(sweep)
+    assert sorted(sweep.methods) == ["fedit", "ffa-lora"] and sweep.seeds == [0, 1]
+    assert len(cells) == 16
+    budgets = {c.config.privacy.epsilon if c.config.privacy.enabled else None for c in cells}
+    assert budgets == {1.0, 3.0, 8.0, None}
+    for cell in cells:
+        cfg = cell.config
+        assert cfg.federation.clients == cfg.federation.clients_per_round <= 5
+        assert cfg.train.batch_size >= 512 and cfg.privacy.accumulate > 1
