@@ -254,6 +254,7 @@ class CausalLM(Task):
             accuracy = float(np.mean(self.predict(model, data, rows, device) == data.labels))
         return EvalMetrics(accuracy, loss, len(data), extra)
 
+    @torch.no_grad()
     def predict(self, model: torch.nn.Module, data: LMEncoded, rows: int,
                 device: torch.device) -> np.ndarray:
         """The class whose verbaliser is most likely after each prompt (summed log-probs)."""
@@ -297,5 +298,5 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                                                ignore_index=IGNORE, reduction="none")
     count = int((targets != IGNORE).sum())
     if per_row:
-        return losses.sum(dim=1).cpu().numpy(), count
-    return float(losses.sum()), count
+        return losses.detach().sum(dim=1).cpu().numpy(), count
+    return float(losses.detach().sum()), count
