@@ -316,3 +316,31 @@ def test_defaults_upload_50x_less_than_fedit_and_each_target_has_its_own_lr() ->
     for target, lr in [("lora", 0.002), ("full", 5e-5)]:
         cfg = load_config(None, [*TINY, 'method.name="ferret"', f'method.target="{target}"'])
         assert learning_rate(cfg.train.lr, build_method(cfg)) == lr
+
+
+@pytest.mark.parametrize("seeds", ["client", "shared"])
+def test_the_server_reconstructs_a_clients_update_on_the_bases_it_projected_on(
+        seeds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end through load/train/uplink/aggregate: with as many coefficients as floats the
+    server's reconstruction of one client's update points its way (cosine ~0.7; a client and a
+    server on different bases would give ~0)."""
+    cfg = load_config(None, [*TINY, 'method.name="ferret"', 'method.target="lora"',
+                             f'method.seeds="{seeds}"', "method.block_size=512", "method.k=512"])
+    ws = get_workspace(cfg)
+    method = build_method(cfg, num_labels=ws.num_labels)
+    state = method.init(ws.adapter_model(cfg.model.rank).state())
+    updates: list[torch.Tensor] = []
+    real_project = fr.project
+
+    def spy(update: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        updates.append(update.clone())
+        return real_project(update, *args, **kwargs)
+
+    monkeypatch.setattr(fr, "project", spy)
+    profile = ClientProfile(4, cfg.model.rank)
+    res = client_round(cfg, method, ws, method.downlink(state, profile), partition_id=4,
+                       rank=cfg.model.rank, server_round=1, client_state=ClientState())
+    new = method.aggregate(state, [Upload(profile, res.payload, res.num_examples)])
+    assert new.tensors[fr.ids_key(1)].tolist() == [4 if seeds == "client" else fr.SHARED]
+    rec, true = new.tensors[DELTA].double(), updates[0].double()
+    assert float(rec @ true / (rec.norm() * true.norm())) > 0.5
