@@ -300,3 +300,24 @@ def test_dequantised_once_when_processes_race(tmp_path: Path,
     for t in threads:
         t.join()
     assert len(calls) == 1 and results == [str(tmp_path / "smollm2-135m")] * 4
+
+
+def test_one_token_verbalizers_scored_in_the_loss_pass(folders: dict[str, Path]) -> None:
+    """With one-token verbalisers the accuracy comes from the loss pass's logits: it must agree
+    with the general log-likelihood comparison."""
+    task = make_task(folders["llama"], DataConfig(dataset="rotten-tomatoes"), ("rotten", "fresh"))
+    assert all(len(v) == 1 for v in task.verbalizers)
+    rng = np.random.default_rng(0)
+    texts = tuple(" ".join(rng.choice(["good", "bad", "film", "dull", "great", "cast"], 5))
+                  for _ in range(12))
+    data = TextData(texts, rng.integers(0, 2, 12), ("rotten", "fresh"))
+    enc = task.encode(data)
+    model = build_adapter_model(task.model_cfg, 2).model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a sharper random model, so that predictions differ between prompts
+        for p in model.parameters():
+            p.mul_(8.0)
+    general = task.predict(model, enc, 5, torch.device("cpu"))
+    assert len(set(general.tolist())) == 2  # both classes predicted: a real comparison
+    ev = task.evaluate(model, enc, 5, torch.device("cpu"))
+    assert ev.accuracy == pytest.approx(float(np.mean(general == data.labels)))

@@ -200,8 +200,13 @@ class CausalLM(Task):
         return "".join(text for text, _ in pieces[:-1])
 
     # ---- encoding ----------------------------------------------------------------------------
-    def tokens(self, segments: list[Segment]) -> tuple[list[int], list[int]]:
-        ids, targets = list(self.prefix), [IGNORE] * len(self.prefix)
+    def start(self, data: TextData) -> list[int]:
+        """The tokens an example starts with: the tokenizer's own (e.g. BOS) for a plain prompt;
+        none for a chat template, which writes its own."""
+        return [] if data.chats is not None and self.use_template else list(self.prefix)
+
+    def tokens(self, segments: list[Segment], start: list[int]) -> tuple[list[int], list[int]]:
+        ids, targets = list(start), [IGNORE] * len(start)
         for text, trains in segments:
             piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
@@ -217,7 +222,7 @@ class CausalLM(Task):
             else:
                 segs = [(self.prompt.format(text=data.texts[i]), False),
                         (self.words[int(data.labels[i])], True)]
-            ids, tgt = self.tokens(segs)
+            ids, tgt = self.tokens(segs, self.start(data))
             if len(ids) > max_length:
                 cut += 1
                 ids, tgt = truncate(ids, tgt, max_length)
@@ -242,16 +247,30 @@ class CausalLM(Task):
         model.eval()
         rows = max(1, min(batch_size, EVAL_ROWS))
         order = np.argsort([len(x) for x in data.ids], kind="stable")
+        # One-token verbalisers: the class scores come from the same forward pass as the loss
+        # (the logits where the gold verbaliser is predicted); longer ones need their own.
+        single = bool(data.verbalizers) and all(len(v) == 1 for v in data.verbalizers)
+        firsts = torch.tensor([v[0] for v in data.verbalizers], dtype=torch.long)
+        predicted = np.zeros(len(data), dtype=np.int64)
         loss_sum, tokens = 0.0, 0
         for start in range(0, len(order), rows):
-            batch = {k: v.to(device) for k, v in data.batch(order[start : start + rows]).items()}
-            total, count = token_loss(model, batch)
+            chosen = order[start : start + rows]
+            batch = {k: v.to(device) for k, v in data.batch(chosen).items()}
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+            total, count = token_loss(logits, batch["labels"])
             loss_sum, tokens = loss_sum + total, tokens + count
+            if single:
+                at = torch.tensor([len(data.prompts[i]) - 1 for i in chosen], device=device)
+                scores = logits[torch.arange(len(chosen), device=device), at][:, firsts.to(device)]
+                predicted[chosen] = scores.argmax(-1).cpu().numpy()
         loss = loss_sum / max(tokens, 1)
         extra = {"perplexity": math.exp(min(loss, 50.0)), "eval_tokens": float(tokens)}
         accuracy = None
         if data.verbalizers:
-            accuracy = float(np.mean(self.predict(model, data, rows, device) == data.labels))
+            if not single:
+                predicted = self.predict(model, data, rows, device)
+            accuracy = float(np.mean(predicted == data.labels))
         return EvalMetrics(accuracy, loss, len(data), extra)
 
     @torch.no_grad()
@@ -266,7 +285,10 @@ class CausalLM(Task):
                 batch = {k: v.to(device) for k, v in
                          collate(seqs[start : start + rows], tgts[start : start + rows],
                                  data.pad_id).items()}
-                scores[start : start + rows, c] = -token_loss(model, batch, per_row=True)[0]
+                logits = model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits
+                scores[start : start + rows, c] = -token_loss(logits, batch["labels"],
+                                                              per_row=True)[0]
         return scores.argmax(axis=1)
 
     @torch.no_grad()
@@ -277,7 +299,7 @@ class CausalLM(Task):
         out = []
         for i in range(min(SAMPLE_PROMPTS, len(data))):
             prompt = self.prompt_text(data, i)
-            ids = self.prefix + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = self.start(data) + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             ids = ids[-self.model_cfg.max_length:]
             inputs = torch.tensor([ids], device=device)
             generated = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
@@ -288,12 +310,11 @@ class CausalLM(Task):
         return out
 
 
-def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+def token_loss(logits: torch.Tensor, labels: torch.Tensor,
                per_row: bool = False) -> tuple[Any, int]:
     """Summed cross-entropy of the target tokens (next-token prediction) and their count; with
     ``per_row`` the sums per row as an array."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
     losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets,
                                                ignore_index=IGNORE, reduction="none")
     count = int((targets != IGNORE).sum())
