@@ -139,12 +139,16 @@ class FederationConfig:
 class TrainConfig:
     local_steps: int = option(5, "optimizer steps per client per round", min=1)
     batch_size: int = option(16, "examples per step", min=1)
-    lr: float = option(0.0, "client learning rate (0 = the method's default: ffa-lora 0.02, "
-                                  "ferret 5e-5, every other method 0.002)", min=0)
+    lr: float = option(0.0, "client learning rate (0 = the method's own default, listed by "
+                                  "`fedpeft methods`)", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0)
     optimizer: str = option("adamw", "client optimizer", choices=("adamw", "sgd"))
     momentum: float = option(0.0, "SGD momentum (train.optimizer = 'sgd' only; 0.9 is usual "
                              "under DP-SGD)", min=0, max=0.999)
+    accumulate: int = option(1, "micro-batches per optimizer step: a batch of train.batch_size "
+                             "runs in this many pieces, one step per batch (memory only; under "
+                             "DP-SGD clipped per example and noised once, accounted as one "
+                             "step at rate batch_size / n)", min=1)
     head_lr: float = option(0.0, "learning rate of the task head (adapter tensors that are not "
                             "LoRA factors, e.g. the classifier); 0 = the client learning rate",
                             min=0)
@@ -180,10 +184,6 @@ class PrivacyConfig:
                           "client's examples)", gt=0)
     max_grad_norm: float = option(1.0, "per-example gradient clipping norm C", gt=0)
     accountant: str = option("rdp", "privacy accountant", choices=("rdp", "prv"))
-    accumulate: int = option(1, "physical micro-batches per DP-SGD step: one Poisson batch of "
-                             "expected size train.batch_size is split in this many, clipped "
-                             "per example and noised once (memory only: same noise, same "
-                             "accounting)", min=1)
     rounds: int = option(0, "rounds a client's budget is planned for (0 = federation.rounds: "
                          "every round; fewer = less noise, and a client sampled more often "
                          "stops training once its budget is spent)", min=0)
@@ -468,6 +468,9 @@ def validate(cfg: FedConfig) -> None:
     dev = cfg.train.device
     if dev != "cpu" and dev != "cuda" and not (dev.startswith("cuda:") and dev[5:].isdigit()):
         raise ConfigError(f"train.device = {dev!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    if cfg.train.accumulate > cfg.train.batch_size:
+        raise ConfigError(f"train.accumulate = {cfg.train.accumulate} exceeds train.batch_size = "
+                          f"{cfg.train.batch_size}: it splits one batch into that many pieces")
     if cfg.train.momentum and cfg.train.optimizer != "sgd":
         raise ConfigError(f"train.momentum = {cfg.train.momentum} applies to train.optimizer = "
                           f"'sgd' only (not {cfg.train.optimizer!r}): set it to 0 or use sgd")
@@ -511,9 +514,6 @@ def validate_data(cfg: FedConfig) -> None:
 def validate_privacy(cfg: FedConfig) -> None:
     """[privacy] checks that span keys (which methods support DP: ``build_method``)."""
     priv = cfg.privacy
-    if priv.accumulate > cfg.train.batch_size:
-        raise ConfigError(f"privacy.accumulate = {priv.accumulate} exceeds train.batch_size = "
-                          f"{cfg.train.batch_size}: it splits one batch into that many pieces")
     if not 0 < priv.delta < 1:
         raise ConfigError(f"privacy.delta = {priv.delta!r} is out of range: a number in (0, 1), "
                           "well below 1/n for n examples per client (e.g. 1e-5)")
