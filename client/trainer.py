@@ -90,7 +90,7 @@ def client_round(
             result = train_steps(
                 adapter.model, data, steps=cfg.train.local_steps,
                 batch_size=cfg.train.batch_size, optimizer=optimizer, rng=rng, device=device,
-                extra_loss=spec.extra_loss,
+                extra_loss=spec.extra_loss, accumulate=cfg.train.accumulate,
             )
     uplink = method.uplink(adapter, downlink, client_state)
     if cfg.privacy.client_level == "client-fixed":  # Flower's client-side fixed clipping

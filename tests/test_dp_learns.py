@@ -18,7 +18,7 @@ from fedpeft.core import privacy
 from fedpeft.core.adapters import AdapterModel
 from fedpeft.core.config import ConfigError, FedConfig, load_config
 from fedpeft.core.payload import ClientState
-from fedpeft.core.training import client_optimizer, make_optimizer
+from fedpeft.core.training import client_optimizer, make_optimizer, train_steps
 from fedpeft.core.workspace import Workspace, get_workspace
 from fedpeft.run.sweep import expand, load_sweep
 
@@ -115,11 +115,11 @@ def test_accumulation_clips_per_example_like_one_batch(adapter: AdapterModel) ->
 
 
 def test_accumulation_keeps_the_logical_sample_rate_and_steps(adapter: AdapterModel) -> None:
-    """The accountant sees q = batch_size / n and local_steps steps whatever privacy.accumulate
+    """The accountant sees q = batch_size / n and local_steps steps whatever train.accumulate
     is: epsilon with 4 micro-batches equals Opacus's epsilon of local_steps steps at the
     logical batch (and the physical-batch rate would give a different one)."""
     cfg1 = _cfg("train.batch_size=16", "train.local_steps=3")
-    cfg4 = _cfg("train.batch_size=16", "train.local_steps=3", "privacy.accumulate=4")
+    cfg4 = _cfg("train.batch_size=16", "train.local_steps=3", "train.accumulate=4")
     n = len(_data(cfg1))
     state1, state4 = ClientState(), ClientState()
     r1, m1 = privacy.dp_train(adapter, _data(cfg1), cfg=cfg1, lr=0.01, device=CPU,
@@ -141,6 +141,25 @@ def test_accumulation_keeps_the_logical_sample_rate_and_steps(adapter: AdapterMo
     for _ in range(12):
         micro.step(noise_multiplier=sigma, sample_rate=q / 4)
     assert micro.get_epsilon(delta=1e-5) != pytest.approx(m4["epsilon"], rel=1e-3)
+
+
+def test_accumulation_without_dp_takes_the_same_step(adapter: AdapterModel) -> None:
+    """train_steps with 3 micro-batches of a batch of 10 takes the same SGD step as with one."""
+    params = {k: adapter.params[k] for k in adapter.trainable_keys()}
+    before = adapter.state()
+    after = []
+    for k in (1, 3):
+        adapter.load(before)
+        opt = make_optimizer(list(params.values()), "sgd", 0.5, 0.0)
+        result = train_steps(adapter.model, _data(_cfg()), steps=1, batch_size=10, optimizer=opt,
+                             rng=np.random.default_rng(0), device=CPU, accumulate=k)
+        assert result.examples == 10 and result.steps == 1
+        after.append((adapter.state(), result.loss))
+    assert after[1][1] == pytest.approx(after[0][1], rel=1e-5)
+    moved = [k for k in params if not torch.equal(before[k], after[0][0][k])]
+    assert moved
+    for key in params:
+        assert torch.allclose(after[1][0][key], after[0][0][key], rtol=1e-5, atol=1e-7), key
 
 
 # ---- learning rate per group, momentum ------------------------------------------------------
@@ -173,8 +192,8 @@ def test_dp_train_uses_head_lr(adapter: AdapterModel) -> None:
 @pytest.mark.parametrize(("sets", "message"), [
     (["train.momentum=0.9"], "applies to train.optimizer = 'sgd' only"),
     (['train.optimizer="sgd"', "train.momentum=1.0"], "train.momentum"),
-    (["train.batch_size=4", "privacy.accumulate=8"], "exceeds train.batch_size"),
-    (["privacy.accumulate=0"], "privacy.accumulate"),
+    (["train.batch_size=4", "train.accumulate=8"], "exceeds train.batch_size"),
+    (["train.accumulate=0"], "train.accumulate"),
 ])
 def test_refusals(sets: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -194,4 +213,4 @@ def test_dp_sweep_is_the_documented_grid() -> None:
     for cell in cells:
         cfg = cell.config
         assert cfg.federation.clients == cfg.federation.clients_per_round <= 5
-        assert cfg.train.batch_size >= 512 and cfg.privacy.accumulate > 1
+        assert cfg.train.batch_size >= 512 and cfg.train.accumulate > 1

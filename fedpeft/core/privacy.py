@@ -266,7 +266,7 @@ def dp_train(
     """``train.local_steps`` DP-SGD steps with ``train.optimizer`` at learning rate ``lr`` (the
     head at ``train.head_lr`` when set; the counterpart of
     ``fedpeft.core.training.train_steps``). Each step is one Poisson batch of expected size
-    ``train.batch_size``, run as ``privacy.accumulate`` micro-batches and noised once. Returns
+    ``train.batch_size``, run as ``train.accumulate`` micro-batches and noised once. Returns
     (None, metrics) without training when this round would exceed the client's budget: the
     run's (history in ``client_state``), or a device's lifetime budget when ``ledger`` is
     given."""
@@ -285,7 +285,7 @@ def dp_train(
         return None, {**metrics, BUDGET_SPENT: 1.0}
     result = _dp_steps(adapter.model, data, params, optimizer=optimizer, sigma=spend.sigma, q=q,
                        clip=priv.max_grad_norm, steps=steps, device=device, extra_loss=extra_loss,
-                       accumulate=priv.accumulate)
+                       accumulate=cfg.train.accumulate)
     return result, metrics
 
 

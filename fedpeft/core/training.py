@@ -77,21 +77,30 @@ def train_steps(
     rng: np.random.Generator,
     device: torch.device,
     extra_loss: Callable[[], torch.Tensor] | None = None,
+    accumulate: int = 1,
 ) -> TrainResult:
-    """Run ``steps`` optimizer steps; ``extra_loss`` lets a method add a regulariser."""
+    """Run ``steps`` optimizer steps; ``extra_loss`` lets a method add a regulariser. Each batch
+    runs as ``accumulate`` micro-batches (``train.accumulate``: memory only), their losses
+    weighted by their share of the batch's examples, one optimizer step per batch."""
     model.train()
     losses, examples, busy = [], 0, 0.0
     for indices in sample_batches(len(data), batch_size, steps, rng):
-        batch = {k: v.to(device) for k, v in data.batch(indices).items()}
-        start = time.perf_counter()
-        loss = model(**batch).loss
-        if extra_loss is not None:
-            loss = loss + extra_loss()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        chunks = np.array_split(indices, min(accumulate, len(indices)))
+        step_loss = 0.0
+        for i, chunk in enumerate(chunks):
+            batch = {k: v.to(device) for k, v in data.batch(chunk).items()}
+            start = time.perf_counter()
+            loss = model(**batch).loss * (len(chunk) / len(indices))
+            if extra_loss is not None and i == len(chunks) - 1:
+                loss = loss + extra_loss()
+            loss.backward()
+            busy += time.perf_counter() - start
+            step_loss += float(loss.detach())
+        start = time.perf_counter()
         optimizer.step()
         busy += time.perf_counter() - start
-        losses.append(float(loss.detach()))
+        losses.append(step_loss)
         examples += len(indices)
     return TrainResult(float(np.mean(losses)), len(losses), examples, busy)
 
