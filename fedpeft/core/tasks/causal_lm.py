@@ -191,7 +191,7 @@ class CausalLM(Task):
     def prompt_text(self, data: TextData, i: int) -> str:
         """Example ``i``'s prompt as text (up to its first response)."""
         if data.chats is None:
-            return self.prompt.format(text=data.texts[i])
+            return self.prompt.replace("{text}", data.texts[i])
         chat = data.chats[i]
         first = next(j for j, (r, _) in enumerate(chat) if r == "assistant")
         if self.use_template:
@@ -220,7 +220,7 @@ class CausalLM(Task):
             if data.chats is not None:
                 segs = self.segments(data.chats[i])
             else:
-                segs = [(self.prompt.format(text=data.texts[i]), False),
+                segs = [(self.prompt.replace("{text}", data.texts[i]), False),
                         (self.words[int(data.labels[i])], True)]
             ids, tgt = self.tokens(segs, self.start(data))
             if len(ids) > max_length:
