@@ -321,3 +321,26 @@ def test_one_token_verbalizers_scored_in_the_loss_pass(folders: dict[str, Path])
     assert len(set(general.tolist())) == 2  # both classes predicted: a real comparison
     ev = task.evaluate(model, enc, 5, torch.device("cpu"))
     assert ev.accuracy == pytest.approx(float(np.mean(general == data.labels)))
+
+
+def test_samples_are_the_greedy_completions(folders: dict[str, Path]) -> None:
+    """samples() generates its prompts together (left-padded): each completion is the one the
+    prompt gets alone."""
+    task = make_task(folders["llama"])
+    chats = [(("user", "hi"), ("assistant", "yo")), CHAT[1:3],
+             (("user", "What is AI? Tell me at length."), ("assistant", "a science"))]
+    data = chat_data(chats)
+    model = build_adapter_model(task.model_cfg, 0).model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    samples = task.samples(model, data, torch.device("cpu"))
+    assert [p for p, _ in samples] == [task.prompt_text(data, i) for i in range(3)]
+    assert samples[0][0].endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    for prompt, completion in samples:
+        ids = torch.tensor([task.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        alone = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               max_new_tokens=32, do_sample=False, pad_token_id=task.pad_id)
+        assert completion == task.tokenizer.decode(alone[0, ids.shape[1]:],
+                                                   skip_special_tokens=True)
+    assert len({c for _, c in samples}) > 1

@@ -294,20 +294,25 @@ class CausalLM(Task):
     @torch.no_grad()
     def samples(self, model: torch.nn.Module, data: TextData,
                 device: torch.device) -> list[tuple[str, str]]:
-        """Greedy completions of the first held-out prompts (the same every round)."""
+        """Greedy completions of the first held-out prompts (the same every round), generated
+        together (left-padded)."""
         model.eval()
-        out = []
-        for i in range(min(SAMPLE_PROMPTS, len(data))):
-            prompt = self.prompt_text(data, i)
-            ids = self.start(data) + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            ids = ids[-self.model_cfg.max_length:]
-            inputs = torch.tensor([ids], device=device)
-            generated = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
-                                       max_new_tokens=SAMPLE_TOKENS, do_sample=False,
-                                       pad_token_id=self.pad_id)
-            text = self.tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)
-            out.append((prompt, text))
-        return out
+        prompts = [self.prompt_text(data, i) for i in range(min(SAMPLE_PROMPTS, len(data)))]
+        if not prompts:
+            return []
+        rows = [(self.start(data) + self.tokenizer(p, add_special_tokens=False)["input_ids"])
+                [-self.model_cfg.max_length:] for p in prompts]
+        width = max(len(r) for r in rows)
+        inputs = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, row in enumerate(rows):
+            inputs[j, width - len(row):] = torch.tensor(row)
+            mask[j, width - len(row):] = 1
+        generated = model.generate(input_ids=inputs.to(device), attention_mask=mask.to(device),
+                                   max_new_tokens=SAMPLE_TOKENS, do_sample=False,
+                                   pad_token_id=self.pad_id)
+        return [(prompt, self.tokenizer.decode(generated[j, width:], skip_special_tokens=True))
+                for j, prompt in enumerate(prompts)]
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor,
