@@ -12,6 +12,8 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]" "flwr[simulation]>=1.42,<1.43"
+# setuptools warns about the mapped package folders (server/, client/, strategies/) on every
+# editable build; the mapping is deliberate (pyproject.toml), so keep that wall of text out
+PYTHONWARNINGS=ignore python -m pip install -q -e ".[test]" "flwr[simulation]>=1.42,<1.43"
 python -m pip install -q --no-deps -r requirements-assets.txt
 python -c "import fedpeft, flwr, peft, torch; print(f'fedpeft ready: torch {torch.__version__}, flwr {flwr.__version__}, peft {peft.__version__}')"
