@@ -81,7 +81,13 @@ class RoundLoop:
 
     def __init__(self, cfg: FedConfig, method: Method, state: Payload,
                  example_cap: Callable[[int], int | None] | None = None) -> None:
-        self.cfg, self.method, self.state = cfg, method, state
+        self.cfg, self.method = cfg, method
+        # What each profile is sent (and decodes) from the current state: the Flower message,
+        # its decode reference and its validation all need it, and a downlink can cost an SVD
+        # (FlexLoRA) or an encode/decode round trip (down filters). Cleared with every new state.
+        self._sent: dict[ClientProfile, Payload] = {}
+        self._received: dict[ClientProfile, Payload] = {}
+        self.state = state
         self.pending: dict[int, ClientProfile] = {}  # node id -> profile, this attempt
         self.ranks: dict[int, int] = {}  # node -> the LoRA rank it reported (node config, pruning)
         self.epsilon = 0.0  # the largest DP-SGD epsilon any client reported so far
@@ -98,8 +104,21 @@ class RoundLoop:
             self.pending[node] = profile
         return list(self.pending.values())
 
+    @property
+    def state(self) -> Payload:
+        """The method's global state."""
+        return self._state
+
+    @state.setter
+    def state(self, state: Payload) -> None:
+        self._state = state
+        self._sent.clear()
+        self._received.clear()
+
     def downlink(self, profile: ClientProfile) -> Payload:
-        return self.method.downlink(self.state, profile)
+        if profile not in self._sent:
+            self._sent[profile] = self.method.downlink(self.state, profile)
+        return self._sent[profile]
 
     def received(self, profile: ClientProfile) -> Payload:
         """The downlink as the client decodes it (after the ``[compression] down`` filters):
@@ -107,7 +126,9 @@ class RoundLoop:
         down = self.downlink(profile)
         if not self.cfg.compression.down:
             return down
-        return transmit(down, filters=self.cfg.compression.down)[0]
+        if profile not in self._received:
+            self._received[profile] = transmit(down, filters=self.cfg.compression.down)[0]
+        return self._received[profile]
 
     def global_tensors(self) -> dict:
         """The downlink every client gets under a one-downlink method (client-level DP's
@@ -180,7 +201,7 @@ class RoundLoop:
         bound, a usable example count), or None."""
         if payload is None:
             return "no tensors"
-        sent = self.method.downlink(self.state, profile).tensors
+        sent = self.downlink(profile).tensors
         problem = check_upload(payload, self.method.expected_upload(self.state, profile),
                                self.cfg.federation.max_update_norm, sent)
         return (problem or self.method.check_upload(self.state, profile, payload)
