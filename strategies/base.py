@@ -318,7 +318,3 @@ def method_help() -> str:
                        else f.default)
             lines.append(f"    method.{f.name} = {default!r}  {f.metadata.get('help', '')}")
     return "\n".join(lines)
-
-
-def method_names() -> tuple[str, ...]:
-    return tuple(METHODS)
