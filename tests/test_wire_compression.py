@@ -191,7 +191,8 @@ def test_chain_parsing_and_bytes_shrink_along_the_chain() -> None:
 
 @pytest.mark.parametrize("bad", [["int9"], ["topk"], ["topk:0"], ["topk:1.5"], ["int8:4"],
                                  ["int8:x"], ["fp16:2"], ["sign"], ["int8", "fp16"],
-                                 ["int8", "topk:0.1"], ["topk:0.1", "topk:0.2"]])
+                                 ["int8", "topk:0.1"], ["topk:0.1", "topk:0.2"],
+                                 ["deflate", "int8"], ["deflate", "deflate"], ["deflate:9"]])
 def test_bad_chains_are_config_errors_naming_the_accepted_filters(bad: list[str]) -> None:
     with pytest.raises(ConfigError, match=r"compression\.up") as exc:
         load_config(None, [f"compression.up={json.dumps(bad)}"])
@@ -217,12 +218,37 @@ def test_methods_whose_maths_filters_break_refuse_them() -> None:
         reason = compression_refusal(METHODS[name], ["int8"], [])
         assert reason and name in reason and METHODS[name].compression_refusal in reason
         assert compression_refusal(METHODS[name], [], []) is None  # packing alone is lossless
+        assert compression_refusal(METHODS[name], ["deflate"], ["deflate"]) is None
     assert compression_refusal(METHODS["fedit"], ["topk:0.1", "sign"], ["fp16"]) is None
 
     class Flagged:
         name, compressible = "x", False
 
     assert "need the exact tensors" in str(compression_refusal(Flagged, [], ["fp16"]))
+
+
+def _training_like_update(n: int = 8192) -> tuple[dict, dict]:
+    """A downlink and an upload whose update looks like a few AdamW steps: most coordinates
+    moved by about the same small amount, a few by more (not uniform noise)."""
+    rng = np.random.default_rng(3)
+    down = torch.from_numpy(rng.standard_normal(n).astype(np.float32) * 0.02)
+    step = rng.standard_normal(n) * 1e-3 + rng.laplace(0, 5e-4, n)
+    return {"w": down}, {"w": down + torch.from_numpy(step.astype(np.float32))}
+
+
+def test_deflate_is_lossless_and_shrinks_quantised_updates() -> None:
+    assert parse_chain(["int4:512", "deflate"]) == Chain(None, "int4", 512, True)
+    assert not parse_chain(["deflate"]).lossy
+    for tensors in (_every_dtype(), {"u": torch.arange(4096, dtype=torch.int64) % 7}):
+        content = payload_to_records(Payload(tensors), filters=["deflate"])
+        back = unpack_record(content)
+        assert all(_same(back[k], v) for k, v in tensors.items())
+    down, up = _training_like_update()
+    int4 = payload_to_records(Payload(up), filters=["int4:512"], reference=down)
+    packed = payload_to_records(Payload(up), filters=["int4:512", "deflate"], reference=down)
+    assert torch.equal(unpack_record(int4, reference=down)["w"],
+                       unpack_record(packed, reference=down)["w"])  # same values, fewer bytes
+    assert serialized_nbytes(packed) < 0.95 * serialized_nbytes(int4)
 
 
 # ---- updates against a reference, and top-k error feedback --------------------------------
@@ -353,6 +379,16 @@ HOSTILE = {
     "deep json": (_crafted([], manifest=zlib.compress(b"[" * 100_000)), "unreadable"),
     "manifest bomb": (_crafted([], manifest=zlib.compress(b'{"v":1,"t":[' + b" " * (64 << 20))),
                       "exceeds"),
+    "deflate bomb": (_crafted([["w", "uint8", [16], "raw"]], ["deflate"],
+                              zlib.compress(bytes(256 << 20), 9)), "more than the 16 bytes"),
+    "deflate short": (_crafted([["w", "uint8", [16], "raw"]], ["deflate"],
+                               zlib.compress(bytes(15))), "describes 16 bytes, the buffer has 15"),
+    "deflate truncated": (_crafted([["w", "uint8", [16], "raw"]], ["deflate"],
+                                   zlib.compress(bytes(16))[:-3]), "truncated"),
+    "deflate trailing": (_crafted([["w", "uint8", [16], "raw"]], ["deflate"],
+                                  zlib.compress(bytes(16)) + b"x"), "trailing"),
+    "not deflated": (_crafted([["w", "uint8", [4], "raw"]], ["deflate"], bytes(4)),
+                     "unreadable"),
 }
 
 

@@ -248,12 +248,13 @@ class AttacksConfig:
 class CompressionConfig:
     """Filters on what crosses the wire (fedpeft.core.filters), in order, per direction; every
     message is packed into one array either way. Accepted: fp16, bf16, int8[:BLOCK],
-    int4[:BLOCK], topk:FRACTION (uploads; error feedback on the client), sign (after topk)."""
+    int4[:BLOCK], topk:FRACTION (uploads; error feedback on the client), sign (after topk),
+    deflate (last; lossless zlib of the packed buffer)."""
 
-    up: list[str] = option([], "filters on client uploads, e.g. ['topk:0.1', 'int8'] (applied "
-                           "to the update against the downlink; empty = lossless)")
-    down: list[str] = option([], "filters on server downlinks, e.g. ['fp16'] (casts and "
-                             "quantisation only; empty = lossless)")
+    up: list[str] = option([], "filters on client uploads, e.g. ['int4:512', 'deflate'] "
+                           "(applied to the update against the downlink; empty = packed only)")
+    down: list[str] = option([], "filters on server downlinks, e.g. ['fp16'] (casts, "
+                             "quantisation and deflate only; empty = packed only)")
 
 
 @dataclass
@@ -587,7 +588,7 @@ def validate_compression(cfg: FedConfig) -> None:
         if direction == "down" and chain.needs_reference:
             raise ConfigError(f"compression.down = {specs!r}: topk/sign act on updates, and a "
                               "client holds no reference for its downlink; use fp16, bf16, "
-                              "int8 or int4")
+                              "int8, int4 and deflate")
         if direction == "up" and chain.lossy and cfg.privacy.client_level == "client-fixed":
             raise ConfigError(f"compression.up = {specs!r} with privacy.client_level = "
                               "'client-fixed': the client clips before compressing, so the "

@@ -1,7 +1,7 @@
 """Compression filters: what one float vector becomes on the wire, and back.
 
-A chain is written as a list of strings, e.g. ``["topk:0.1", "int8"]``, and has at most two stages,
-in this order:
+A chain is written as a list of strings, e.g. ``["topk:0.1", "int8"]``, and has at most three
+stages, in this order:
 
 1. an optional *sparsifier*, ``topk:FRACTION``: keep the ``ceil(FRACTION * n)`` entries of largest
    magnitude (exact zeros dropped), sent as a bitmap or as sorted indices, whichever is smaller;
@@ -9,7 +9,10 @@ in this order:
    ``fp16`` / ``bf16`` casts; blockwise ``int8[:BLOCK]`` (levels -127..127) and ``int4[:BLOCK]``
    (levels -7..7, two per byte), each block with its float32 absmax scale; or ``sign``
    (ComPEFT-style, needs ``topk`` before it): one sign bit per kept value plus one scale per
-   tensor, the mean magnitude (the least-squares scale for a sign vector).
+   tensor, the mean magnitude (the least-squares scale for a sign vector);
+3. an optional lossless ``deflate`` of the whole packed buffer (zlib): quantised levels of an
+   update are far from uniform (most sit near zero), so entropy coding shrinks them further.
+   It is applied by the packing layer to the buffer, not per tensor.
 
 Sparsification and ``sign`` only make sense on an *update* (upload minus what the client was
 sent): the packing layer (``fedpeft.core.packing``) applies them to deltas and keeps the client's
@@ -37,7 +40,7 @@ QUANT = {"int8": 127, "int4": 7}  # name -> largest level
 DEFAULT_BLOCK = {"int8": 256, "int4": 64}
 MAX_BLOCK = 1 << 20
 ACCEPTED = ("fp16, bf16, int8[:BLOCK] (block 8..1048576, default 256), int4[:BLOCK] (default 64), "
-            "topk:FRACTION (0 < FRACTION <= 1), sign (after topk)")
+            "topk:FRACTION (0 < FRACTION <= 1), sign (after topk), deflate (last, lossless)")
 BITMAP, INDEX = "bitmap", "index"
 
 
@@ -48,6 +51,7 @@ class Chain:
     topk: float | None = None
     codec: str | None = None  # fp16 | bf16 | int8 | int4 | sign | None (float32 values)
     block: int = 0
+    deflate: bool = False  # the packed buffer is zlib-compressed (lossless, whole buffer)
 
     @property
     def specs(self) -> list[str]:
@@ -56,11 +60,15 @@ class Chain:
             out.append(f"{self.codec}:{self.block}")
         elif self.codec:
             out.append(self.codec)
-        return out
+        return out + ["deflate"] * self.deflate
 
     @property
     def lossy(self) -> bool:
         return self.topk is not None or self.codec is not None
+
+    def per_tensor(self) -> Chain:
+        """What acts on each tensor (the chain without the buffer-wide ``deflate``)."""
+        return Chain(self.topk, self.codec, self.block)
 
     @property
     def needs_reference(self) -> bool:
@@ -77,7 +85,7 @@ class Chain:
 
 def _parse_one(text: str) -> tuple[str, float | int | None]:
     name, sep, param = (s.strip() for s in text.partition(":"))
-    if name in (*CASTS, "sign"):
+    if name in (*CASTS, "sign", "deflate"):
         if sep:
             raise FilterError(f"filter {text!r} takes no parameter")
         return name, None
@@ -106,11 +114,17 @@ def parse_chain(specs: Sequence[str]) -> Chain:
     topk: float | None = None
     codec: str | None = None
     block = 0
+    deflate = False
     for text in specs:
         try:
             name, param = _parse_one(text)
         except FilterError as exc:
             raise FilterError(f"{exc}; accepted: {ACCEPTED}") from None
+        if deflate:
+            raise FilterError("'deflate' compresses the finished buffer: it comes last, once")
+        if name == "deflate":
+            deflate = True
+            continue
         if name == "topk":
             if topk is not None or codec is not None:
                 raise FilterError("topk must come first and only once")
@@ -123,7 +137,7 @@ def parse_chain(specs: Sequence[str]) -> Chain:
             raise FilterError("'sign' keeps one scale per tensor and needs 'topk:FRACTION' "
                               "before it (ComPEFT), e.g. ['topk:0.1', 'sign']")
         codec, block = name, int(param or 0)
-    return Chain(topk, codec, block)
+    return Chain(topk, codec, block, deflate)
 
 
 # --- layout: the parts a vector encodes to (the decoder's size check) ---
@@ -287,12 +301,13 @@ def decode_values(parts: list[np.ndarray], chain: Chain, m: int) -> np.ndarray:
 def compression_refusal(method_cls: type, up: Sequence[str], down: Sequence[str]) -> str | None:
     """Why ``method_cls`` cannot run with these chains (None: it can). A method gives a
     ``compression_refusal`` reason (or ``compressible`` False) when lossy filters would break
-    its maths; packing alone (empty chains) is lossless and always allowed."""
+    its maths; lossless chains (packing alone, ``deflate``) are always allowed."""
     reason = str(getattr(method_cls, "compression_refusal", "") or "")
     able = getattr(method_cls, "compressible", True)  # a flag or a classmethod
-    if not (up or down) or ((able() if callable(able) else able) and not reason):
+    lossy = parse_chain(up).lossy or parse_chain(down).lossy
+    if not lossy or ((able() if callable(able) else able) and not reason):
         return None
     name = getattr(method_cls, "name", "") or method_cls.__name__
     reason = reason or "its maths need the exact tensors"
     return (f"[compression] up = {list(up)}, down = {list(down)} is not supported with "
-            f"method.name = {name!r}: {reason}; leave both lists empty")
+            f"method.name = {name!r}: {reason}; use lossless chains only (none, or ['deflate'])")

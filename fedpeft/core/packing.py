@@ -14,6 +14,9 @@ exactly as long as the manifest says, before anything is decoded. A delta tensor
 the reference's, so nothing is ever allocated from a size that was not checked against bytes
 already received or against the receiver's own tensors.
 
+With ``deflate`` last in the chain the whole buffer is zlib-compressed; the receiver inflates
+at most the size the manifest describes and rejects anything longer or shorter.
+
 Error feedback (top-k chains): what the chain did not send of a delta tensor is returned as its
 *residual*, and the next ``pack`` adds the residual to that tensor's update before selecting.
 """
@@ -60,6 +63,7 @@ def pack(tensors: Tensors, chain: Chain | None = None, *, reference: Tensors | N
     reference, residuals = reference or {}, residuals or {}
     if chain.needs_reference and not reference and tensors:
         raise ValueError(f"filters {chain.specs} act on updates: pack needs a reference")
+    whole, chain = chain, chain.per_tensor()
     entries: list[list[Any]] = []
     chunks: list[bytes] = []
     kept: Tensors = {}
@@ -81,9 +85,10 @@ def pack(tensors: Tensors, chain: Chain | None = None, *, reference: Tensors | N
             kept[key] = values - torch.from_numpy(sent).reshape(values.shape)
         chunks += [p.tobytes() for p in encoded.parts]
         entries.append(entry)
-    doc = {"v": VERSION, "chain": chain.specs, "t": entries}
+    doc = {"v": VERSION, "chain": whole.specs, "t": entries}
     manifest = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)
-    return Packed(b"".join(chunks), manifest, kept)
+    buffer = b"".join(chunks)
+    return Packed(zlib.compress(buffer, 9) if whole.deflate else buffer, manifest, kept)
 
 
 def _plan(key: str, value: torch.Tensor, chain: Chain, reference: Tensors,
@@ -125,10 +130,12 @@ def unpack(buffer: bytes, manifest: bytes, *, reference: Tensors | None = None) 
     """The tensors a packed payload holds, in their original dtypes and shapes. Raises
     :class:`PackError` on anything inconsistent, before allocating by a declared size."""
     chain, entries = read_manifest(manifest)
-    items = [_item(entry, chain, reference or {}) for entry in entries]
+    items = [_item(entry, chain.per_tensor(), reference or {}) for entry in entries]
     if len({item.key for item in items}) != len(items):
         raise PackError("packed payload: a tensor key appears twice")
     total = sum(nbytes(item.parts) for item in items)
+    if chain.deflate:
+        buffer = _inflate(buffer, total)
     if total != len(buffer):
         raise PackError(f"packed payload: the manifest describes {total} bytes, the buffer has "
                         f"{len(buffer)}")
@@ -141,6 +148,21 @@ def unpack(buffer: bytes, manifest: bytes, *, reference: Tensors | None = None) 
                          else np.zeros(0, dtype))
             offset += dtype.itemsize * count
         out[item.key] = _decode_item(item, parts, reference or {})
+    return out
+
+
+def _inflate(blob: bytes, expected: int) -> bytes:
+    """Inflate a deflated buffer, never past one byte more than the manifest describes."""
+    inflate = zlib.decompressobj()
+    try:
+        out = inflate.decompress(blob, expected + 1)
+    except zlib.error as exc:
+        raise PackError(f"packed payload: the deflated buffer is unreadable ({exc})") from None
+    if len(out) > expected or inflate.unconsumed_tail:
+        raise PackError(f"packed payload: the deflated buffer holds more than the {expected} "
+                        "bytes the manifest describes")
+    if not inflate.eof or inflate.unused_data:
+        raise PackError("packed payload: the deflated buffer is truncated or has trailing bytes")
     return out
 
 
