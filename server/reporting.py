@@ -114,18 +114,50 @@ def summarize(rows: list[dict], **fields: Any) -> dict:
     }
 
 
-def plot_report(rows: list[dict], path: Path, title: str = "") -> None:
-    """Accuracy per round and cumulative bytes per round, side by side."""
+def plot_report(rows: list[dict], path: Path, title: str = "") -> list[str]:
+    """Accuracy (where the task has labels), held-out loss and perplexity (causal LMs), and
+    cumulative bytes, per round, side by side; returns the panels drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scored = [r for r in rows if r.get("accuracy") is not None]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot([r["round"] for r in scored], [r["accuracy"] for r in scored], marker="o")
-    ax1.set(xlabel="round", ylabel="test accuracy", title="Global adapter accuracy")
-    ax1.grid(alpha=0.3)
+    losses = [r for r in rows if r.get("loss") is not None]
+    panels = ["accuracy"] * bool(scored or not losses) + ["loss"] * bool(losses) + ["bytes"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, panel in zip(axes, panels, strict=True):
+        if panel == "accuracy":
+            ax.plot([r["round"] for r in scored], [r["accuracy"] for r in scored], marker="o")
+            ax.set(xlabel="round", ylabel="test accuracy", title="Global adapter accuracy")
+        elif panel == "loss":
+            _plot_loss(ax, losses)
+        else:
+            _plot_bytes(ax, rows)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return panels
+
+
+def _plot_loss(ax: Any, rows: list[dict]) -> None:
+    """Held-out loss, and perplexity on a second axis where the task reports it."""
+    rounds = [r["round"] for r in rows]
+    ax.plot(rounds, [r["loss"] for r in rows], marker="o", color="tab:red", label="loss")
+    ax.set(xlabel="round", ylabel="held-out loss", title="Held-out loss")
+    ppl = [r.get("perplexity") for r in rows]
+    if all(p is not None for p in ppl):
+        twin = ax.twinx()
+        twin.plot(rounds, ppl, marker=".", color="tab:purple", label="perplexity")
+        twin.set(ylabel="perplexity")
+        ax.set_title("Held-out loss and perplexity")
+        ax.legend(handles=[*ax.get_lines(), *twin.get_lines()])
+
+
+def _plot_bytes(ax: Any, rows: list[dict]) -> None:
     rounds = [r["round"] for r in rows]
     up = down = 0.0
     cum_up, cum_down = [], []
@@ -134,13 +166,7 @@ def plot_report(rows: list[dict], path: Path, title: str = "") -> None:
         down += r.get("bytes_down", 0) / 1e6
         cum_up.append(up)
         cum_down.append(down)
-    ax2.plot(rounds, cum_up, label="uplink", marker=".")
-    ax2.plot(rounds, cum_down, label="downlink", marker=".")
-    ax2.set(xlabel="round", ylabel="cumulative MB", title="Bytes on the wire")
-    ax2.legend()
-    ax2.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    ax.plot(rounds, cum_up, label="uplink", marker=".")
+    ax.plot(rounds, cum_down, label="downlink", marker=".")
+    ax.set(xlabel="round", ylabel="cumulative MB", title="Bytes on the wire")
+    ax.legend()

@@ -210,3 +210,15 @@ def test_chatterbot_by_topic() -> None:
         for i in part:
             assert owner.setdefault(train.groups[i], client) == client  # topics stay whole
     assert set(owner) == topics
+
+
+def test_report_panels_follow_the_task(tmp_path: Path) -> None:
+    from fedpeft.server.reporting import plot_report
+
+    chat = [{"round": r, "accuracy": None, "loss": 3.0 - r, "perplexity": 20.0 / (r + 1),
+             "bytes_up": 10, "bytes_down": 20} for r in range(3)]
+    assert plot_report(chat, tmp_path / "chat.png") == ["loss", "bytes"]
+    labels = [{**row, "accuracy": 0.5 + 0.1 * row["round"]} for row in chat]
+    assert plot_report(labels, tmp_path / "labels.png") == ["accuracy", "loss", "bytes"]
+    assert plot_report([{"round": 0}], tmp_path / "bare.png") == ["accuracy", "bytes"]
+    assert all((tmp_path / f).stat().st_size > 10_000 for f in ("chat.png", "labels.png"))
