@@ -46,6 +46,9 @@ def test_round_trip_through_toml(tmp_path: Path) -> None:
         ("train.lr=-1", "train.lr = -1.0 is out of range"),
         ('train.device="tpu"', "train.device = 'tpu': expected 'cpu', 'cuda' or 'cuda:N'"),
         ("data.dirichlet_alpha=0", "data.dirichlet_alpha = 0.0 is out of range: float > 0"),
+        ("simulation.gpus_per_client=0.25", "gpus_per_client = 0.25 needs train.device = 'cuda'"),
+        ("simulation.gpus_per_client=nan", "gpus_per_client = nan is not a finite number"),
+        ("simulation.gpus_per_client=1.5", "gpus_per_client = 1.5 is out of range"),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(override: str, message: str) -> None:
@@ -83,3 +86,20 @@ def test_method_help_lists_every_method_with_real_defaults() -> None:
         assert f"\n{name}: " in f"\n{text}"
     assert "MISSING" not in text
     assert "method.modules = ['query', 'key', 'value', 'dense']" in text
+
+
+def test_gpu_share_reaches_flower_and_needs_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU share goes into Flower's federation config; without CUDA the device check of
+    the preflight stops the run before any process starts."""
+    import torch
+
+    from fedpeft.run.launcher import federation_config
+    from fedpeft.run.session import check_model_and_device
+
+    cfg = load_config(None, ['train.device="cuda"', "simulation.gpus_per_client=0.25"])
+    assert federation_config(100, 1, cfg.simulation.gpus_per_client) == (
+        "num-supernodes=100 client-resources-num-cpus=1 client-resources-num-gpus=0.25")
+    assert "gpus" not in federation_config(100, 1, 0.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"train\.device = 'cuda'.*CUDA is not available"):
+        check_model_and_device(cfg)

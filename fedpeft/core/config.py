@@ -152,7 +152,8 @@ class TrainConfig:
     head_lr: float = option(0.0, "learning rate of the task head (adapter tensors that are not "
                             "LoRA factors, e.g. the classifier); 0 = the client learning rate",
                             min=0)
-    device: str = option("cpu", "cpu, cuda or cuda:N")
+    device: str = option("cpu", "cpu, cuda or cuda:N (CUDA: training under bf16 autocast where "
+                         "the GPU has it; evaluation in float32)")
 
 
 @dataclass
@@ -167,6 +168,10 @@ class EvalConfig:
 @dataclass
 class SimulationConfig:
     cpus_per_client: int = option(1, "CPU cores per virtual client (actors = cores / this)", min=1)
+    gpus_per_client: float = option(0.0, "GPU share per virtual client, fractional (0.25: four "
+                                    "actors share one GPU, each holding one frozen base and "
+                                    "swapping adapters); needs train.device = 'cuda' (0 = none)",
+                                    min=0, max=1)
     threads_per_client: int = option(0, "torch threads per actor (0 = cpus_per_client)", min=0)
     reuse_workspace: bool = option(True, "keep the base model and the tokenised partitions in "
                                    "each actor across virtual clients (false: build them for "
@@ -469,6 +474,10 @@ def validate(cfg: FedConfig) -> None:
     dev = cfg.train.device
     if dev != "cpu" and dev != "cuda" and not (dev.startswith("cuda:") and dev[5:].isdigit()):
         raise ConfigError(f"train.device = {dev!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    gpus = cfg.simulation.gpus_per_client
+    if gpus and dev != "cuda":
+        raise ConfigError(f"simulation.gpus_per_client = {gpus} needs train.device = 'cuda' (not "
+                          f"{dev!r}): Ray gives each actor its GPU share as device 'cuda'")
     if cfg.train.accumulate > cfg.train.batch_size:
         raise ConfigError(f"train.accumulate = {cfg.train.accumulate} exceeds train.batch_size = "
                           f"{cfg.train.batch_size}: it splits one batch into that many pieces")

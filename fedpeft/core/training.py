@@ -4,6 +4,7 @@ optimizer steps on ``model(**batch).loss``, only the real work timed. Evaluation
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -91,7 +92,8 @@ def train_steps(
         for i, chunk in enumerate(chunks):
             batch = {k: v.to(device) for k, v in data.batch(chunk).items()}
             start = time.perf_counter()
-            loss = model(**batch).loss * (len(chunk) / len(indices))
+            with mixed_precision(device):
+                loss = model(**batch).loss * (len(chunk) / len(indices))
             if extra_loss is not None and i == len(chunks) - 1:
                 loss = loss + extra_loss()
             loss.backward()
@@ -103,6 +105,17 @@ def train_steps(
         losses.append(step_loss)
         examples += len(indices)
     return TrainResult(float(np.mean(losses)), len(losses), examples, busy)
+
+
+def mixed_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a CUDA device that has it: the frozen base's matmuls run in bf16 while
+    the LoRA weights, their gradients and the optimizer state stay float32. Nothing on CPU,
+    where bf16 matmuls are slower than float32 on most hosts. Training only: evaluation stays
+    float32 so a reloaded export scores exactly what the server reported; DP-SGD keeps Opacus'
+    per-example gradients in float32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def resolve_device(name: str) -> torch.device:

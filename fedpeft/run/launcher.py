@@ -328,10 +328,18 @@ def pump(source: Iterable[str], sink: queue.Queue[str | None]) -> None:
     sink.put(None)
 
 
+def federation_config(supernodes: int, cpus_per_client: int, gpus_per_client: float) -> str:
+    """``flwr run --federation-config``: the virtual nodes and each actor's resources."""
+    text = f"num-supernodes={int(supernodes)} client-resources-num-cpus={int(cpus_per_client)}"
+    if gpus_per_client:
+        text += f" client-resources-num-gpus={float(gpus_per_client)}"
+    return text
+
+
 def run_simulation_app(app_dir: Path, run_config: Mapping[str, RunValue], num_supernodes: int,
                        num_cpus_per_client: int = 1, log_dir: Path | None = None,
                        stream: Callable[[str], None] | None = None,
-                       timeout_s: float | None = None) -> int:
+                       timeout_s: float | None = None, num_gpus_per_client: float = 0.0) -> int:
     """Run the Flower app in ``app_dir`` in the simulation runtime and return its exit status.
 
     0 when the run finished ``completed``; :data:`EXIT_FAILED` when it did not (e.g. the
@@ -363,8 +371,8 @@ def run_simulation_app(app_dir: Path, run_config: Mapping[str, RunValue], num_su
             port = _start_superlink(home, env, logs / "superlink.log", trackers, watchdog)
             _LOG.info("SuperLink on 127.0.0.1:%d ready after %.1f s", port, time.monotonic() - t0)
             cmd = ["flwr", "run", str(Path(app_dir).resolve()), CONNECTION, "--stream",
-                   "--federation-config", f"num-supernodes={int(num_supernodes)} "
-                   f"client-resources-num-cpus={int(num_cpus_per_client)}"]
+                   "--federation-config", federation_config(num_supernodes, num_cpus_per_client,
+                                                            num_gpus_per_client)]
             if run_config:  # via a TOML file: no quoting problems with spaces or quotes in paths
                 (home / "run_config.toml").write_text(tomli_w.dumps(dict(run_config)))
                 cmd += ["--run-config", str(home / "run_config.toml")]
