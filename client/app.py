@@ -16,10 +16,11 @@ from pathlib import Path
 
 from fedpeft.strategies import RANK_KEY, ClientState, Method, build_method
 from fedpeft.strategies.base import check_privacy
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.core.config import ConfigError, FedConfig, from_dict, validate_privacy
+from fedpeft.core.keys import BASE_FINGERPRINT, REPLY_INFO
 from fedpeft.core.ledger import (
     PrivacyLedger,
     check_device_delta,
@@ -93,14 +94,22 @@ def train(msg: Message, context: Context) -> Message:
     if result.metrics.get(BUDGET_SPENT):  # no training, nothing to upload: say so, no tensors
         save_client_state(context.state, state)
         metrics = MetricRecord({**metrics, "num-examples": 0})
-        return Message(content=RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
+        return Message(content=RecordDict({METRICS_RECORD: metrics,
+                                           REPLY_INFO: reply_info(result)}), reply_to=msg)
     # [compression] up: the update against the downlink as received, through the filters; top-k
     # error feedback lives in the client state, so it is saved after packing
     content = payload_to_records(result.payload, filters=cfg.compression.up,
                                  reference=downlink.tensors, state=state)
     save_client_state(context.state, state)
     content[METRICS_RECORD] = MetricRecord({**metrics, "num-examples": num_examples})
+    content[REPLY_INFO] = reply_info(result)
     return Message(content=content, reply_to=msg)
+
+
+def reply_info(result: ClientResult) -> ConfigRecord:
+    """The reply's strings: the frozen base's fingerprint, which the server compares with its
+    own (every reply carries it: 16 hex digits, hashed once per process)."""
+    return ConfigRecord({BASE_FINGERPRINT: result.fingerprint})
 
 
 def reply_metrics(cfg: FedConfig, result: ClientResult, own_data: bool,

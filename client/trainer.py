@@ -30,6 +30,7 @@ class ClientResult:
     payload: Payload
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    fingerprint: str = ""  # the frozen base's digest (fedpeft.core.fingerprint), for the reply
 
 
 @contextlib.contextmanager
@@ -80,7 +81,8 @@ def client_round(
         if dp_result is None:  # this client's privacy budget is spent: no training, no upload
             return ClientResult(Payload(), 0, {**dp_metrics, "train_s": 0.0, "rank": float(rank),
                                                "client_s": time.perf_counter() - start,
-                                               "partition_id": float(partition_id)})
+                                               "partition_id": float(partition_id)},
+                                workspace.base_fingerprint())
         result = dp_result
     else:
         # adapter tensors + base weights a method unfroze (the head at train.head_lr if set)
@@ -105,4 +107,4 @@ def client_round(
         **dp_metrics,
         **method.client_metrics(client_state),
     }
-    return ClientResult(uplink, len(data), metrics)
+    return ClientResult(uplink, len(data), metrics, workspace.base_fingerprint())

@@ -15,14 +15,29 @@ from logging import ERROR, INFO
 from pathlib import Path
 
 from fedpeft.strategies import ClientProfile
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.core.config import ConfigError, FedConfig, from_dict, load_config
-from fedpeft.core.keys import PARTITION, RANK, ROUND, SIMULATION_KEY
+from fedpeft.core.keys import (
+    BASE_FINGERPRINT,
+    PARTITION,
+    RANK,
+    REPLY_INFO,
+    ROUND,
+    SIMULATION_KEY,
+)
 from fedpeft.core.runfiles import ERROR_FILE
 from fedpeft.core.wire import (
     CONFIG_RECORD,
@@ -110,13 +125,26 @@ def _decode(loop: RoundLoop, profile: ClientProfile, message: Message) -> Reply:
     rejected)."""
     content = message.content
     metrics = content.get(METRICS_RECORD) if METRICS_RECORD in content else None
+    fingerprint = reply_fingerprint(content)
     try:
         payload = (records_to_payload(content, reference=loop.received(profile).tensors)
                    if has_tensors(content) else None)
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:
-        return Reply(profile, metrics=dict(metrics or {}), problem=f"undecodable payload: {exc}")
+        return Reply(profile, metrics=dict(metrics or {}), problem=f"undecodable payload: {exc}",
+                     fingerprint=fingerprint)
     return Reply(profile, metrics=dict(metrics) if metrics is not None else None,
-                 payload=payload)
+                 payload=payload, fingerprint=fingerprint)
+
+
+def reply_fingerprint(content: RecordDict) -> object:
+    """The base-model fingerprint a reply carries, unchecked (None: the reply has none; the
+    round loop rejects anything but the server's own)."""
+    if REPLY_INFO not in content:
+        return None
+    record = content[REPLY_INFO]
+    if not isinstance(record, ConfigRecord):
+        return record  # malformed: not a string, so the loop rejects it
+    return record.get(BASE_FINGERPRINT)
 
 
 class FlowerTransport:

@@ -53,7 +53,13 @@ from .reporting import (
     summarize,
     write_json_atomic,
 )
-from .validation import all_finite, check_examples, check_metrics, check_upload
+from .validation import (
+    all_finite,
+    check_examples,
+    check_fingerprint,
+    check_metrics,
+    check_upload,
+)
 
 # Per-round counts that add up over the attempts of a retried round (so clients_sampled = ok +
 # failed + rejected + timed_out + resized + budget_spent); other stats: the last attempt's.
@@ -73,6 +79,7 @@ class Reply:
     error: str | None = None  # the client failed or vanished
     vanished: bool = False
     problem: str | None = None  # the reply could not be decoded
+    fingerprint: object = None  # the client's base-model fingerprint as received; None: none
 
 
 class RoundLoop:
@@ -80,7 +87,8 @@ class RoundLoop:
     that outlives a round (ranks clients reported, the largest DP epsilon seen)."""
 
     def __init__(self, cfg: FedConfig, method: Method, state: Payload,
-                 example_cap: Callable[[int], int | None] | None = None) -> None:
+                 example_cap: Callable[[int], int | None] | None = None,
+                 fingerprint: str | None = None) -> None:
         self.cfg, self.method = cfg, method
         # What each profile is sent (and decodes) from the current state: the Flower message,
         # its decode reference and its validation all need it, and a downlink can cost an SVD
@@ -92,6 +100,10 @@ class RoundLoop:
         self.ranks: dict[int, int] = {}  # node -> the LoRA rank it reported (node config, pruning)
         self.epsilon = 0.0  # the largest DP-SGD epsilon any client reported so far
         self.example_cap = example_cap  # partition id -> its known size (simulation), or None
+        # the server's own base-model fingerprint: a reply with another one is rejected (None:
+        # no check); nodes that sent none were warned about once
+        self.fingerprint = fingerprint
+        self.unfingerprinted: set[int] = set()
 
     # ---- downlink -----------------------------------------------------------------------
     def sample(self, rnd: int, attempt: int, nodes: list[int]) -> list[ClientProfile]:
@@ -188,7 +200,8 @@ class RoundLoop:
                 self.epsilon = max(self.epsilon, metrics[EPSILON])
             if metrics.get(BUDGET_SPENT):
                 return "clients_budget_spent"
-            problem = reply.problem or self._check(profile, reply.payload, metrics)
+            problem = (self._base_problem(rnd, reply) or reply.problem
+                       or self._check(profile, reply.payload, metrics))
         if problem is not None:
             log(WARNING, "round %d: rejected client %d: %s", rnd, profile.partition_id, problem)
             return "clients_rejected"
@@ -206,6 +219,19 @@ class RoundLoop:
                                self.cfg.federation.max_update_norm, sent)
         return (problem or self.method.check_upload(self.state, profile, payload)
                 or check_examples(metrics))
+
+    def _base_problem(self, rnd: int, reply: Reply) -> str | None:
+        """Why the reply's base-model fingerprint refuses it, or None. A reply without one (a
+        client older than the check) is accepted, with one warning per client."""
+        if self.fingerprint is None:
+            return None
+        node = reply.profile.node_id
+        if reply.fingerprint is None and node not in self.unfingerprinted:
+            self.unfingerprinted.add(node)
+            log(WARNING, "round %d: client %d sent no base model fingerprint (a fedpeft client "
+                "older than the check): accepted, its frozen base cannot be compared with the "
+                "server's %s", rnd, reply.profile.partition_id, self.fingerprint)
+        return check_fingerprint(reply.fingerprint, self.fingerprint, self.cfg.model.name)
 
     def _weight(self, profile: ClientProfile, metrics: dict[str, float]) -> int:
         """The reply's aggregation weight: 1 under uniform weighting, else its example count
@@ -280,7 +306,11 @@ def new_loop(cfg: FedConfig, workspace: Workspace, simulation: bool) -> RoundLoo
     if simulation:
         sizes = [len(part) for part in partition_indices(cfg.data, cfg.federation.clients)]
         cap = sizes.__getitem__
-    return RoundLoop(cfg, method, method.init(pristine.state()), example_cap=cap)
+    fingerprint = workspace.base_fingerprint()
+    log(INFO, "base model %s: fingerprint %s (every client's must match)", cfg.model.name,
+        fingerprint)
+    return RoundLoop(cfg, method, method.init(pristine.state()), example_cap=cap,
+                     fingerprint=fingerprint)
 
 
 def _sum(uploads: list[Upload], key: str) -> float:
@@ -405,7 +435,8 @@ def finish_run(loop: RoundLoop, workspace: Workspace, out: Path, rows: list[dict
                         adapter_floats=template.num_floats(),
                         clients_timed_out=sum(r.get("clients_timed_out", 0) for r in rows),
                         rounds_not_aggregated=sum(1 for r in rows if r.get("aggregated") == 0),
-                        resumed_after=resumed_after, **export)
+                        resumed_after=resumed_after, base_fingerprint=loop.fingerprint,
+                        **export)
     write_json_atomic(out / SUMMARY_FILE, summary)
     plot_report(rows, out / "report.png", f"{method.name} on {cfg.model.name}")
     log(INFO, "results\n%s", results_table(rows))

@@ -81,5 +81,25 @@ def check_examples(metrics: Mapping[str, object] | None) -> str | None:
     return None
 
 
+MAX_FINGERPRINT = 64  # characters of a client's base fingerprint (ours: 16 hex digits)
+
+
+def check_fingerprint(sent: object, own: str, model: str) -> str | None:
+    """The reason a reply's base-model fingerprint (``fedpeft.core.fingerprint``) refuses it,
+    or None when it equals the server's ``own``. ``sent`` is whatever the reply carried; None
+    (no fingerprint: a client older than the check) is the caller's to allow."""
+    if sent is None:
+        return None
+    if (not isinstance(sent, str) or not 0 < len(sent) <= MAX_FINGERPRINT
+            or not all(c in "0123456789abcdef" for c in sent)):
+        return (f"malformed base model fingerprint {str(sent)[:MAX_FINGERPRINT]!r} "
+                f"({type(sent).__name__}; expected up to {MAX_FINGERPRINT} hex digits)")
+    if sent != own:
+        return (f"base model fingerprint {sent} differs from the server's {own} "
+                f"(model.name = {model!r}): every party must hold the same frozen base "
+                "(the same weight files, the same model.dtype)")
+    return None
+
+
 def all_finite(tensors: Tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())

@@ -52,7 +52,7 @@ class InProcessTransport:
                 upload, bytes_up = transmit(res.payload, filters=comp.up,
                                             reference=down.tensors, state=state)
             replies.append(Reply(profile, {**res.metrics, NUM_EXAMPLES: res.num_examples},
-                                 upload))
+                                 upload, fingerprint=res.fingerprint))
             clients.append({"partition": profile.partition_id, "rank": profile.rank,
                             "bytes_down": bytes_down, "bytes_up": bytes_up})
         stats = loop.collect(rnd, replies)

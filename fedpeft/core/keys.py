@@ -20,3 +20,7 @@ EPSILON = "epsilon"  # the client's DP-SGD epsilon so far
 NEXT_RANK = "next_rank"  # the LoRA rank the client holds from now on
 RANK_MISMATCH = "rank_mismatch"  # 1: the client holds another rank than it was sent
 BUDGET_SPENT = "budget_spent"  # 1: the client refused to train (its privacy budget is spent)
+
+# Reply strings: a ConfigRecord named REPLY_INFO (a MetricRecord holds numbers only)
+REPLY_INFO = "fedpeft.info"
+BASE_FINGERPRINT = "base_fingerprint"  # the client's frozen-base digest (core/fingerprint.py)

@@ -18,6 +18,7 @@ import torch
 from fedpeft.core.adapters import AdapterModel, build_adapter_model
 from fedpeft.core.config import DataConfig, FedConfig, ModelConfig
 from fedpeft.core.data import TextData, load_partition, load_task_data, load_user_file
+from fedpeft.core.fingerprint import base_fingerprint
 from fedpeft.core.models import load_tokenizer
 from fedpeft.core.tasks import Batchable, Task, task_class
 
@@ -51,6 +52,13 @@ class Workspace:
         if rank not in self._models:
             self._models[rank] = build_adapter_model(self.model_cfg, self.num_labels, rank)
         return self._models[rank]
+
+    def base_fingerprint(self) -> str:
+        """The digest of this process's frozen base (``fedpeft.core.fingerprint``): hashed once
+        per process and model section, not per workspace (a fresh workspace per client round,
+        ``simulation.reuse_workspace = false``, does not hash the base again)."""
+        adapter = next(iter(self._models.values()), None) or self.adapter_model(self.model_cfg.rank)
+        return base_fingerprint(self.model_cfg, self.num_labels, adapter.params)
 
     def partition(self, partition_id: int, num_clients: int) -> Batchable:
         key = (partition_id, num_clients)
