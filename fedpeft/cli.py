@@ -3,6 +3,7 @@
     fedpeft simulate [CONFIG] [--method M] [--clients N] [--rounds R] [--out DIR] [--set k=v ...]
     fedpeft simulate --resume DIR     continue a run that stopped (after its last finished round)
     fedpeft evaluate DIR/adapter
+    fedpeft export DIR --merged OUT   the global model merged into its base: a plain HF folder
     fedpeft sweep SWEEP.toml [--out DIR] [--dry-run]   a grid of simulations x seeds, resumable
     fedpeft config            every config key with its default and allowed values
     fedpeft methods           the registered methods and their options
@@ -106,6 +107,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedpeft.run.export import export_merged
+
+    result = export_merged(Path(args.run), Path(args.merged))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(config_help())
     return 0
@@ -139,6 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("adapter", help="adapter folder (peft format), e.g. runs/latest/adapter")
     ev.add_argument("--config", help="the run's config (default: ADAPTER/../config.toml)")
     ev.set_defaults(func=cmd_evaluate)
+
+    exp = sub.add_parser(
+        "export", help="a finished run's global model merged into its base, as a plain "
+        "Hugging Face folder",
+        description="Merge the run's global model into its frozen base and write config.json, "
+                    "safetensors weights (in model.dtype) and the tokenizer: "
+                    "transformers' AutoModelForCausalLM / AutoModelForSequenceClassification "
+                    "load it without fedpeft or peft. An exact adapter/ is merged with peft's "
+                    "merge_and_unload; where adapter/ cannot hold the global model "
+                    "(adapter_exact = false in summary.json) the run's checkpoint/ is used.")
+    exp.add_argument("run", help="a finished run's folder (config.toml, adapter/, summary.json)")
+    exp.add_argument("--merged", required=True, metavar="OUT_DIR",
+                     help="output folder (new or empty)")
+    exp.set_defaults(func=cmd_export)
 
     sub.add_parser("config", help="list every config key").set_defaults(func=cmd_config)
     sub.add_parser("methods", help="list the methods").set_defaults(func=cmd_methods)
