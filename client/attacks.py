@@ -21,7 +21,6 @@ single-process loop calls :func:`attack_upload` on the same tensors.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 
@@ -32,7 +31,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedpeft.core.config import FedConfig, from_dict
 from fedpeft.core.payload import Tensors
-from fedpeft.core.training import Encoded
+from fedpeft.core.tasks import Batchable, Task
 from fedpeft.core.wire import (
     SCALARS,
     has_tensors,
@@ -59,12 +58,14 @@ def attack_for(cfg: FedConfig, partition_id: int) -> str | None:
     return cfg.attacks.kind if partition_id in attackers(cfg) else None
 
 
-def attacked_data(cfg: FedConfig, data: Encoded, partition_id: int, num_labels: int) -> Encoded:
+def attacked_data(cfg: FedConfig, data: Batchable, partition_id: int, task: Task) -> Batchable:
     """The examples a client trains on: a label-flip attacker's with every label c replaced by
-    ``num_labels - 1 - c``; everyone else's as they are."""
+    ``num_labels - 1 - c`` (the task re-encodes them: a causal LM's answer becomes the other
+    class's verbaliser); everyone else's as they are."""
     if cfg.attacks.kind != "label-flip" or attack_for(cfg, partition_id) is None:
         return data
-    return dataclasses.replace(data, labels=num_labels - 1 - np.asarray(data.labels))
+    num_labels = len(task.label_names)
+    return task.relabel(data, num_labels - 1 - np.asarray(data.labels))  # type: ignore[attr-defined]
 
 
 def attack_upload(cfg: FedConfig, partition_id: int, server_round: int, upload: Tensors,

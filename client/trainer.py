@@ -66,7 +66,7 @@ def client_round(
     start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     data = workspace.partition(partition_id, cfg.federation.clients)
-    data = attacked_data(cfg, data, partition_id, workspace.num_labels)  # [attacks] label-flip
+    data = attacked_data(cfg, data, partition_id, workspace.task)  # [attacks] label-flip
     adapter = workspace.adapter_model(rank)
     adapter.model.to(device)
     adapter.reset_base()  # a shared model object: undo any base merge of another client/method

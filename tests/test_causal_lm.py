@@ -155,6 +155,35 @@ def test_label_task_prompt_and_verbalizers(folders: dict[str, Path]) -> None:
     assert [tok.decode(v) for v in enc.verbalizers] == [" negative", " positive"]
 
 
+def test_label_flip_answers_with_the_other_verbalizer(folders: dict[str, Path],
+                                                      files: dict[str, Path]) -> None:
+    """The label-flip attack on a causal LM: each example is re-encoded exactly as if its label
+    had been the flipped one (prompt masked, the other class's verbaliser trained); chats have
+    no classes and the preflight refuses the attack on them."""
+    from fedpeft.run.session import check_model_and_device
+
+    task = make_task(folders["llama"], DataConfig(dataset="rotten-tomatoes"), ("rotten", "fresh"))
+    texts = ("a fine film", "a dull and very long film " * 3)
+    data = TextData(texts, np.array([1, 0]), ("rotten", "fresh"))
+    flipped = task.relabel(task.encode(data), np.array([0, 1]))
+    expected = task.encode(TextData(texts, np.array([0, 1]), ("rotten", "fresh")))
+    assert flipped.ids == expected.ids and flipped.targets == expected.targets
+    assert list(flipped.labels) == [0, 1]
+    short = make_task(folders["llama"], DataConfig(dataset="rotten-tomatoes"),
+                      ("rotten", "fresh"), max_length=12)  # truncated prompts stay truncated
+    enc = short.encode(data)
+    assert short.relabel(enc, np.array([0, 1])).targets == short.encode(
+        TextData(texts, np.array([0, 1]), ("rotten", "fresh"))).targets
+    chats = make_task(folders["llama"]).encode(chat_data(
+        [[("user", "hi"), ("assistant", "hello")]]))
+    with pytest.raises(ValueError, match="no classes to relabel"):
+        make_task(folders["llama"]).relabel(chats, np.array([0]))
+    cfg = load_config(None, tiny_run(folders["llama"], files["chats"],
+                                     'attacks.kind="label-flip"', "attacks.fraction=0.5"))
+    with pytest.raises(ConfigError, match="label-flip' needs labelled data"):
+        check_model_and_device(cfg)
+
+
 def test_colliding_verbalizers_are_refused(folders: dict[str, Path]) -> None:
     data = DataConfig(dataset="file", path="x", verbalizers=[" good film", " good movie"])
     with pytest.raises(ConfigError, match="start with the same token"):

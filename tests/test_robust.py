@@ -21,7 +21,7 @@ from fedpeft.strategies.aggregators import (
     update_norms,
 )
 
-from fedpeft.core.config import ConfigError, load_config
+from fedpeft.core.config import ConfigError, DataConfig, ModelConfig, load_config
 from fedpeft.core.training import Encoded
 
 KEYS = {"l.lora_A.weight": (4, 16), "l.lora_B.weight": (16, 4), "head.weight": (2, 16)}
@@ -283,8 +283,11 @@ def test_label_flip_attackers_train_on_flipped_labels() -> None:
     cfg = _attack_cfg("label-flip")
     data = Encoded(ids=((1, 2), (3,), (4, 5), (6,)), labels=np.array([0, 1, 2, 0]), pad_id=0)
     bad, good = min(attackers(cfg)), min(set(range(10)) - attackers(cfg))
-    assert attacked_data(cfg, data, bad, 3).labels.tolist() == [2, 1, 0, 2]
-    assert attacked_data(cfg, data, good, 3) is data
+    from fedpeft.core.tasks import Classification
+
+    task = Classification(ModelConfig(), DataConfig(), None, ("a", "b", "c"))
+    assert attacked_data(cfg, data, bad, task).labels.tolist() == [2, 1, 0, 2]
+    assert attacked_data(cfg, data, good, task) is data
     sent, upload = _one_upload()
     assert attack_upload(cfg, bad, 1, upload, sent) is upload  # the upload itself is honest
     assert attack_for(cfg, bad) == "label-flip" and attack_for(cfg, good) is None

@@ -98,6 +98,9 @@ def check_model_and_device(cfg: FedConfig) -> None:
     except RuntimeError as exc:
         raise ConfigError(f"train.device = {cfg.train.device!r}: {exc}") from exc
     train, _ = load_task_data(cfg.data)
+    if cfg.attacks.kind == "label-flip" and not train.label_names:
+        raise ConfigError("attacks.kind = 'label-flip' needs labelled data: these are chat or "
+                          "instruction examples without classes")
     try:
         build_adapter_model(cfg.model, len(train.label_names))
     except ValueError as exc:  # peft: the target modules match no layer

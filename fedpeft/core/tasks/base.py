@@ -71,3 +71,9 @@ class Task(abc.ABC):
                 device: torch.device) -> list[tuple[str, str]]:
         """(prompt, greedy completion) for a few fixed held-out examples (none by default)."""
         return []
+
+    def relabel(self, data: Any, labels: np.ndarray) -> Batchable:
+        """Encoded examples with each one's class replaced by ``labels`` (what a label-flip
+        attacker trains on). A task whose examples have no classes refuses."""
+        raise ValueError(f"model.task = {self.name!r}: these examples have no classes to "
+                         "relabel")

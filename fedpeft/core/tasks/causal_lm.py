@@ -22,6 +22,7 @@ counted and logged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -237,6 +238,23 @@ class CausalLM(Task):
                         max_length)
         return LMEncoded(tuple(rows), tuple(targets), self.pad_id, data.labels, tuple(prompts),
                          self.verbalizers if data.chats is None else (), cut)
+
+    def relabel(self, data: LMEncoded, labels: np.ndarray) -> LMEncoded:
+        """A label task's examples answered with another class's verbaliser: each example's
+        (already truncated) prompt followed by the verbaliser of its new label, the loss on the
+        verbaliser. Chats have no classes: refused."""
+        if not data.verbalizers:
+            raise ValueError("model.task = 'causal-lm' on chat or instruction data: there are no "
+                             "classes to relabel (label-flip needs a label task)")
+        rows, targets = [], []
+        for prompt, label in zip(data.prompts, np.asarray(labels), strict=True):
+            answer = data.verbalizers[int(label)]
+            ids, tgt = truncate([*prompt, *answer], [IGNORE] * len(prompt) + list(answer),
+                                self.model_cfg.max_length)
+            rows.append(tuple(ids))
+            targets.append(tuple(tgt))
+        return dataclasses.replace(data, ids=tuple(rows), targets=tuple(targets),
+                                   labels=np.asarray(labels))
 
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()

@@ -3,6 +3,7 @@ predicts one of the task's classes from the whole text; loss and accuracy over t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +76,9 @@ class Classification(Task):
                 "model.task = 'classification' needs labelled data (a text and a label column); "
                 "instruction or chat data needs a causal LM (model.task = 'causal-lm')")
         return super().build_model(cfg, num_labels)
+
+    def relabel(self, data: Encoded, labels: np.ndarray) -> Encoded:
+        return dataclasses.replace(data, labels=np.asarray(labels))
 
     def encode(self, data: TextData) -> Encoded:
         if data.chats is not None:
