@@ -100,6 +100,7 @@ def client_round(
     metrics = {
         "train_loss": result.loss,
         "train_s": result.seconds,
+        "train_tokens": float(result.tokens),
         "client_s": time.perf_counter() - start,
         "partition_id": float(partition_id),
         "rank": float(rank),

@@ -29,6 +29,7 @@ from fedpeft.core.keys import (
     NUM_EXAMPLES,
     RANK_MISMATCH,
     TRAIN_S,
+    TRAIN_TOKENS,
 )
 from fedpeft.core.payload import Payload
 from fedpeft.core.runfiles import CONFIG_FILE, ERROR_FILE, METRICS_FILE, SUMMARY_FILE
@@ -65,7 +66,7 @@ from .validation import (
 # failed + rejected + timed_out + resized + budget_spent); other stats: the last attempt's.
 SUMMED = ("bytes_down", "bytes_up", "clients_sampled", "clients_ok", "clients_failed",
           "clients_rejected", "clients_timed_out", "clients_resized", "clients_budget_spent",
-          TRAIN_S)
+          TRAIN_S, TRAIN_TOKENS)
 
 
 @dataclass
@@ -172,6 +173,7 @@ class RoundLoop:
                 "aggregated", rnd, len(uploads), self.cfg.federation.min_replies)
         aggregated = enough and self._aggregate(rnd, uploads)
         stats: dict[str, Any] = {**counts, TRAIN_S: _sum(uploads, TRAIN_S),
+                                 TRAIN_TOKENS: _sum(uploads, TRAIN_TOKENS),
                                  **{k: _sum(uploads, k) for k in self.method.timings},
                                  "aggregated": int(aggregated)}
         if self.cfg.privacy.enabled or client_eps:

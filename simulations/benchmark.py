@@ -24,7 +24,8 @@ Measured per client count:
 
 Each client count is merged into ``--out``.json/.md as it finishes (re-run a size to replace
 it), so sizes can be run as separate invocations. ``--tag`` names the configuration measured
-(e.g. ``before``/``after``); ``--set k=v`` adds config overrides to both runs.
+(e.g. ``before``/``after``); ``--set k=v`` adds config overrides to both runs, ``--config`` a
+TOML both start from (the causal-LM path: ``--config simulations/configs/smollm2-rt.toml``).
 """
 
 from __future__ import annotations
@@ -256,14 +257,16 @@ def _launch(cmd: list[str], log: Path, watch: Path | None, timeout_s: float,
 
 
 def run_simulation(clients: int, rounds: int, extra: list[str], work: Path,
-                   timeout_s: float, profile_s: float = 0.0) -> dict[str, Any]:
+                   timeout_s: float, profile_s: float = 0.0,
+                   config: str | None = None) -> dict[str, Any]:
     """``fedpeft simulate`` with the benchmark's config; timings from metrics.jsonl rows and
     the moments they appeared. ``profile_s`` > 0: py-spy the server, one actor and the CLI for
     that long once round 1 has finished (see :func:`profile_steady`)."""
     out = work / f"sim-{clients}"
     metrics = out / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--out", str(out)]
+    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", *([config] if config else []),
+           "--out", str(out)]
     for item in overrides(clients, rounds, extra):
         cmd += ["--set", item]
     work.mkdir(parents=True, exist_ok=True)
@@ -285,6 +288,7 @@ def run_simulation(clients: int, rounds: int, extra: list[str], work: Path,
         "round_s": cycle,
         "server_round_s": server,
         "train_s": [rows[k]["train_s"] for k in range(1, len(rows))],
+        "train_tokens": [rows[k].get("train_tokens", 0) for k in range(1, len(rows))],
         "eval_s": [r.get("eval_s") for r in rows],
         "total_s": sampler.line_times[-1] - t0 if sampler.line_times else None,
         **sampler.memory(),
@@ -292,10 +296,11 @@ def run_simulation(clients: int, rounds: int, extra: list[str], work: Path,
 
 
 def run_plain_loop(clients: int, rounds: int, extra: list[str], work: Path,
-                   timeout_s: float) -> dict[str, Any]:
+                   timeout_s: float, config: str | None = None) -> dict[str, Any]:
     """``simulations/plain_loop.py`` with the same config: one process, all cores."""
     out = work / f"plain-{clients}"
-    cmd = [sys.executable, str(ROOT / "simulations" / "plain_loop.py"), "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "simulations" / "plain_loop.py"),
+           *([config] if config else []), "--out", str(out)]
     for item in overrides(clients, rounds, extra):
         cmd += ["--set", item]
     work.mkdir(parents=True, exist_ok=True)
@@ -316,11 +321,11 @@ def run_plain_loop(clients: int, rounds: int, extra: list[str], work: Path,
 
 
 def measure(clients: int, rounds: int, extra: list[str], work: Path,
-            timeout_s: float) -> dict[str, Any]:
+            timeout_s: float, config: str | None = None) -> dict[str, Any]:
     """Both runs for one client count and the derived figures (steady = rounds 2..)."""
-    sim = run_simulation(clients, rounds, extra, work, timeout_s)
-    plain = run_plain_loop(clients, rounds, extra, work, timeout_s)
-    return derive({"clients": clients, "rounds": rounds,
+    sim = run_simulation(clients, rounds, extra, work, timeout_s, config=config)
+    plain = run_plain_loop(clients, rounds, extra, work, timeout_s, config=config)
+    return derive({"clients": clients, "rounds": rounds, "config": config,
                    "overrides": overrides(clients, rounds, extra),
                    "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "simulation": sim, "plain": plain})
@@ -344,6 +349,8 @@ def derive(result: dict[str, Any]) -> dict[str, Any]:
     for suffix in ("", "_mean"):
         ours, plain_s = figures[f"steady_round_s{suffix}"], figures[f"plain_steady_round_s{suffix}"]
         figures[f"overhead_ratio{suffix}"] = ours / plain_s if ours and plain_s else None
+    tokens, seconds = sum(sim.get("train_tokens", [])[1:]), sum(sim["train_s"][1:])
+    figures["tokens_per_s"] = tokens / seconds if tokens and seconds else None
     return {**result, **figures}
 
 
@@ -409,6 +416,7 @@ COLUMNS = (
     ("plain_steady_train_s", "plain train_s", "{:.2f}"),
     ("overhead_ratio", "overhead ratio", "{:.2f}"),
     ("overhead_ratio_mean", "ratio of means", "{:.2f}"),
+    ("tokens_per_s", "tokens/s per client", "{:.0f}"),
     ("peak_rss_mib", "peak RSS MiB (tree)", "{:.0f}"),
     ("peak_pss_mib", "peak PSS MiB (tree)", "{:.0f}"),
 )
@@ -420,6 +428,8 @@ NOTES = (
     "evaluation (only at round 0 and the last round: "
     f"eval.every={NO_EVAL}) subtracted. train_s: forward/backward/optimizer summed over the "
     "round's clients (the simulation's actors run in parallel, so it can exceed the round). "
+    "Tokens/s per client: the steady rounds' training tokens (padding excluded) over their "
+    "train_s: one client's training throughput. "
     "Plain: simulations/plain_loop.py with the same config (same clients, data and seeds), one "
     "process, torch threads = cores, round time without evaluation. Overhead ratio = steady "
     "round / plain round. Memory: the whole process tree of `fedpeft simulate` (CLI, SuperLink, "
@@ -461,6 +471,8 @@ def merge(out: Path, tag: str, new: list[dict[str, Any]]) -> dict[str, dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="a fedpeft TOML for both runs (default: the default "
+                        "experiment), e.g. simulations/configs/smollm2-rt.toml")
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100, 200])
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run (>= 3: round 1 "
                         "is excluded from the steady state)")
@@ -490,7 +502,7 @@ def main() -> None:
         profile(args)
         return
     for clients in args.clients:
-        result = measure(clients, args.rounds, args.extra, args.work, args.timeout)
+        result = measure(clients, args.rounds, args.extra, args.work, args.timeout, args.config)
         merge(args.out, args.tag, [result])
         brief = {k: v for k, v in result.items() if k not in ("simulation", "plain")}
         print(json.dumps(brief), flush=True)
@@ -502,7 +514,7 @@ def profile(args: argparse.Namespace) -> None:
     parts = []
     for clients in args.clients:
         sim = run_simulation(clients, args.rounds, args.extra, args.work, args.timeout,
-                             profile_s=args.profile)
+                             profile_s=args.profile, config=args.config)
         folder = args.work / f"profile-{clients}"
         settings = overrides(clients, args.rounds, args.extra)
         rounds = [round(x, 2) for x in sim["round_s"]]

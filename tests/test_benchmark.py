@@ -92,3 +92,18 @@ def test_workspace_reuse_and_its_ablation() -> None:
     first, second = get_workspace(fresh), get_workspace(fresh)
     assert first is not second and first is not get_workspace(reuse)
     assert first.adapter_model(4) is not second.adapter_model(4)
+
+
+def test_derived_figures_include_tokens_per_second() -> None:
+    from simulations.benchmark import derive
+
+    sim = {"startup_s": 5.0, "round_s": [9.0, 4.0, 6.0], "server_round_s": [8.0, 3.0, 5.0],
+           "train_s": [7.0, 2.0, 3.0], "train_tokens": [999, 400, 600], "peak_rss_mib": 1.0,
+           "peak_pss_mib": 1.0}
+    plain = {"round_s": [8.0, 4.0, 4.0], "train_s": [6.0, 2.0, 2.0]}
+    figures = derive({"simulation": sim, "plain": plain})
+    assert figures["tokens_per_s"] == (400 + 600) / (2.0 + 3.0)  # round 1 left out
+    assert figures["overhead_ratio"] == 5.0 / 4.0
+    old = derive({"simulation": {k: v for k, v in sim.items() if k != "train_tokens"},
+                  "plain": plain})
+    assert old["tokens_per_s"] is None  # results from before the column

@@ -122,6 +122,24 @@ def test_hf_loss_is_the_mean_over_response_tokens(folders: dict[str, Path]) -> N
     assert ev.accuracy is None
 
 
+def test_training_counts_the_tokens_it_ran_on(folders: dict[str, Path]) -> None:
+    """``train_tokens`` (the benchmark's tokens per second): every sampled example's length,
+    padding excluded, summed over the micro-batches of every step."""
+    from fedpeft.core.training import make_optimizer, sample_batches, train_steps
+
+    task = make_task(folders["llama"])
+    chats = [[("user", "hi " * (k + 1)), ("assistant", "ok " * (2 * k + 1))] for k in range(6)]
+    enc = task.encode(chat_data([tuple(c) for c in chats]))
+    model = build_adapter_model(task.model_cfg, 0).model
+    params = [p for p in model.parameters() if p.requires_grad]
+    result = train_steps(model, enc, steps=3, batch_size=4, accumulate=2,
+                         optimizer=make_optimizer(params, "adamw", 1e-3, 0.0),
+                         rng=np.random.default_rng(0), device=torch.device("cpu"))
+    drawn = sample_batches(len(enc), 4, 3, np.random.default_rng(0))
+    assert result.tokens == sum(len(enc.ids[i]) for batch in drawn for i in batch)
+    assert len({len(r) for r in enc.ids}) > 1  # the batches held padding
+
+
 def test_truncation_rule_and_count(folders: dict[str, Path]) -> None:
     ids = list(range(100))
     targets = [IGNORE] * 90 + list(range(90, 100))  # 90 prompt tokens, 10 response tokens

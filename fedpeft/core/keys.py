@@ -15,6 +15,7 @@ RANK = "fedpeft.rank"
 # Reply metrics
 NUM_EXAMPLES = "num-examples"  # the aggregation weight a client claims (Flower's convention)
 TRAIN_S = "train_s"  # seconds of local training
+TRAIN_TOKENS = "train_tokens"  # tokens (attention-mask ones) the client's training steps ran on
 TRAIN_LOSS = "train_loss"
 EPSILON = "epsilon"  # the client's DP-SGD epsilon so far
 NEXT_RANK = "next_rank"  # the LoRA rank the client holds from now on

@@ -43,6 +43,7 @@ class TrainResult:
     steps: int
     examples: int
     seconds: float  # forward + backward + optimizer only
+    tokens: int = 0  # input tokens the steps ran on (padding excluded)
 
 
 def make_optimizer(params: list[torch.nn.Parameter] | list[dict[str, Any]], name: str, lr: float,
@@ -84,13 +85,14 @@ def train_steps(
     runs as ``accumulate`` micro-batches (``train.accumulate``: memory only), their losses
     weighted by their share of the batch's examples, one optimizer step per batch."""
     model.train()
-    losses, examples, busy = [], 0, 0.0
+    losses, examples, tokens, busy = [], 0, 0, 0.0
     for indices in sample_batches(len(data), batch_size, steps, rng):
         optimizer.zero_grad(set_to_none=True)
         chunks = np.array_split(indices, min(accumulate, len(indices)))
         step_loss = 0.0
         for i, chunk in enumerate(chunks):
             batch = {k: v.to(device) for k, v in data.batch(chunk).items()}
+            tokens += count_tokens(batch)
             start = time.perf_counter()
             with mixed_precision(device):
                 loss = model(**batch).loss * (len(chunk) / len(indices))
@@ -104,7 +106,13 @@ def train_steps(
         busy += time.perf_counter() - start
         losses.append(step_loss)
         examples += len(indices)
-    return TrainResult(float(np.mean(losses)), len(losses), examples, busy)
+    return TrainResult(float(np.mean(losses)), len(losses), examples, busy, tokens)
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Input tokens of a collated batch, padding excluded."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
 def mixed_precision(device: torch.device) -> contextlib.AbstractContextManager:
