@@ -332,6 +332,68 @@ def test_a_stopped_coordinator_resumes_after_its_last_finished_round(tmp_path: P
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
+def _chats(path: Path, topic: str, rows: int) -> Path:
+    """A chat JSONL file (the ``messages`` schema) on ``topic``: each file its own content."""
+    lines = []
+    for i in range(rows):
+        messages = [{"role": "user", "content": f"What is {topic} number {i}?"},
+                    {"role": "assistant", "content": f"It is {topic} {i + 1}."}]
+        lines.append(json.dumps({"messages": messages}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_two_devices_fine_tune_a_causal_lm_on_their_own_chats(tmp_path: Path) -> None:
+    """A tiny Llama folder, the coordinator's chats its held-out set, and two devices that each
+    run `fedpeft client --data chats.jsonl` on their own chats: every round takes both replies
+    (their base fingerprints match the coordinator's), and the run reports loss, perplexity and
+    samples.md and exports a causal-LM adapter."""
+    from tests.tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "llama")
+    pki = make_certs(tmp_path / "pki", [], nodes=2)
+    out, logs, env, port = tmp_path / "out", tmp_path / "logs", _env(tmp_path / "home"), free_port()
+    logs.mkdir()
+    held_out = _chats(tmp_path / "server.jsonl", "the time", 16)
+    devices = {1: _chats(tmp_path / "d1.jsonl", "a colour", 10),
+               2: _chats(tmp_path / "d2.jsonl", "a fruit", 10)}
+    server_cmd = [*FEDPEFT, "server", "--certs", str(pki.root), "--host", "127.0.0.1", "--port",
+                  str(port), "--out", str(out), "--timeout", "150"]
+    for item in (f'model.name="{model}"', 'data.dataset="file"', f'data.path="{held_out}"',
+                 "data.test_size=10", 'data.partitioner="iid"', f"federation.rounds={ROUNDS}",
+                 "train.local_steps=2", "train.batch_size=4", "model.max_length=48",
+                 "eval.subset=10"):
+        server_cmd += ["--set", item]
+    trackers: list[Tracker] = []
+    try:
+        trackers.append(spawn(server_cmd, env, logs / "server.log"))
+        _wait_listening(port, trackers[0].proc, 90)
+        for i, data in devices.items():
+            trackers.append(spawn(_client(f"127.0.0.1:{port}", pki.ca_cert, pki.node_key(i),
+                                          data, ["--max-wait", "5"]), env,
+                                  logs / f"device{i}.log"))
+        server_rc = _wait(trackers[0].proc, 150)
+        device_rcs = [_wait(t.proc, 40) for t in trackers[1:]]
+    finally:
+        stop_all(trackers, print)
+    assert server_rc == 0, (logs / "server.log").read_text(errors="replace")[-3000:]
+    assert device_rcs == [0, 0], (logs / "device1.log").read_text(errors="replace")[-2000:]
+    rows = MetricsLog.read(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
+    for row in rows:
+        assert row["loss"] > 0 and row["perplexity"] > 1 and row["accuracy"] is None, row
+    for row in rows[1:]:
+        assert row["clients_ok"] == 2 and row["clients_rejected"] == 0, row
+    assert (out / "samples.md").read_text().count("## Round") == ROUNDS + 1
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "CAUSAL_LM"
+    assert "final loss" in (logs / "server.log").read_text(errors="replace")  # no accuracy
+    for i in devices:
+        log = (logs / f"device{i}.log").read_text(errors="replace")
+        assert log.count("round task done") == ROUNDS and "FAILED" not in log, log[-2000:]
+
+
 def _start_and_signal(cmd: list[str], env: dict[str, str], log: Path, ready: str,
                       sig: int, sigint_ignored: bool = False) -> tuple[int, list[int], list[int]]:
     """Start ``cmd``, wait for ``ready`` in its log, send ``sig``: (exit code, the children it
@@ -516,3 +578,51 @@ def test_device_data_is_checked_before_connecting_and_own_columns_win(
     odd.write_text('text,label\n"nice",great\n"dull",rotten\n')
     with pytest.raises(ConfigError, match=r"labels \['great'\] are outside the task's classes"):
         node_workspace(cfg, {"data-path": str(odd)})[1].partition(0, 100)
+
+
+def test_device_chat_file_passes_the_checks_before_connecting(tmp_path: Path, capsys) -> None:
+    """A chat JSONL (no text/label columns) is a device's file for a causal-LM run: the check
+    before connecting moves on to the next file (here a missing --ca); a malformed chat row
+    stops it with the row's problem."""
+    from fedpeft.cli import main
+
+    pki = make_certs(tmp_path / "pki", [], nodes=1)
+    base = ["client", "--superlink", "127.0.0.1:1", "--key", str(pki.node_key(1))]
+    chats = _chats(tmp_path / "chats.jsonl", "a colour", 3)
+    assert main([*base, "--ca", str(tmp_path / "no.crt"), "--data", str(chats)]) == 2
+    err = capsys.readouterr().err
+    assert "no.crt: no such file" in err and "--data" not in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert main([*base, "--ca", str(pki.ca_cert), "--data", str(bad)]) == 2
+    assert "bad.jsonl row 0: roles must be system, user or assistant, with at least one " \
+           "assistant turn" in capsys.readouterr().err
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"question": "hi", "answer": "yo"}) + "\n")
+    assert main([*base, "--ca", str(pki.ca_cert), "--data", str(odd)]) == 2
+    assert "or use a chat/instruction schema (messages" in capsys.readouterr().err
+
+
+def test_device_chat_file_is_its_whole_partition(tmp_path: Path) -> None:
+    """A causal-LM run split by a column in simulation (data.partition_by) still takes a
+    device's chats without that column; a file of the other kind (labelled texts for a chat
+    run, chats for a label run) is one clear ConfigError."""
+    from fedpeft.client.app import node_workspace
+
+    from fedpeft.core.config import ConfigError, load_config
+    from tests.tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "llama")
+    run = [f'model.name="{model}"', 'data.dataset="file"', 'data.path="server.jsonl"',
+           'data.partitioner="natural"', 'data.partition_by="user"', "model.max_length=48"]
+    chats = _chats(tmp_path / "chats.jsonl", "a fruit", 5)
+    cfg = load_config(None, [*run, "data.labels=[]"])
+    _, workspace = node_workspace(cfg, {"data-path": str(chats), "threads": 1})
+    assert workspace.train.chats is not None and len(workspace.train) == 5
+    assert len(workspace.partition(3, 7).ids) == 5  # every row, whatever partition id
+    with pytest.raises(ConfigError, match="holds labelled texts, but this run trains a causal"):
+        node_workspace(cfg, {"data-path": str(_csv(tmp_path / "d.csv", 1)), "threads": 1})
+    label_run = load_config(None, [*run, 'data.labels=["rotten", "fresh"]'])
+    with pytest.raises(ConfigError, match=r"holds chat/instruction examples, but this run is a "
+                                          r"label task \(classes \['rotten', 'fresh'\]\)"):
+        node_workspace(label_run, {"data-path": str(chats), "threads": 1})

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedpeft.core.adapters import AdapterModel, build_adapter_model
-from fedpeft.core.config import DataConfig, FedConfig, ModelConfig
+from fedpeft.core.config import ConfigError, DataConfig, FedConfig, ModelConfig
 from fedpeft.core.data import TextData, load_partition, load_task_data, load_user_file
 from fedpeft.core.fingerprint import base_fingerprint
 from fedpeft.core.models import load_tokenizer
@@ -125,14 +125,32 @@ class LocalWorkspace(Workspace):
 def _local_workspace(model_json: str, data_json: str, path: str, mtime_ns: int) -> LocalWorkspace:
     del mtime_ns  # only part of the cache key: an edited file is read again
     model = ModelConfig(**json.loads(model_json))
-    data = DataConfig(**{**json.loads(data_json), "dataset": "file", "path": path})
+    # the whole file is this device's partition: the run's split column (data.partition_by,
+    # a simulation's natural split) need not be in it
+    data = DataConfig(**{**json.loads(data_json), "dataset": "file", "path": path,
+                         "partition_by": ""})
     local = load_user_file(data)  # the run's text/label columns and class names
+    check_same_kind(local, data)
     tokenizer = load_tokenizer(model.name)
     empty = local.subset(np.arange(0, dtype=np.int64))
     task = task_class(model)(model, data, tokenizer, local.label_names)
     workspace = LocalWorkspace(model, data, local, empty, tokenizer, task)
     workspace.local = task.encode(local)
     return workspace
+
+
+def check_same_kind(local: TextData, data: DataConfig) -> None:
+    """A device's file holds the run's kind of examples: labelled texts for a run with classes
+    (``data.labels``, which the coordinator always fills in), chats for a run without."""
+    name = os.path.basename(data.path)
+    if data.labels and local.chats is not None:
+        raise ConfigError(f"{name} holds chat/instruction examples, but this run is a label task "
+                          f"(classes {list(data.labels)}): give this device a file with "
+                          f"{data.text_column!r} and {data.label_column!r} columns")
+    if not data.labels and local.chats is None:
+        raise ConfigError(f"{name} holds labelled texts, but this run trains a causal LM on "
+                          "chat/instruction examples: give this device a file in one of the "
+                          "schemas messages; instruction + output; prompt + completion")
 
 
 def get_local_workspace(cfg: FedConfig, path: str) -> LocalWorkspace:

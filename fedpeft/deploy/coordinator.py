@@ -58,7 +58,13 @@ from fedpeft.deploy.processes import (
     wait_healthy,
 )
 from fedpeft.run import launcher
-from fedpeft.run.session import Progress, flower_line_filter, prepare_out, run_error
+from fedpeft.run.session import (
+    Progress,
+    final_score,
+    flower_line_filter,
+    prepare_out,
+    run_error,
+)
 
 # ------------------------------------------------------------------------------ coordinator
 
@@ -358,8 +364,9 @@ def run_server(opts: ServerOptions, emit: Emit = say) -> int:
     summary = json.loads(summary_path.read_text())
     summary.update({f"fleet_http_{k}": v for k, v in traffic.items()})
     summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True))
-    emit("\n" + results_table(MetricsLog.read(out / "metrics.jsonl")))
-    emit(f"\nfinal accuracy {summary['final_accuracy']:.3f}; fleet traffic through the gateway "
+    rows = MetricsLog.read(out / "metrics.jsonl")
+    emit("\n" + results_table(rows))
+    emit(f"\n{final_score(summary, rows)}; fleet traffic through the gateway "
          f"(HTTP bodies): up {human_bytes(traffic.get('bytes_up', 0))}, down "
          f"{human_bytes(traffic.get('bytes_down', 0))} in {traffic.get('requests', 0)} requests")
     emit(f"outputs: {out}/metrics.jsonl summary.json report.png adapter/")

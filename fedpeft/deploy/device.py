@@ -144,10 +144,11 @@ def _check_client_files(opts: ClientOptions) -> None:
 
 
 def _check_data_columns(data: Path, text: str, label: str) -> int:
-    """Before the device connects: its file parses, has rows and has its text and label columns
-    (the labels are checked against the run's classes, which the coordinator sends, with the
-    first task). Returns the number of rows."""
-    from fedpeft.core.data import read_user_file
+    """Before the device connects: its file parses, has rows and has its text and label columns,
+    or else matches an instruction/chat schema (``fedpeft.core.data.CHAT_SCHEMAS``: a causal-LM
+    run) whose rows are well formed. The labels are checked against the run's classes, which
+    the coordinator sends, with the first task. Returns the number of rows."""
+    from fedpeft.core.data import CHAT_SCHEMAS, chats_of, read_user_file
 
     try:
         frame = read_user_file(data)
@@ -156,11 +157,18 @@ def _check_data_columns(data: Path, text: str, label: str) -> int:
     if frame.empty:
         raise DeployError(f"--data {data}: no rows")
     missing = [c for c in (text, label) if c not in frame.columns]
-    if missing:
+    if not missing:
+        return len(frame)
+    try:
+        chats = chats_of(frame, data.name)
+    except ConfigError as exc:
+        raise DeployError(f"--data {data}: {exc}") from None
+    if chats is None:
         raise DeployError(f"--data {data}: no {' or '.join(map(repr, missing))} column (columns "
                           f"found: {', '.join(map(str, frame.columns))}); name the file's columns "
-                          "with --text-column / --label-column")
-    return len(frame)
+                          "with --text-column / --label-column, or use a chat/instruction schema "
+                          f"({'; '.join(CHAT_SCHEMAS[1:])})")
+    return len(chats)
 
 
 def supernode_command(opts: ClientOptions, home: Path, runtime_port: int) -> list[str]:

@@ -172,11 +172,25 @@ def finish_simulation(out: Path, rc: int, started: float) -> int:
     summary = json.loads(summary_path.read_text())
     summary["cli_wall_s"] = time.perf_counter() - started
     summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True))
-    print("\n" + results_table(MetricsLog.read(out / METRICS_FILE)))
-    print(f"\nfinal accuracy {summary['final_accuracy']:.3f} (round 0: "
-          f"{summary['initial_accuracy']:.3f}), uplink {human_bytes(summary['total_bytes_up'])}, "
-          f"downlink {human_bytes(summary['total_bytes_down'])}, {summary['cli_wall_s']:.0f} s")
+    rows = MetricsLog.read(out / METRICS_FILE)
+    print("\n" + results_table(rows))
+    print(f"\n{final_score(summary, rows)}, uplink "
+          f"{human_bytes(summary['total_bytes_up'])}, downlink "
+          f"{human_bytes(summary['total_bytes_down'])}, {summary['cli_wall_s']:.0f} s")
     print(f"outputs: {out}/metrics.jsonl summary.json report.png adapter/ checkpoint/")
     return 0
 
 
+def final_score(summary: dict, rows: list[dict]) -> str:
+    """The final report's score: the accuracy where the task has classes, else (a causal LM on
+    chat or instruction data: no accuracy) the held-out loss and perplexity."""
+    if summary.get("final_accuracy") is not None:
+        return (f"final accuracy {summary['final_accuracy']:.3f} (round 0: "
+                f"{summary['initial_accuracy']:.3f})")
+    scored = [r for r in rows if r.get("loss") is not None]
+    if not scored:
+        return "no held-out score"
+    last = scored[-1]
+    perplexity = (f", perplexity {last['perplexity']:.3f}"
+                  if last.get("perplexity") is not None else "")
+    return f"final loss {last['loss']:.4f} (round 0: {scored[0]['loss']:.4f}){perplexity}"
