@@ -4,6 +4,7 @@
     fedpeft simulate --resume DIR     continue a run that stopped (after its last finished round)
     fedpeft evaluate DIR/adapter
     fedpeft export DIR --merged OUT   the global model merged into its base: a plain HF folder
+    fedpeft generate DIR/adapter "PROMPT" [--max-new-tokens N] [--no-chat]   greedy completion
     fedpeft sweep SWEEP.toml [--out DIR] [--dry-run]   a grid of simulations x seeds, resumable
     fedpeft config            every config key with its default and allowed values
     fedpeft methods           the registered methods and their options
@@ -116,6 +117,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fedpeft.run.generate import generate
+
+    print(generate(Path(args.adapter), args.prompt, args.max_new_tokens, args.chat))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(config_help())
     return 0
@@ -163,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--merged", required=True, metavar="OUT_DIR",
                      help="output folder (new or empty)")
     exp.set_defaults(func=cmd_export)
+
+    gen = sub.add_parser(
+        "generate", help="the global model's greedy completion of a prompt (causal-lm runs)",
+        description="Load the run's base (DIR/config.toml) with its adapter (plain peft; the "
+                    "run's checkpoint/ where summary.json has adapter_exact = false) and print "
+                    "the greedy completion of PROMPT. The prompt is rendered as the run renders "
+                    "the held-out prompts of samples.md: a user turn through the tokenizer's "
+                    "chat template or the plain template, or a label task's data.prompt; it "
+                    "keeps its last model.max_length tokens.")
+    gen.add_argument("adapter", help="the run's adapter folder, e.g. runs/latest/adapter")
+    gen.add_argument("prompt", help="the prompt (a user turn; with --no-chat the text as is)")
+    gen.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                     help="tokens to generate at most (default 32)")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                     help="render PROMPT as the run's held-out prompts are (default); "
+                          "--no-chat: the text as is, after the tokenizer's own start tokens")
+    gen.set_defaults(func=cmd_generate)
 
     sub.add_parser("config", help="list every config key").set_defaults(func=cmd_config)
     sub.add_parser("methods", help="list the methods").set_defaults(func=cmd_methods)
