@@ -46,11 +46,18 @@ def human_bytes(n: float) -> str:
 
 
 def round_line(row: dict, rounds: int) -> str:
-    """One progress line per round."""
-    acc = f"acc {row['accuracy']:.3f}" if row.get("accuracy") is not None else "acc   -  "
+    """One progress line per round: accuracy where the task has labels, else the held-out loss
+    (and perplexity, for a causal LM)."""
+    if row.get("accuracy") is not None:
+        score = f"acc {row['accuracy']:.3f}"
+    elif row.get("loss") is not None:
+        score = f"loss {row['loss']:.3f}" + (f" ppl {row['perplexity']:.2f}"
+                                              if row.get("perplexity") is not None else "")
+    else:
+        score = "acc   -  "
     parts = [
         f"round {row['round']:>3}/{rounds}",
-        acc,
+        score,
         f"clients {row.get('clients_ok', 0)}/{row.get('clients_sampled', 0)} ok",
         f"up {human_bytes(row.get('bytes_up', 0))}",
         f"down {human_bytes(row.get('bytes_down', 0))}",
@@ -78,12 +85,16 @@ def results_table(rows: list[dict]) -> str:
     """A Markdown table of the rounds (printed at the end of a run), with a column for each
     per-client timing the method reports (``Method.timings``)."""
     timings = list(dict.fromkeys(n for r in rows for n in r.get("method_timings") or []))
-    head = ("| round | accuracy | loss | clients ok/sampled | bytes up | bytes down | train s "
+    ppl = any(r.get("perplexity") is not None for r in rows)  # a causal LM's column
+    head = ("| round | accuracy | loss " + "| perplexity " * ppl + "| clients ok/sampled | "
+            "bytes up | bytes down | train s "
             + "".join(f"| {n.removesuffix('_s')} s " for n in timings) + "| wall s |")
-    lines = [head, "|" + "---:|" * (8 + len(timings))]
+    lines = [head, "|" + "---:|" * (8 + ppl + len(timings))]
     for r in rows:
         acc = f"{r['accuracy']:.3f}" if r.get("accuracy") is not None else "-"
         loss = f"{r['loss']:.3f}" if r.get("loss") is not None else "-"
+        if ppl:
+            loss += f" | {r['perplexity']:.2f}" if r.get("perplexity") is not None else " | -"
         own = "".join(f" {r.get(n, 0):.1f} |" for n in timings)
         lines.append(
             f"| {r['round']} | {acc} | {loss} | {r.get('clients_ok', 0)}/"

@@ -222,3 +222,17 @@ def test_report_panels_follow_the_task(tmp_path: Path) -> None:
     assert plot_report(labels, tmp_path / "labels.png") == ["accuracy", "loss", "bytes"]
     assert plot_report([{"round": 0}], tmp_path / "bare.png") == ["accuracy", "bytes"]
     assert all((tmp_path / f).stat().st_size > 10_000 for f in ("chat.png", "labels.png"))
+
+
+def test_progress_line_and_table_show_loss_and_perplexity_without_labels() -> None:
+    from fedpeft.server.reporting import results_table, round_line
+
+    chat = {"round": 2, "accuracy": None, "loss": 2.5, "perplexity": 12.18, "clients_ok": 5,
+            "clients_sampled": 5, "wall_s": 3.0}
+    assert "loss 2.500 ppl 12.18" in round_line(chat, 8) and "acc" not in round_line(chat, 8)
+    labelled = {**chat, "accuracy": 0.8}
+    assert "acc 0.800" in round_line(labelled, 8) and "ppl" not in round_line(labelled, 8)
+    table = results_table([{**chat, "round": 0}, chat]).splitlines()
+    assert "| perplexity |" in table[0] and "| 2.500 | 12.18 |" in table[2]
+    assert table[0].count("|") == table[1].count("|") == table[2].count("|")
+    assert "perplexity" not in results_table([labelled | {"perplexity": None}])
