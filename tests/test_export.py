@@ -19,7 +19,7 @@ from fedpeft.cli import main
 from fedpeft.core.config import load_config
 from fedpeft.core.workspace import get_workspace
 from tests.test_causal_lm import tiny_run
-from tests.tiny_models import save_tiny_bert, save_tiny_llama
+from tests.tiny_models import write_tiny_run_files
 
 IGNORE = -100
 
@@ -43,17 +43,7 @@ def one_thread() -> object:
 def root(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny model folders and data files."""
     root = tmp_path_factory.mktemp("export")
-    words = {"pos": "good great fine", "neg": "bad dull awful"}
-    labelled = [{"text": f"this film is {words[lab]} {i}", "label": lab}
-                for i, lab in enumerate(["neg", "pos"] * 40)]
-    chats = [{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
-                           {"role": "assistant", "content": f"It is {i + 1}."}]}
-             for i in range(80)]
-    paths = {"llama": save_tiny_llama(root / "llama"), "bert": save_tiny_bert(root / "bert"),
-             "labels": root / "labels.jsonl", "chats": root / "chats.jsonl"}
-    for key, rows in (("labels", labelled), ("chats", chats)):
-        paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return paths
+    return write_tiny_run_files(root)
 
 
 RUNS = {  # name: (model, data, method, extra overrides)

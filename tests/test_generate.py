@@ -20,7 +20,7 @@ import torch
 
 from fedpeft.cli import main
 from tests.test_causal_lm import make_task, tiny_run
-from tests.tiny_models import save_tiny_bert, save_tiny_llama
+from tests.tiny_models import write_tiny_run_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,17 +44,7 @@ def one_thread() -> object:
 def root(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny model folders and data files."""
     root = tmp_path_factory.mktemp("generate")
-    words = {"pos": "good great fine", "neg": "bad dull awful"}
-    labelled = [{"text": f"this film is {words[lab]} {i}", "label": lab}
-                for i, lab in enumerate(["neg", "pos"] * 40)]
-    chats = [{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
-                           {"role": "assistant", "content": f"It is {i + 1}."}]}
-             for i in range(80)]
-    paths = {"llama": save_tiny_llama(root / "llama"), "bert": save_tiny_bert(root / "bert"),
-             "labels": root / "labels.jsonl", "chats": root / "chats.jsonl"}
-    for key, rows in (("labels", labelled), ("chats", chats)):
-        paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return paths
+    return write_tiny_run_files(root)
 
 
 RUNS = {  # name: (model, data, extra overrides)

@@ -4,6 +4,7 @@ tokenizer trained on the spot (the Llama one has a ChatML chat template, the GPT
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -78,3 +79,18 @@ def save_tiny_bert(folder: Path) -> Path:
     BertModel(config).save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return folder
+
+
+def write_tiny_run_files(root: Path) -> dict[str, Path]:
+    """A tiny Llama and a tiny BERT folder, labelled texts and chats (JSONL) under ``root``."""
+    words = {"pos": "good great fine", "neg": "bad dull awful"}
+    labelled = [{"text": f"this film is {words[lab]} {i}", "label": lab}
+                for i, lab in enumerate(["neg", "pos"] * 40)]
+    chats = [{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
+                           {"role": "assistant", "content": f"It is {i + 1}."}]}
+             for i in range(80)]
+    paths = {"llama": save_tiny_llama(root / "llama"), "bert": save_tiny_bert(root / "bert"),
+             "labels": root / "labels.jsonl", "chats": root / "chats.jsonl"}
+    for key, rows in (("labels", labelled), ("chats", chats)):
+        paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
