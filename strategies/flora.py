@@ -24,6 +24,13 @@ rank-r_k adapter (A from a seed of round and client, B = 0). Server evaluation: 
 Memory: each client's ClientState holds its dense merged update (L d_out d_in floats), FLoRA's
 inherent cost of a per-client merged base.
 
+Learning rate: a FLoRA client starts every round from a fresh adapter (B = 0), so a round's
+update is what ``train.local_steps`` steps from zero reach, where FedIT's B carries over and grows
+across rounds. At FedIT's 0.002 (5 AdamW steps of batch 16, the default experiment) FLoRA's loss
+falls but the model is still at the majority class after 15 rounds (0.601 final, seed 0), so
+``default_lr`` (used when ``train.lr = 0``) is 0.01: about the same lr x steps per round as the
+0.005 x 10 steps at which it reached 0.78 in ``compare_ranks``.
+
 A client that does not hold the merged base the downlink builds on (its ClientState was lost)
 says so instead of failing: zero tensors marked synced -1 and ``needs_sync`` = 1; the server
 leaves that upload out of the stack, counts it in the round's ``needs_sync`` metric and sends the
@@ -72,6 +79,7 @@ class FLoRA(Method):
     re-initialise their own-rank adapter every round."""
 
     mixed_ranks = True
+    default_lr = 0.01  # a fresh adapter every round: see the module docstring
     compression_refusal = ("the server stacks the clients' exact factors into a product of "
                            "rank sum(r_k); quantised or sparsified factors would put their errors "
                            "straight into every client's merged base")
