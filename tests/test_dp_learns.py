@@ -4,6 +4,7 @@ rate for the task head, SGD momentum, their refusals, and the DP sweep file (tin
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from fedpeft.core import privacy
 from fedpeft.core.adapters import AdapterModel
 from fedpeft.core.config import ConfigError, FedConfig, load_config
 from fedpeft.core.payload import ClientState
-from fedpeft.core.training import client_optimizer, make_optimizer, train_steps
+from fedpeft.core.training import client_optimizer, make_optimizer, micro_batches, train_steps
 from fedpeft.core.workspace import Workspace, get_workspace
 from fedpeft.run.sweep import expand, load_sweep
 
@@ -160,6 +161,23 @@ def test_accumulation_without_dp_takes_the_same_step(adapter: AdapterModel) -> N
     assert moved
     for key in params:
         assert torch.allclose(after[1][0][key], after[0][0][key], rtol=1e-5, atol=1e-7), key
+
+
+def test_micro_batches_group_similar_lengths_and_keep_every_example() -> None:
+    """The accumulated batch is split by length (less padding: each micro-batch pads to its own
+    longest example), and is still exactly the sampled batch."""
+    data = _data(_cfg())
+    indices = np.random.default_rng(0).choice(len(data), size=min(64, len(data)), replace=False)
+    assert len(set(data.lengths(indices).tolist())) > 4  # real sentences vary in length
+    chunks = micro_batches(data, indices, 4)
+    assert sorted(np.concatenate(chunks).tolist()) == sorted(indices.tolist())
+    assert [len(c) for c in chunks] == [len(c) for c in np.array_split(indices, 4)]
+    widths = [data.lengths(c) for c in chunks]
+    assert all(a.max() <= b.min() for a, b in itertools.pairwise(widths))
+    padded = sum(len(c) * int(data.lengths(c).max()) for c in chunks)
+    unsorted = sum(len(c) * int(data.lengths(c).max()) for c in np.array_split(indices, 4))
+    assert padded < unsorted
+    assert [c.tolist() for c in micro_batches(data, indices, 1)] == [indices.tolist()]
 
 
 # ---- learning rate per group, momentum ------------------------------------------------------

@@ -63,7 +63,7 @@ from fedpeft.core.adapters import AdapterModel
 from fedpeft.core.config import ConfigError, FedConfig, PrivacyConfig
 from fedpeft.core.keys import BUDGET_SPENT
 from fedpeft.core.payload import ClientState, Payload
-from fedpeft.core.training import Encoded, TrainResult, client_optimizer
+from fedpeft.core.training import Encoded, TrainResult, client_optimizer, micro_batches
 
 ACCOUNTANT_KEY = "fedpeft.privacy.accountant"  # ClientState.values: JSON of the accountant
 History = list[tuple[float, float, int]]  # Opacus accountant history: (sigma, q, steps)
@@ -327,13 +327,14 @@ def dp_step(model: torch.nn.Module, data: Encoded, indices: np.ndarray,
             extra_loss: Callable[[], torch.Tensor] | None = None, accumulate: int = 1,
             ) -> float | None:
     """One DP-SGD step on the Poisson batch ``indices`` (may be empty: then noise only, as the
-    accounting assumes), run as ``accumulate`` micro-batches: each is clipped per example and
-    summed into ``summed_grad`` (its per-example gradients then freed), the noise is added once
-    and the sum divided by the expected batch size, exactly as for one physical batch. Returns
+    accounting assumes), run as ``accumulate`` micro-batches of similar length: each is clipped
+    per example and summed into ``summed_grad`` (its per-example gradients then freed), the
+    noise is added once and the sum divided by the expected batch size, exactly as for one
+    physical batch. Returns
     the batch's mean loss, or None for an empty batch."""
     dp_opt.zero_grad(set_to_none=True)
     loss_sum = 0.0
-    for chunk in np.array_split(indices, min(accumulate, max(1, len(indices)))):
+    for chunk in micro_batches(data, indices, accumulate):
         if len(chunk):
             loss_sum += _micro_batch(model, data, chunk, params, device) * len(chunk)
             dp_opt.clip_and_accumulate()

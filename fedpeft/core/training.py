@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 # Encoded/encode/evaluate: the classification task's
 __all__ = ["Encoded", "TrainResult", "client_optimizer", "encode", "evaluate", "make_optimizer",
-           "resolve_device", "sample_batches", "train_steps"]
+           "micro_batches", "resolve_device", "sample_batches", "train_steps"]
 
 
 def sample_batches(n: int, batch_size: int, steps: int,
@@ -88,7 +88,7 @@ def train_steps(
     losses, examples, tokens, busy = [], 0, 0, 0.0
     for indices in sample_batches(len(data), batch_size, steps, rng):
         optimizer.zero_grad(set_to_none=True)
-        chunks = np.array_split(indices, min(accumulate, len(indices)))
+        chunks = micro_batches(data, indices, accumulate)
         step_loss = 0.0
         for i, chunk in enumerate(chunks):
             batch = {k: v.to(device) for k, v in data.batch(chunk).items()}
@@ -107,6 +107,16 @@ def train_steps(
         losses.append(step_loss)
         examples += len(indices)
     return TrainResult(float(np.mean(losses)), len(losses), examples, busy, tokens)
+
+
+def micro_batches(data: Batchable, indices: np.ndarray, parts: int) -> list[np.ndarray]:
+    """``indices`` as ``parts`` micro-batches (``train.accumulate``) of examples of similar
+    length: each micro-batch pads to its own longest example, so grouping by length first cuts
+    the padded tokens the frozen base runs on, while the step still sums the same examples."""
+    parts = max(1, min(parts, len(indices)))
+    if parts > 1:
+        indices = indices[np.argsort(data.lengths(indices), kind="stable")]
+    return np.array_split(indices, parts)
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:

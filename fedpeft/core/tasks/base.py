@@ -21,12 +21,15 @@ from fedpeft.core.models import build_base
 
 
 class Batchable(Protocol):
-    """Encoded examples: ``len`` and ``batch(indices)`` -> model inputs with ``labels`` (what
-    ``model(**batch).loss`` trains on)."""
+    """Encoded examples: ``len``, ``batch(indices)`` -> model inputs with ``labels`` (what
+    ``model(**batch).loss`` trains on), and each example's token count (a batch pads to its
+    longest example)."""
 
     def __len__(self) -> int: ...
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]: ...
+
+    def lengths(self, indices: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass

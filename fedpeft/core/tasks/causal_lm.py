@@ -70,6 +70,10 @@ class LMEncoded:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def lengths(self, indices: np.ndarray) -> np.ndarray:
+        return np.fromiter((len(self.ids[i]) for i in indices), dtype=np.int64,
+                           count=len(indices))
+
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """Right-padded inputs; ``labels`` are the targets (padding: -100)."""
         return collate([self.ids[i] for i in indices], [self.targets[i] for i in indices],

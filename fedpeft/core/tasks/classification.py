@@ -26,6 +26,10 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def lengths(self, indices: np.ndarray) -> np.ndarray:
+        return np.fromiter((len(self.ids[i]) for i in indices), dtype=np.int64,
+                           count=len(indices))
+
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         rows = [self.ids[i] for i in indices]
         width = max(len(r) for r in rows)
