@@ -146,9 +146,9 @@ class TrainConfig:
     momentum: float = option(0.0, "SGD momentum (train.optimizer = 'sgd' only; 0.9 is usual "
                              "under DP-SGD)", min=0, max=0.999)
     accumulate: int = option(1, "micro-batches per optimizer step: a batch of train.batch_size "
-                             "runs in this many pieces, one step per batch (memory only; under "
-                             "DP-SGD clipped per example and noised once, accounted as one "
-                             "step at rate batch_size / n)", min=1)
+                             "runs in this many pieces of similar length, one step per batch "
+                             "(memory only; under DP-SGD clipped per example and noised once, "
+                             "accounted as one step at rate batch_size / n)", min=1)
     head_lr: float = option(0.0, "learning rate of the task head (adapter tensors that are not "
                             "LoRA factors, e.g. the classifier); 0 = the client learning rate",
                             min=0)
