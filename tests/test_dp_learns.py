@@ -64,18 +64,22 @@ def _data(cfg: FedConfig):
     return get_workspace(cfg).partition(0, cfg.federation.clients)
 
 
-def _dp_update(adapter: AdapterModel, indices: np.ndarray, *, accumulate: int,
-               clip: float) -> tuple[dict[str, torch.Tensor], float | None]:
-    """The gradient one noiseless DP step handed to its optimizer (``p.grad`` at ``step()``),
-    and the loss it reported; the adapter is restored after."""
+def _dp_update(adapter: AdapterModel, indices: np.ndarray, *, accumulate: int, clip: float,
+               lora_clip: float = 0.0, noise: float = 0.0, expected: int = 0,
+               ) -> tuple[dict[str, torch.Tensor], float | None]:
+    """The gradient one DP step (noiseless by default) handed to its optimizer (``p.grad`` at
+    ``step()``), and the loss it reported; the adapter is restored after. ``lora_clip``: the
+    LoRA factors clipped apart from the head (group-wise clipping)."""
     params = {k: adapter.params[k] for k in adapter.trainable_keys()}
     before = {k: p.detach().clone() for k, p in params.items()}
     dp_opt = DPOptimizer(make_optimizer(list(params.values()), "sgd", 1.0, 0.0),
-                         noise_multiplier=0.0, max_grad_norm=clip,
-                         expected_batch_size=len(indices))
+                         noise_multiplier=noise, max_grad_norm=clip,
+                         expected_batch_size=expected or len(indices))
+    priv = _cfg(f"privacy.max_grad_norm={clip}", f"privacy.lora_max_grad_norm={lora_clip}").privacy
+    groups = privacy.ClipGroups.of(adapter, params, priv)
     with privacy.per_sample_hooks(adapter.model):
         loss = privacy.dp_step(adapter.model, _data(_cfg()), indices, params, dp_opt, CPU,
-                               accumulate=accumulate)
+                               accumulate=accumulate, groups=groups)
         assert all(p.grad_sample is None for p in params.values())  # freed per micro-batch
         grad = {k: p.grad.detach().clone() for k, p in params.items()}
     adapter.load(before, strict=False)
@@ -113,6 +117,74 @@ def test_accumulation_clips_per_example_like_one_batch(adapter: AdapterModel) ->
     norm = torch.sqrt(sum((g ** 2).sum() for g in one.values()))
     assert norm <= 1e-3 * (1 + 1e-4)  # mean of 9 vectors of norm <= C
     assert not torch.allclose(one[next(iter(one))], unclipped[next(iter(one))])  # it did clip
+
+
+# ---- group-wise clipping --------------------------------------------------------------------
+def _norm(grads: dict[str, torch.Tensor], keys: list[str]) -> float:
+    return float(torch.sqrt(sum((grads[k] ** 2).sum() for k in keys)))
+
+
+def test_group_clipping_that_never_binds_is_the_plain_gradient(adapter: AdapterModel) -> None:
+    """No noise and group norms that never bind: the scaling in and out cancels exactly."""
+    indices = np.arange(8)
+    flat, _ = _dp_update(adapter, indices, accumulate=2, clip=1e9)
+    grouped, _ = _dp_update(adapter, indices, accumulate=2, clip=1e9, lora_clip=1e9)
+    for key in flat:
+        assert torch.allclose(grouped[key], flat[key], rtol=1e-4, atol=1e-10), key
+
+
+def test_group_clipping_bounds_lora_without_touching_the_head(adapter: AdapterModel) -> None:
+    """A LoRA norm that binds for every example clips LoRA's mean gradient to it, and the head's
+    gradient stays the plain one: one group's clipping does not drag the other down, as flat
+    clipping at the same small norm does."""
+    indices = np.arange(8)
+    lora = [k for k in adapter.trainable_keys() if k not in adapter.head_keys]
+    head = [k for k in adapter.trainable_keys() if k in adapter.head_keys]
+    assert lora and head
+    plain, _ = _dp_update(adapter, indices, accumulate=1, clip=1e9)
+    grouped, _ = _dp_update(adapter, indices, accumulate=2, clip=1e9, lora_clip=1e-4)
+    flat, _ = _dp_update(adapter, indices, accumulate=1, clip=1e-4)
+    assert _norm(plain, lora) > 1e-3  # so 1e-4 binds
+    assert _norm(grouped, lora) <= 1e-4 * (1 + 1e-4)
+    for key in head:
+        assert torch.allclose(grouped[key], plain[key], rtol=1e-4, atol=1e-10), key
+    assert _norm(flat, head) < 1e-3 * _norm(plain, head)
+    one, _ = _dp_update(adapter, indices[:1], accumulate=1, clip=1e9, lora_clip=1e-4)
+    assert _norm(one, lora) == pytest.approx(1e-4, rel=1e-3)  # one example: clipped to C_lora
+
+
+def test_group_noise_scales_with_each_groups_norm(adapter: AdapterModel) -> None:
+    """An empty Poisson batch is noise only: each group's noise has std sigma C_g sqrt(G) / B
+    (G = 2 groups), and the two groups' noises differ by the ratio of their norms."""
+    sigma, head_clip, lora_clip, expected = 1.0, 2.0, 0.01, 4
+    grads, loss = _dp_update(adapter, np.array([], dtype=int), accumulate=1, clip=head_clip,
+                             lora_clip=lora_clip, noise=sigma, expected=expected)
+    assert loss is None
+    lora = torch.cat([grads[k].flatten() for k in grads if k not in adapter.head_keys])
+    head = torch.cat([grads[k].flatten() for k in grads if k in adapter.head_keys])
+    assert lora.numel() > 1000 and head.numel() > 50
+    want = sigma * 2 ** 0.5 / expected
+    assert float(lora.std()) == pytest.approx(want * lora_clip, rel=0.1)
+    assert float(head.std()) == pytest.approx(want * head_clip, rel=0.3)
+
+
+def test_group_clipping_keeps_sigma_and_epsilon(adapter: AdapterModel) -> None:
+    """Group-wise clipping is post-processing of the same Gaussian mechanism: dp_train plans the
+    same sigma and spends the same epsilon as with one clipping norm."""
+    runs = []
+    for extra in ([], ["privacy.lora_max_grad_norm=0.05"]):
+        cfg = _cfg("train.batch_size=8", "train.local_steps=2", *extra)
+        result, metrics = privacy.dp_train(adapter, _data(cfg), cfg=cfg, lr=0.01, device=CPU,
+                                           client_state=ClientState())
+        assert result is not None and result.steps == 2
+        runs.append(metrics)
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("value", ["nan", "-0.1", "inf"])
+def test_lora_max_grad_norm_refuses_bad_values(value: str) -> None:
+    with pytest.raises(ConfigError, match="lora_max_grad_norm"):
+        _cfg(f"privacy.lora_max_grad_norm={value}")
 
 
 def test_accumulation_keeps_the_logical_sample_rate_and_steps(adapter: AdapterModel) -> None:

@@ -188,6 +188,12 @@ class PrivacyConfig:
     delta: float = option(1e-5, "target delta, in (0, 1); keep it well below 1/n (n = a "
                           "client's examples)", gt=0)
     max_grad_norm: float = option(1.0, "per-example gradient clipping norm C", gt=0)
+    lora_max_grad_norm: float = option(0.0, "per-example clipping norm of the LoRA factors, "
+                                       "clipped apart from the head (group-wise clipping: each "
+                                       "group's noise scales with its own norm, so LoRA's weak "
+                                       "gradients are not drowned in noise sized for the "
+                                       "head's); 0 = one norm C for every trainable tensor",
+                                       min=0)
     accountant: str = option("rdp", "privacy accountant", choices=("rdp", "prv"))
     rounds: int = option(0, "rounds a client's budget is planned for (0 = federation.rounds: "
                          "every round; fewer = less noise, and a client sampled more often "

@@ -285,14 +285,63 @@ def dp_train(
         return None, {**metrics, BUDGET_SPENT: 1.0}
     result = _dp_steps(adapter.model, data, params, optimizer=optimizer, sigma=spend.sigma, q=q,
                        clip=priv.max_grad_norm, steps=steps, device=device, extra_loss=extra_loss,
-                       accumulate=cfg.train.accumulate)
+                       accumulate=cfg.train.accumulate,
+                       groups=ClipGroups.of(adapter, params, priv))
     return result, metrics
+
+
+@dataclass(frozen=True)
+class ClipGroups:
+    """Group-wise clipping (``privacy.lora_max_grad_norm``; He et al. 2022, "Exploring the
+    limits of differentially private deep learning with group-wise clipping").
+
+    With one clipping norm for every tensor, the head's per-example gradients (norm ~1 on a
+    fresh classifier) set the clipping and the noise, and LoRA's (~0.05) get noise twenty times
+    their size per coordinate. Here each group g (the LoRA factors, the head) is clipped per
+    example to its own norm C_g and then divided by s_g = C_g sqrt(G) / C, so the whole rescaled
+    gradient has norm <= C and Opacus's flat clipping to C leaves it as it is; after Opacus adds
+    noise sigma C, the group is multiplied by s_g again: its noise is sigma C_g sqrt(G). That is
+    the Gaussian mechanism of sensitivity C on the rescaled gradient plus post-processing, so
+    sigma and the accounting are those of flat clipping."""
+
+    members: tuple[tuple[str, ...], ...]
+    bounds: tuple[float, ...]  # C_g
+    scales: tuple[float, ...]  # s_g
+
+    @classmethod
+    def of(cls, adapter: AdapterModel, params: Mapping[str, torch.nn.Parameter],
+           priv: PrivacyConfig) -> ClipGroups | None:
+        if not priv.lora_max_grad_norm:
+            return None
+        head = set(adapter.head_keys)
+        split = [(tuple(k for k in params if k not in head), priv.lora_max_grad_norm),
+                 (tuple(k for k in params if k in head), priv.max_grad_norm)]
+        split = [(keys, bound) for keys, bound in split if keys]
+        root = len(split) ** 0.5
+        return cls(tuple(k for k, _ in split), tuple(b for _, b in split),
+                   tuple(b * root / priv.max_grad_norm for _, b in split))
+
+    def clip(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Clip each group's per-example gradients to its norm and divide by its scale."""
+        for keys, bound, scale in zip(self.members, self.bounds, self.scales, strict=True):
+            norms = torch.stack([params[k].grad_sample.flatten(1).pow(2).sum(1)
+                                 for k in keys]).sum(0).sqrt()
+            factor = (bound / (norms + 1e-6)).clamp(max=1.0) / scale
+            for k in keys:
+                sample = params[k].grad_sample
+                params[k].grad_sample = sample * factor.view(-1, *[1] * (sample.dim() - 1))
+
+    def unscale(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """After the noise: each group back to its own units."""
+        for keys, scale in zip(self.members, self.scales, strict=True):
+            for k in keys:
+                params[k].grad = params[k].grad * scale
 
 
 def _dp_steps(model: torch.nn.Module, data: Encoded, params: dict[str, torch.nn.Parameter], *,
               optimizer: torch.optim.Optimizer, sigma: float, q: float, clip: float, steps: int,
               device: torch.device, extra_loss: Callable[[], torch.Tensor] | None,
-              accumulate: int = 1) -> TrainResult:
+              accumulate: int = 1, groups: ClipGroups | None = None) -> TrainResult:
     from opacus.optimizers import DPOptimizer
 
     n = len(data)
@@ -311,7 +360,8 @@ def _dp_steps(model: torch.nn.Module, data: Encoded, params: dict[str, torch.nn.
             indices = np.flatnonzero(rng.random(n) < q)
             before = {k: p.detach().clone() for k, p in params.items()} if step == 0 else None
             start = time.perf_counter()
-            loss = dp_step(model, data, indices, params, dp_opt, device, extra_loss, accumulate)
+            loss = dp_step(model, data, indices, params, dp_opt, device, extra_loss, accumulate,
+                           groups)
             busy += time.perf_counter() - start
             if before is not None:
                 check_changed(before, params)
@@ -325,18 +375,20 @@ def _dp_steps(model: torch.nn.Module, data: Encoded, params: dict[str, torch.nn.
 def dp_step(model: torch.nn.Module, data: Encoded, indices: np.ndarray,
             params: dict[str, torch.nn.Parameter], dp_opt: Any, device: torch.device,
             extra_loss: Callable[[], torch.Tensor] | None = None, accumulate: int = 1,
-            ) -> float | None:
+            groups: ClipGroups | None = None) -> float | None:
     """One DP-SGD step on the Poisson batch ``indices`` (may be empty: then noise only, as the
     accounting assumes), run as ``accumulate`` micro-batches of similar length: each is clipped
     per example and summed into ``summed_grad`` (its per-example gradients then freed), the
     noise is added once and the sum divided by the expected batch size, exactly as for one
-    physical batch. Returns
-    the batch's mean loss, or None for an empty batch."""
+    physical batch. With ``groups``, each group is clipped to its own norm (:class:`ClipGroups`).
+    Returns the batch's mean loss, or None for an empty batch."""
     dp_opt.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for chunk in micro_batches(data, indices, accumulate):
         if len(chunk):
             loss_sum += _micro_batch(model, data, chunk, params, device) * len(chunk)
+            if groups is not None:
+                groups.clip(params)
             dp_opt.clip_and_accumulate()
             for p in params.values():
                 p.grad_sample = None  # clipped and summed: free the per-example gradients
@@ -344,6 +396,8 @@ def dp_step(model: torch.nn.Module, data: Encoded, indices: np.ndarray,
         for p in params.values():
             p.grad_sample = p.new_zeros((0, *p.shape))
         dp_opt.clip_and_accumulate()
+        for p in params.values():
+            p.grad_sample = None
     loss_value = loss_sum / len(indices) if len(indices) else None
     reg_grads = None
     if extra_loss is not None:
@@ -351,6 +405,8 @@ def dp_step(model: torch.nn.Module, data: Encoded, indices: np.ndarray,
         reg_grads = torch.autograd.grad(reg, list(params.values()), allow_unused=True)
         loss_value = None if loss_value is None else loss_value + float(reg.detach())
     dp_opt.add_noise()  # p.grad = summed clipped gradients + N(0, (sigma C)^2)
+    if groups is not None:
+        groups.unscale(params)
     for p, g in zip(params.values(), reg_grads or [None] * len(params), strict=True):
         p.grad = p.grad / dp_opt.expected_batch_size  # the logical batch, however it was split
         if g is not None:
