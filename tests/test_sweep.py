@@ -23,7 +23,7 @@ from fedpeft.cli import main
 from fedpeft.core.config import ConfigError, load_config, to_toml
 from fedpeft.run import sweep as sweep_mod
 from fedpeft.run.sweep import cell_dir, cell_state, expand, load_sweep, run_sweep
-from fedpeft.run.sweepreport import aggregate, curve, markdown, rounds_to_target
+from fedpeft.run.sweepreport import aggregate, curve, last_accuracy, markdown, rounds_to_target
 from tests.conftest import TINY
 
 TINY_SETS = "set = [" + ", ".join(repr(s) for s in TINY) + "]"
@@ -214,7 +214,7 @@ def test_finished_cells_are_skipped_and_reported(tmp_path: Path, monkeypatch: py
         "fedit", "0", "0.7", "0.7")
     assert (row["rounds_to_target"], row["bytes_up"], row["bytes_down"]) == ("2", "300", "600")
     assert (out / "curves.png").stat().st_size > 10_000
-    assert "| fedit | 1 | 0.700 | 0.700 | 2.0 (1/1) |" in (out / "results.md").read_text()
+    assert "| fedit | 1 | 0.700 | 0.700 | 0.625 | 2.0 (1/1) |" in (out / "results.md").read_text()
 
 
 def test_cell_states(tmp_path: Path) -> None:
@@ -263,6 +263,7 @@ def _record(method: str, seed: int, accs: list[float], up: int, target: float) -
     rows = [{"round": i, "accuracy": a, "bytes_up": up if i else 0} for i, a in enumerate(accs)]
     return {"cell": f"{method}{seed}", "method": method, "seed": seed,
             "final_accuracy": accs[-1], "best_accuracy": max(accs),
+            "last3_accuracy": last_accuracy(rows),
             "rounds_to_target": rounds_to_target(rows, target), "bytes_up": up * (len(accs) - 1),
             "bytes_down": 0, "wall_s": 10.0 + seed, "rows": rows}
 
@@ -282,8 +283,11 @@ def test_mean_and_std_over_seeds(tmp_path: Path) -> None:
     assert a["wall_s"] == pytest.approx((11.0, 1.0))
     assert b["final_accuracy"] == (0.6, None)  # one seed: no std
     text = markdown("t", "intro", [a, b], ["method"], 0.65, ["b1"])
-    assert "| a | 3 | 0.800 ± 0.100 | 0.800 ± 0.100 | 1.7 ± 0.6 (3/3) |" in text
-    assert "| b | 1 | 0.600 | 0.600 | - (0/1) |" in text and "Not finished (1): b1." in text
+    # last rounds after round 0: (0.6, 0.7), (0.8, 0.8), (0.5, 0.9)
+    last = [0.65, 0.8, 0.7]
+    assert a["last3_accuracy"] == pytest.approx((statistics.fmean(last), statistics.stdev(last)))
+    assert "| a | 3 | 0.800 ± 0.100 | 0.800 ± 0.100 | 0.717 ± 0.076 | 1.7 ± 0.6 (3/3) |" in text
+    assert "| b | 1 | 0.600 | 0.600 | 0.575 | - (0/1) |" in text and "Not finished (1): b1." in text
     c = curve(a["records"])
     assert c["round"] == [0, 1, 2]
     assert c["mean"] == pytest.approx([0.5, 0.6333333, 0.8])

@@ -14,8 +14,9 @@ from typing import Any
 from fedpeft.core.runfiles import METRICS_FILE, SUMMARY_FILE
 from fedpeft.server.reporting import MetricsLog, human_bytes, summarize
 
-METRICS = ("final_accuracy", "best_accuracy", "rounds_to_target", "bytes_up", "bytes_down",
-           "wall_s")
+METRICS = ("final_accuracy", "best_accuracy", "last3_accuracy", "rounds_to_target", "bytes_up",
+           "bytes_down", "wall_s")
+LAST = 3  # last3_accuracy: mean over the last evaluated rounds (one round's figure is noisy)
 COLUMNS = (*METRICS, "initial_accuracy", "epsilon", "rounds", "cell_dir")
 
 
@@ -25,6 +26,12 @@ def rounds_to_target(rows: Sequence[dict], target: float | None) -> int | None:
         return None
     return next((r["round"] for r in rows
                  if r.get("accuracy") is not None and r["accuracy"] >= target), None)
+
+
+def last_accuracy(rows: Sequence[dict], last: int = LAST) -> float | None:
+    """Mean accuracy of the last ``last`` evaluated rounds after round 0 (None: none)."""
+    accs = [r["accuracy"] for r in rows if r.get("round", 0) > 0 and r.get("accuracy") is not None]
+    return statistics.fmean(accs[-last:]) if accs else None
 
 
 def cell_record(name: str, labels: dict[str, str], folder: Path,
@@ -38,6 +45,7 @@ def cell_record(name: str, labels: dict[str, str], folder: Path,
     s = summarize(rows)
     return {"cell": name, **labels,
             "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
+            "last3_accuracy": last_accuracy(rows),
             "rounds_to_target": rounds_to_target(rows, target),
             "bytes_up": s["total_bytes_up"], "bytes_down": s["total_bytes_down"],
             "wall_s": s["rounds_wall_s"], "initial_accuracy": s["initial_accuracy"],
@@ -114,19 +122,21 @@ def fmt_bytes(pair: tuple[float | None, float | None]) -> str:
 def markdown(title: str, intro: str, table: Sequence[dict[str, Any]], keys: Sequence[str],
              target: float | None, missing: Sequence[str]) -> str:
     lines = [f"# {title}", "", intro, "",
-             "Accuracy of the global model on the held-out split at the last round (final) and at "
-             "its best round; each entry is the mean ± sample standard deviation (n - 1) over the "
+             "Accuracy of the global model on the held-out split at the last round (final), at "
+             f"its best round, and averaged over the last {LAST} evaluated rounds; each entry "
+             "is the mean ± sample standard deviation (n - 1) over the "
              "n seeds of the setting. Bytes: all messages of a run, uplink and downlink. Wall: "
              "the rounds' own wall time per run (without process start-up)."
              + (f" Rounds to {target:g}: the first round at or above it, over the seeds that "
                 "reached it (reached / n)." if target is not None else ""), "",
-             "| " + " | ".join([*keys, "n", "final acc", "best acc",
+             "| " + " | ".join([*keys, "n", "final acc", "best acc", f"last-{LAST} acc",
                                 *([f"rounds to {target:g}"] if target is not None else []),
                                 "uplink", "downlink", "wall s"]) + " |",
-             "|" + "---|" * len(keys) + "---:|" * (6 + (target is not None))]
+             "|" + "---|" * len(keys) + "---:|" * (7 + (target is not None))]
     for row in table:
         cells = [str(row[k]) for k in keys] + [
-            str(row["n"]), fmt(row["final_accuracy"]), fmt(row["best_accuracy"])]
+            str(row["n"]), fmt(row["final_accuracy"]), fmt(row["best_accuracy"]),
+            fmt(row["last3_accuracy"])]
         if target is not None:
             cells.append(f"{fmt(row['rounds_to_target'], '.1f')} ({row['reached']}/{row['n']})")
         cells += [fmt_bytes(row["bytes_up"]), fmt_bytes(row["bytes_down"]),
