@@ -16,11 +16,20 @@ For the methods whose aggregate is a mean of uploads (``Method.robust_aggregatio
   training progress (a fixed bound must be tuned to all of these: too small slows every
   client, too large clips nothing). Honest updates above the median are clipped too: that is
   its cost on a clean run.
+- ``filtered-median``: drop each upload whose L2 distance (over all tensors) from the
+  coordinate-wise median exceeds ``filter_factor`` times the round's median distance, then the
+  coordinate-wise median of the rest. Against uploads far out of the honest spread (an update
+  scaled by -10) the median alone still moves: hostile uploads all on one side of every
+  coordinate shift its rank by one place each, at any magnitude. Dropping them first removes
+  that shift; the median of what is left still blunts hostile uploads that stay within the
+  spread (a sign flip of a small update). At least half of the uploads always remain (those at
+  or below the median distance), and the distance is to the median, which fewer than half of the
+  uploads cannot move far, so the filter needs no guess of how many clients attack.
 
-Median and trimmed mean are unweighted (one client, one vote): a weighted median would let a
-client's claimed example count buy influence back. Both commute with a common shift, so they
-are taken over the uploads directly; everything is computed in float64 and returned in the
-uploads' dtype.
+The medians and the trimmed mean are unweighted (one client, one vote): a weighted median
+would let a client's claimed example count buy influence back. They commute with a common
+shift, so they are taken over the uploads directly; everything is computed in float64 and
+returned in the uploads' dtype.
 """
 
 from __future__ import annotations
@@ -28,14 +37,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
 from fedpeft.core.config import AGGREGATORS, FedConfig, FederationConfig
 from fedpeft.core.payload import Payload, Tensors
 
-__all__ = ["AGGREGATORS", "Aggregator", "robust_mean"]
+__all__ = ["AGGREGATORS", "Aggregator", "Robust", "robust_mean"]
 
 
 @dataclass(frozen=True)
@@ -45,15 +54,25 @@ class Aggregator:
     rule: str = "mean"
     trim_fraction: float = 0.2
     clip_norm: float = 0.0  # 0: the median of the round's update norms
+    filter_factor: float = 3.0
 
     @classmethod
     def from_config(cls, cfg: FedConfig | FederationConfig) -> Aggregator:
         fed = cfg.federation if isinstance(cfg, FedConfig) else cfg
-        return cls(fed.aggregator, fed.trim_fraction, fed.clip_norm)
+        return cls(fed.aggregator, fed.trim_fraction, fed.clip_norm, fed.filter_factor)
 
     def __post_init__(self) -> None:
         if self.rule not in AGGREGATORS:
             raise ValueError(f"aggregator {self.rule!r}: one of {', '.join(AGGREGATORS)}")
+        if not self.filter_factor >= 1 or math.isinf(self.filter_factor):
+            raise ValueError(f"filter factor {self.filter_factor}: a finite number >= 1")
+
+
+class Robust(NamedTuple):
+    """A robust aggregate and how many uploads it dropped as outliers (filtered-median)."""
+
+    tensors: Tensors
+    dropped: int = 0
 
 
 class _Upload(Protocol):
@@ -63,7 +82,7 @@ class _Upload(Protocol):
 
 def robust_mean(aggregator: Aggregator, uploads: Sequence[_Upload], keys: Iterable[str],
                 reference: Mapping[str, torch.Tensor], weights: Sequence[float] | None = None
-                ) -> Tensors:
+                ) -> Robust:
     """The aggregate of ``keys`` over ``uploads`` by ``aggregator``. ``reference``: what the
     clients were sent (the updates' origin, for norm-clip); ``weights`` default to the uploads'
     example counts (mean and norm-clip only)."""
@@ -73,7 +92,12 @@ def robust_mean(aggregator: Aggregator, uploads: Sequence[_Upload], keys: Iterab
     stacks = {k: torch.stack([u.payload.tensors[k].to(torch.float64) for u in uploads])
               for k in keys}
     rule = aggregator.rule
-    if rule == "median":
+    dropped = 0
+    if rule == "filtered-median":
+        far = far_from_median(stacks, aggregator.filter_factor)
+        dropped = int(far.sum())
+        out = {k: coordinate_median(s[~far]) for k, s in stacks.items()}
+    elif rule == "median":
         out = {k: coordinate_median(s) for k, s in stacks.items()}
     elif rule == "trimmed-mean":
         out = {k: trimmed_mean(s, aggregator.trim_fraction) for k, s in stacks.items()}
@@ -84,7 +108,7 @@ def robust_mean(aggregator: Aggregator, uploads: Sequence[_Upload], keys: Iterab
         out = {k: ref[k] + weighted_average(u, w) for k, u in clipped.items()}
     else:
         out = {k: weighted_average(s, w) for k, s in stacks.items()}
-    return {k: v.to(uploads[0].payload.tensors[k].dtype) for k, v in out.items()}
+    return Robust({k: v.to(uploads[0].payload.tensors[k].dtype) for k, v in out.items()}, dropped)
 
 
 def weighted_average(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -111,6 +135,13 @@ def trimmed_mean(stacked: torch.Tensor, fraction: float) -> torch.Tensor:
     if not 0 <= 2 * k < n:
         raise ValueError(f"trim fraction {fraction} drops all {n} values")
     return stacked.sort(dim=0).values[k:n - k].mean(dim=0)
+
+
+def far_from_median(stacked: Mapping[str, torch.Tensor], factor: float) -> torch.Tensor:
+    """Which clients (key -> stacked clients) lie farther from the coordinate-wise median, L2
+    over all tensors, than ``factor`` times the median of those distances."""
+    distances = update_norms({k: s - coordinate_median(s) for k, s in stacked.items()})
+    return distances > factor * coordinate_median(distances)
 
 
 def update_norms(updates: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -147,6 +147,7 @@ class Method(abc.ABC):
     def __init__(self, options: Any, ctx: MethodContext) -> None:
         self.options = options
         self.ctx = ctx
+        self.dropped_uploads = 0  # by the last robust aggregate (federation.aggregator)
 
     @classmethod
     def dp_compatible(cls) -> bool:
@@ -169,7 +170,10 @@ class Method(abc.ABC):
 
     def round_metrics(self, state: Payload) -> dict[str, float]:
         """Numbers about the aggregate that produced ``state`` (e.g. LoRA-FAIR's correction),
-        added to the round's metrics row."""
+        added to the round's metrics row. A robust method filtering outliers reports how many
+        uploads it dropped."""
+        if self.ctx.aggregator.rule == "filtered-median":
+            return {"uploads_dropped": float(self.dropped_uploads)}
         return {}
 
     def expected_upload(self, state: Payload, profile: ClientProfile) -> dict[str, tuple[int, ...]]:

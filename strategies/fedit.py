@@ -13,7 +13,9 @@ class FedIT(Method):
 
     default_lr = 0.002
     client_dp = True  # a weighted mean of the uploads, the same downlink for every client
-    robust_aggregation = True  # federation.aggregator: median, trimmed mean, norm-clip
+    robust_aggregation = True  # federation.aggregator: any of AGGREGATORS
 
     def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
-        return Payload(robust_mean(self.ctx.aggregator, uploads, state.tensors, state.tensors))
+        robust = robust_mean(self.ctx.aggregator, uploads, state.tensors, state.tensors)
+        self.dropped_uploads = robust.dropped
+        return Payload(robust.tensors)

@@ -100,7 +100,7 @@ class FFALoRA(Method):
     Options = FFAOptions
     default_lr = 0.02
     client_dp = True  # a weighted mean of the uploads (B, head), the same downlink for all
-    robust_aggregation = True  # federation.aggregator: median, trimmed mean, norm-clip
+    robust_aggregation = True  # federation.aggregator: any of AGGREGATORS
 
     def __init__(self, options: FFAOptions, ctx: MethodContext) -> None:
         super().__init__(options, ctx)
@@ -129,8 +129,9 @@ class FFALoRA(Method):
 
     def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
         tensors = dict(state.tensors)
-        tensors.update(robust_mean(self.ctx.aggregator, uploads, self._sent_keys(state),
-                                   state.tensors))
+        robust = robust_mean(self.ctx.aggregator, uploads, self._sent_keys(state), state.tensors)
+        self.dropped_uploads = robust.dropped
+        tensors.update(robust.tensors)
         return Payload(tensors, dict(state.scalars))
 
     # ---- client half -------------------------------------------------------------------

@@ -47,7 +47,7 @@ def _np(clients: list[dict[str, torch.Tensor]], key: str) -> np.ndarray:
 @pytest.mark.parametrize("n", [1, 2, 5, 10])
 def test_median_is_numpys_coordinate_median(n: int) -> None:
     clients = _random_clients(n)
-    got = robust_mean(Aggregator("median"), _uploads(clients), KEYS, {})
+    got = robust_mean(Aggregator("median"), _uploads(clients), KEYS, {}).tensors
     for key in KEYS:
         assert np.allclose(got[key].numpy(), np.median(_np(clients, key), axis=0), atol=1e-7)
         assert got[key].dtype == torch.float32
@@ -57,7 +57,7 @@ def test_median_is_numpys_coordinate_median(n: int) -> None:
 def test_trimmed_mean_is_scipys_trim_mean(n: int, fraction: float) -> None:
     clients = _random_clients(n, seed=n)
     got = robust_mean(Aggregator("trimmed-mean", trim_fraction=fraction), _uploads(clients),
-                      KEYS, {})
+                      KEYS, {}).tensors
     for key in KEYS:
         want = scipy.stats.trim_mean(_np(clients, key), fraction, axis=0)
         assert np.allclose(got[key].numpy(), want, atol=1e-7)
@@ -66,7 +66,7 @@ def test_trimmed_mean_is_scipys_trim_mean(n: int, fraction: float) -> None:
 def test_mean_is_bit_identical_to_weighted_mean() -> None:
     clients, sizes = _random_clients(6), [3, 40, 7, 1, 12, 9]
     uploads = _uploads(clients, sizes)
-    got = robust_mean(Aggregator("mean"), uploads, KEYS, {})
+    got = robust_mean(Aggregator("mean"), uploads, KEYS, {}).tensors
     want = weighted_mean(uploads, KEYS)
     assert all(torch.equal(got[k], want[k]) for k in KEYS)
 
@@ -90,7 +90,7 @@ def test_norm_clip_bounds_every_update_then_takes_the_weighted_mean(bound: float
         assert clipped_norms[i].item() == pytest.approx(want, rel=1e-12)
     sizes = [1, 2, 3, 4, 5]
     got = robust_mean(Aggregator("norm-clip", clip_norm=bound), _uploads(clients, sizes), KEYS,
-                      reference)
+                      reference).tensors
     w = np.array(sizes, dtype=np.float64) / sum(sizes)
     for key in KEYS:
         want = reference[key].double().numpy() + np.tensordot(w, clipped[key].numpy(), axes=1)
@@ -123,16 +123,18 @@ def _distance(got: dict, want: dict) -> float:
 @pytest.mark.parametrize("attack", ["sign-flip", "scaled", "noise"])
 def test_robust_aggregators_stay_near_the_honest_mean_under_20_percent_attackers(
         attack: str) -> None:
-    """Eight clients agree, two attack. Median and trimmed mean ignore the attackers; norm
+    """Eight clients agree, two attack. Median, trimmed and filtered median ignore them; norm
     clipping bounds their weight to a typical honest update's, which stops scaling but not
     sign flips or noise of the same norm (0.8 u - 0.2 u, as the mean)."""
     uploads, reference, honest = _agreeing_round(attack)
     spread = _distance(reference, honest)  # the size of one honest update
-    plain = _distance(robust_mean(Aggregator("mean"), uploads, KEYS, reference), honest)
-    for rule in ("median", "trimmed-mean"):
-        got = _distance(robust_mean(Aggregator(rule), uploads, KEYS, reference), honest)
-        assert got < 0.1 * spread, (rule, got, spread)
-    clipped = _distance(robust_mean(Aggregator("norm-clip"), uploads, KEYS, reference), honest)
+    def error(rule: str) -> float:
+        return _distance(robust_mean(Aggregator(rule), uploads, KEYS, reference).tensors, honest)
+
+    plain = error("mean")
+    for rule in ("median", "trimmed-mean", "filtered-median"):
+        assert error(rule) < 0.1 * spread, (rule, error(rule), spread)
+    clipped = error("norm-clip")
     limit = {"sign-flip": 0.45, "scaled": 0.45, "noise": 0.3}[attack]
     assert clipped < limit * spread
     want_plain = {"sign-flip": 0.35, "scaled": 2.0, "noise": 0.0}[attack]
@@ -143,6 +145,62 @@ def test_robust_aggregators_stay_near_the_honest_mean_under_20_percent_attackers
     method = build_method(load_config(None, ['federation.aggregator="median"']))
     state = method.aggregate(Payload(reference), uploads)
     assert _distance(state.tensors, honest) < 0.25 * spread
+
+
+def _scaled_round(honest: int, bad: int, seed: int = 11) -> tuple[list, dict, list[dict]]:
+    """Honest clients whose updates roughly agree (a shared direction plus 30% noise) and
+    ``bad`` clients uploading ``sent - 10 * update``; returns (uploads, reference, honest)."""
+    gen = torch.Generator().manual_seed(seed)
+    reference = {k: torch.randn(s, generator=gen) for k, s in KEYS.items()}
+    direction = {k: torch.randn(s, generator=gen) for k, s in KEYS.items()}
+    clients = [{k: reference[k] + direction[k] + 0.3 * torch.randn(s, generator=gen)
+                for k, s in KEYS.items()} for _ in range(honest + bad)]
+    hostile = [{k: reference[k] - 10 * (c[k] - reference[k]) for k in KEYS}
+               for c in clients[honest:]]
+    return _uploads(clients[:honest] + hostile), reference, clients[:honest]
+
+
+@pytest.mark.parametrize("bad", [0, 1, 3, 4])
+def test_filtered_median_drops_far_uploads_and_is_the_median_of_the_rest(bad: int) -> None:
+    """Up to 4 of 10 scaled attackers (a round's sample at 20% often holds 3+): all are
+    dropped, no honest client is, and the aggregate is then exactly the honest median, where
+    the plain median is pulled one rank per attacker."""
+    uploads, reference, honest = _scaled_round(10 - bad, bad)
+    got = robust_mean(Aggregator("filtered-median"), uploads, KEYS, reference)
+    assert got.dropped == bad
+    for key in KEYS:
+        want = np.median(_np(honest, key), axis=0)
+        assert np.allclose(got.tensors[key].numpy(), want, atol=1e-6)
+    honest_median = {k: torch.from_numpy(np.median(_np(honest, k), axis=0)) for k in KEYS}
+    median = robust_mean(Aggregator("median"), uploads, KEYS, reference).tensors
+    if bad >= 3:
+        assert _distance(median, honest_median) > 10 * _distance(got.tensors, honest_median)
+
+
+def test_filtered_median_keeps_at_least_half_and_follows_its_factor() -> None:
+    """Random (disagreeing) clients with one far out: a factor of 1 drops everything beyond the
+    median distance, yet half remain; a huge factor drops nothing and is the plain median."""
+    clients = _random_clients(9, seed=4)
+    clients[0] = {k: 100 * v for k, v in clients[0].items()}
+    uploads = _uploads(clients)
+    tight = robust_mean(Aggregator("filtered-median", filter_factor=1.0), uploads, KEYS, {})
+    assert 1 <= tight.dropped <= 4
+    loose = robust_mean(Aggregator("filtered-median", filter_factor=1e6), uploads, KEYS, {})
+    plain = robust_mean(Aggregator("median"), uploads, KEYS, {})
+    assert loose.dropped == 0
+    assert all(torch.equal(loose.tensors[k], plain.tensors[k]) for k in KEYS)
+    assert robust_mean(Aggregator("filtered-median"), uploads, KEYS, {}).dropped == 1
+
+
+def test_the_round_metrics_report_dropped_uploads() -> None:
+    uploads, reference, _ = _scaled_round(7, 3)
+    for name in ("fedit", "ffa-lora"):
+        method = build_method(load_config(None, [f'method.name="{name}"',
+                                                 'federation.aggregator="filtered-median"']))
+        state = method.aggregate(method.init(reference), uploads)
+        assert method.round_metrics(state) == {"uploads_dropped": 3.0}
+    plain = build_method(load_config(None, ['federation.aggregator="median"']))
+    assert plain.round_metrics(plain.aggregate(Payload(reference), uploads)) == {}
 
 
 def test_ffa_lora_aggregates_its_sent_keys_robustly() -> None:
@@ -164,7 +222,7 @@ def test_ffa_lora_aggregates_its_sent_keys_robustly() -> None:
 # ---- refusals ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-@pytest.mark.parametrize("rule", ["median", "trimmed-mean", "norm-clip"])
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean", "norm-clip", "filtered-median"])
 def test_methods_that_do_not_average_refuse_a_robust_aggregator(name: str, rule: str) -> None:
     cfg = load_config(None, [f'method.name="{name}"', f'federation.aggregator="{rule}"'])
     if METHODS[name].robust_aggregation:
@@ -183,6 +241,9 @@ def test_robust_methods_are_the_mean_methods() -> None:
     (["federation.trim_fraction=0.5"], "trim_fraction = 0.5 is out of range: below 0.5"),
     (["federation.clip_norm=nan"], "clip_norm = nan is not a finite number"),
     (["federation.clip_norm=-1"], "clip_norm = -1.0 is out of range"),
+    (["federation.filter_factor=0.5"], "filter_factor = 0.5 is out of range"),
+    (["federation.filter_factor=nan"], "filter_factor = nan is not a finite number"),
+    (["federation.filter_factor=inf"], "filter_factor = inf is not a finite number"),
     (['federation.aggregator="median"', 'privacy.client_level="server-fixed"'],
      "client-level DP"),
     (['attacks.kind="scaled"'], "set both"),

@@ -94,7 +94,7 @@ class DataConfig:
     seed: int = option(0, "seed of the test split and the partitioner")
 
 
-AGGREGATORS = ("mean", "median", "trimmed-mean", "norm-clip")
+AGGREGATORS = ("mean", "median", "trimmed-mean", "norm-clip", "filtered-median")
 
 
 @dataclass
@@ -125,14 +125,19 @@ class FederationConfig:
                                           "also caps it at the partition's real size)", min=0)
     aggregator: str = option("mean", "how the uploads are combined (methods whose aggregate is a "
                              "mean of uploads): the weighted mean; the coordinate-wise median; "
-                             "the coordinate-wise trimmed mean; or each update clipped to a "
-                             "norm, then the weighted mean", choices=AGGREGATORS)
+                             "the coordinate-wise trimmed mean; each update clipped to a "
+                             "norm, then the weighted mean; or the median of the uploads left "
+                             "after dropping those far from it", choices=AGGREGATORS)
     trim_fraction: float = option(0.2, "trimmed-mean: share of the uploads dropped at each end "
                                   "of every coordinate (floor(fraction * n) each side; < 0.5)",
                                   min=0)
     clip_norm: float = option(0.0, "norm-clip: L2 bound on a client's whole update (0 = the "
                               "median of the round's update norms)", min=0,
                               non_finite="0 means the median of the round's update norms")
+    filter_factor: float = option(3.0, "filtered-median: drop an upload farther from the "
+                                  "coordinate-wise median than this many times the round's "
+                                  "median distance, then take the median of the rest",
+                                  min=1)
 
 
 @dataclass
