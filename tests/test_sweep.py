@@ -217,6 +217,28 @@ def test_finished_cells_are_skipped_and_reported(tmp_path: Path, monkeypatch: py
     assert "| fedit | 1 | 0.700 | 0.700 | 0.625 | 2.0 (1/1) |" in (out / "results.md").read_text()
 
 
+def test_report_writes_the_finished_cells_and_runs_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+        ) -> None:
+    path = _one_cell_sweep(tmp_path)
+    path.write_text(path.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
+    first, second = expand(load_sweep(path))
+    out = tmp_path / "out"
+    _fake_finished(cell_dir(out, first), to_toml(first.config), [0.5, 0.6, 0.65])
+    monkeypatch.setattr(sweep_mod, "run_cell", lambda *a: pytest.fail("--report ran a cell"))
+    assert main(["sweep", str(path), "--out", str(out), "--report"]) == 0
+    assert "1 of 2 cells finished" in capsys.readouterr().out
+    with open(out / "results.csv") as fh:
+        assert [r["cell"] for r in csv.DictReader(fh)] == [first.name]
+    assert f"Not finished (1): {second.name}" in (out / "results.md").read_text()
+    assert not cell_dir(out, second).exists()
+    with sweep_mod.sweep_lock(out):  # a sweep running there: refused, nothing written
+        (out / "results.md").unlink()
+        assert main(["sweep", str(path), "--out", str(out), "--report"]) == 2
+    assert "another fedpeft sweep is running" in capsys.readouterr().err
+    assert not (out / "results.md").exists()
+
+
 def test_cell_states(tmp_path: Path) -> None:
     sweep = load_sweep(_one_cell_sweep(tmp_path))
     (cell,) = expand(sweep)

@@ -508,6 +508,20 @@ def run_sweep(sweep: Sweep, out: Path, echo: Echo = print) -> int:
     return 1 if failed else 0
 
 
+def report_sweep(sweep: Sweep, out: Path, echo: Echo = print) -> int:
+    """Write the results files from the cells finished in ``out``; run nothing. For a sweep
+    run in parts (a subset file with the same ``--out``), the whole file's report."""
+    cells = expand(sweep)
+    with sweep_lock(out):
+        steps = plan(cells, out)
+        check_conflicts(steps, out)
+        write_outputs(sweep, out, cells)
+    done = sum(state.kind == "done" for _, state in steps)
+    echo(f"fedpeft sweep: {done} of {len(cells)} cells finished; results in "
+         f"{out}/results.csv, results.md, curves.png")
+    return 0
+
+
 def record(sweep: Sweep, cell: Cell, out: Path) -> dict[str, Any] | None:
     labels = {k: label_text(v) for k, v in cell.labels.items()}
     return cell_record(cell.name, labels, cell_dir(out, cell), sweep.target_accuracy)
@@ -610,15 +624,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out or default_out(sweep)).resolve()
     if args.dry_run:
         return dry_run(sweep, out)
+    if args.report:
+        return report_sweep(sweep, out)
     return run_sweep(sweep, out)
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
-    """``fedpeft sweep SWEEP.toml [--out DIR] [--dry-run]``."""
+    """``fedpeft sweep SWEEP.toml [--out DIR] [--dry-run | --report]``."""
     sw = sub.add_parser("sweep", help="run a grid of simulations (methods x settings x seeds), "
                         "resumable; results.csv, results.md, curves.png")
     sw.add_argument("sweep", help="sweep file (TOML; see simulations/sweeps/)")
     sw.add_argument("--out", help="output folder (default runs/sweeps/<sweep file name>)")
     sw.add_argument("--dry-run", action="store_true",
                     help="list the cells and what a run would do with each; run nothing")
+    sw.add_argument("--report", action="store_true",
+                    help="write results.csv, results.md and curves.png from the cells "
+                    "finished in the output folder; run nothing")
     sw.set_defaults(func=cmd_sweep)
