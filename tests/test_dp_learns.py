@@ -293,7 +293,7 @@ def test_refusals(sets: list[str], message: str) -> None:
 # ---- the sweep file --------------------------------------------------------------------------
 def test_dp_sweep_is_the_documented_grid() -> None:
     """fedit and ffa-lora x epsilon {1, 3, 8, no DP} x seeds [0, 1], every cell a valid config
-    in the large-batch setting (few clients, all sampled, accumulation for memory)."""
+    in the documented setting (few clients, all sampled, large batches, mean pooling)."""
     sweep = load_sweep(SWEEP)
     cells = expand(sweep)
     assert sorted(sweep.methods) == ["fedit", "ffa-lora"] and sweep.seeds == [0, 1]
@@ -303,4 +303,5 @@ def test_dp_sweep_is_the_documented_grid() -> None:
     for cell in cells:
         cfg = cell.config
         assert cfg.federation.clients == cfg.federation.clients_per_round <= 5
-        assert cfg.train.batch_size >= 512 and cfg.train.accumulate > 1
+        assert cfg.train.batch_size >= 256 and cfg.model.pooling == "mean"
+        assert cfg.data.partitioner == "iid"

@@ -170,7 +170,7 @@ def _base_model(model_json: str, num_labels: int) -> torch.nn.Module:
 def base_model(cfg: ModelConfig, num_labels: int) -> torch.nn.Module:
     """The process's frozen base for this model section (built once; do not modify it)."""
     base = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k in ("name", "task", "dtype", "gradient_checkpointing")}
+            if k in ("name", "task", "dtype", "gradient_checkpointing", "pooling")}
     return _base_model(json.dumps(base, sort_keys=True), num_labels)
 
 

@@ -62,6 +62,11 @@ class ModelConfig:
                         choices=("float32", "bfloat16", "float16"))
     gradient_checkpointing: bool = option(False, "recompute activations in backward (less "
                                           "memory, more time)")
+    pooling: str = option("auto", "how a classifier sums up a text: 'auto' = the architecture's "
+                          "own head (BERT: dense + tanh over the first token); 'mean' = the "
+                          "mean of the last hidden states over the real tokens, what "
+                          "sentence-transformers checkpoints such as minilm-l6 were trained "
+                          "for (BERT-style encoders)", choices=("auto", "mean"))
 
 
 @dataclass

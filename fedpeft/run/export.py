@@ -88,6 +88,10 @@ def export_merged(run_dir: Path, out_dir: Path) -> dict[str, Any]:
     run = read_run(run_dir)
     _check_target(out_dir)
     cfg = run.cfg
+    if cfg.model.pooling != "auto":
+        raise ConfigError(f"{run_dir}: model.pooling = {cfg.model.pooling!r} is not part of a "
+                          "plain Hugging Face model, which would reload with its own pooler: "
+                          "use the run's adapter/ with fedpeft (e.g. fedpeft generate)")
     set_torch_threads(default_threads())
     workspace = get_workspace(cfg)
     if run.exact:
