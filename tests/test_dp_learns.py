@@ -305,3 +305,25 @@ def test_dp_sweep_is_the_documented_grid() -> None:
         assert cfg.federation.clients == cfg.federation.clients_per_round <= 5
         assert cfg.train.batch_size >= 256 and cfg.model.pooling == "mean"
         assert cfg.data.partitioner == "iid"
+
+
+def test_dp_lr_controls_are_dp_toml_at_the_other_methods_learning_rate() -> None:
+    """dp_lr.toml's two cells are dp.toml's epsilon-8 cells of seed 0 with one change: the
+    learning rate is the other method's default (so the controls cannot drift from the curve)."""
+    import dataclasses
+
+    import strategies  # noqa: F401  (registers the methods)
+    from strategies.base import METHODS
+
+    curve = {(c.config.method.name, c.config.federation.seed): c.config
+             for c in expand(load_sweep(SWEEP))
+             if c.config.privacy.enabled and c.config.privacy.epsilon == 8.0}
+    controls = expand(load_sweep(SWEEP.with_name("dp_lr.toml")))
+    assert sorted(c.config.method.name for c in controls) == ["fedit", "ffa-lora"]
+    other = {"fedit": "ffa-lora", "ffa-lora": "fedit"}
+    for cell in controls:
+        cfg = cell.config
+        assert cfg.train.lr == METHODS[other[cfg.method.name]].default_lr
+        assert cfg.train.lr != METHODS[cfg.method.name].default_lr
+        twin = curve[(cfg.method.name, cfg.federation.seed)]
+        assert dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.0)) == twin
