@@ -308,22 +308,26 @@ def test_dp_sweep_is_the_documented_grid() -> None:
 
 
 def test_dp_lr_controls_are_dp_toml_at_the_other_methods_learning_rate() -> None:
-    """dp_lr.toml's two cells are dp.toml's epsilon-8 cells of seed 0 with one change: the
-    learning rate is the other method's default (so the controls cannot drift from the curve)."""
+    """dp_lr.toml's cells are dp.toml's cells of seed 0 (epsilon 8, or no DP) with one change:
+    the learning rate is the other method's default (so the controls cannot drift from the
+    curve)."""
     import dataclasses
 
     import strategies  # noqa: F401  (registers the methods)
     from strategies.base import METHODS
 
-    curve = {(c.config.method.name, c.config.federation.seed): c.config
-             for c in expand(load_sweep(SWEEP))
-             if c.config.privacy.enabled and c.config.privacy.epsilon == 8.0}
+    def budget(cfg: FedConfig) -> float | None:
+        return cfg.privacy.epsilon if cfg.privacy.enabled else None
+
+    curve = {(c.config.method.name, c.config.federation.seed, budget(c.config)): c.config
+             for c in expand(load_sweep(SWEEP))}
     controls = expand(load_sweep(SWEEP.with_name("dp_lr.toml")))
-    assert sorted(c.config.method.name for c in controls) == ["fedit", "ffa-lora"]
+    assert sorted((c.config.method.name, str(budget(c.config))) for c in controls) == [
+        ("fedit", "8.0"), ("fedit", "None"), ("ffa-lora", "8.0")]
     other = {"fedit": "ffa-lora", "ffa-lora": "fedit"}
     for cell in controls:
         cfg = cell.config
         assert cfg.train.lr == METHODS[other[cfg.method.name]].default_lr
         assert cfg.train.lr != METHODS[cfg.method.name].default_lr
-        twin = curve[(cfg.method.name, cfg.federation.seed)]
+        twin = curve[(cfg.method.name, cfg.federation.seed, budget(cfg))]
         assert dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.0)) == twin
