@@ -17,6 +17,10 @@ already received or against the receiver's own tensors.
 With ``deflate`` last in the chain the whole buffer is zlib-compressed; the receiver inflates
 at most the size the manifest describes and rejects anything longer or shorter.
 
+The receiver says what it expects (:class:`fedpeft.core.payload.Expected`: the exact keys,
+shapes and dtypes, or at least a byte budget); a manifest that differs, or describes more bytes
+than the budget, is refused before anything is inflated or copied.
+
 Error feedback (top-k chains): what the chain did not send of a delta tensor is returned as its
 *residual*, and the next ``pack`` adds the residual to that tensor's update before selecting.
 """
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 
 from fedpeft.core.filters import Chain, decode, encode, layout, nbytes, parse_chain
-from fedpeft.core.payload import Tensors
+from fedpeft.core.payload import Expected, Tensors
 
 VERSION = 1
 RAW, ABS, DELTA = "raw", "abs", "delta"
@@ -126,14 +130,24 @@ class _Item:
     parts: list[tuple[np.dtype, int]]
 
 
-def unpack(buffer: bytes, manifest: bytes, *, reference: Tensors | None = None) -> Tensors:
+def unpack(buffer: bytes, manifest: bytes, *, reference: Tensors | None = None,
+           expected: Expected | None = None) -> Tensors:
     """The tensors a packed payload holds, in their original dtypes and shapes. Raises
-    :class:`PackError` on anything inconsistent, before allocating by a declared size."""
-    chain, entries = read_manifest(manifest)
-    items = [_item(entry, chain.per_tensor(), reference or {}) for entry in entries]
-    if len({item.key for item in items}) != len(items):
+    :class:`PackError` on anything inconsistent or not ``expected`` (keys, shapes, dtypes,
+    decoded size), before inflating or allocating anything."""
+    expected = expected or Expected()
+    chain, entries = read_manifest(manifest, expected.manifest_limit)
+    items = [_item(entry, chain.per_tensor(), reference or {}, expected) for entry in entries]
+    keys = {item.key for item in items}
+    if len(keys) != len(items):
         raise PackError("packed payload: a tensor key appears twice")
+    missing = expected.missing(keys)
+    if missing:
+        raise PackError(f"packed payload: missing tensors {missing[:3]}")
     total = sum(nbytes(item.parts) for item in items)
+    if total > expected.limit:
+        raise PackError(f"packed payload: the manifest describes {total} bytes, more than the "
+                        f"{expected.limit} expected")
     if chain.deflate:
         buffer = _inflate(buffer, total)
     if total != len(buffer):
@@ -152,11 +166,12 @@ def unpack(buffer: bytes, manifest: bytes, *, reference: Tensors | None = None) 
 
 
 def _inflate(blob: bytes, expected: int) -> bytes:
-    """Inflate a deflated buffer, never past one byte more than the manifest describes."""
+    """Inflate a deflated buffer, never past one byte more than the (checked) manifest
+    describes."""
     inflate = zlib.decompressobj()
     try:
         out = inflate.decompress(blob, expected + 1)
-    except zlib.error as exc:
+    except (zlib.error, OverflowError) as exc:
         raise PackError(f"packed payload: the deflated buffer is unreadable ({exc})") from None
     if len(out) > expected or inflate.unconsumed_tail:
         raise PackError(f"packed payload: the deflated buffer holds more than the {expected} "
@@ -182,15 +197,18 @@ def _decode_item(item: _Item, parts: list[np.ndarray], reference: Tensors) -> to
     return values.to(item.dtype)
 
 
-def read_manifest(blob: object) -> tuple[Chain, list[Any]]:
-    """The chain and the per-tensor entries of a manifest (shape and types checked)."""
+def read_manifest(blob: object, limit: int = MAX_MANIFEST_BYTES) -> tuple[Chain, list[Any]]:
+    """The chain and the per-tensor entries of a manifest (shape and types checked); its JSON
+    is inflated to ``limit`` bytes at most."""
     if not isinstance(blob, bytes):
         raise PackError("packed payload: the manifest is not bytes")
     inflate = zlib.decompressobj()
+    limit = min(limit, MAX_MANIFEST_BYTES)
     try:
-        text = inflate.decompress(blob, MAX_MANIFEST_BYTES)
-        if inflate.unconsumed_tail:
-            raise PackError(f"packed payload: the manifest exceeds {MAX_MANIFEST_BYTES} bytes")
+        text = inflate.decompress(blob, limit)
+        if inflate.unconsumed_tail or not inflate.eof:
+            raise PackError(f"packed payload: the manifest is truncated or exceeds {limit} "
+                            "bytes")
         doc = json.loads(text)
     except PackError:
         raise
@@ -207,7 +225,7 @@ def read_manifest(blob: object) -> tuple[Chain, list[Any]]:
     return chain, doc["t"]
 
 
-def _item(entry: object, chain: Chain, reference: Tensors) -> _Item:
+def _item(entry: object, chain: Chain, reference: Tensors, expected: Expected) -> _Item:
     if not isinstance(entry, list) or len(entry) not in (4, 6) or not isinstance(entry[0], str):
         raise PackError(f"packed payload: malformed manifest entry {str(entry)[:80]}")
     key, dtype_name, shape, mode, *sparse = entry
@@ -219,6 +237,9 @@ def _item(entry: object, chain: Chain, reference: Tensors) -> _Item:
             or not all(type(s) is int and s >= 0 for s in shape)):
         raise PackError(f"{where}: shape {str(shape)[:80]} is not a list of at most {MAX_NDIM} "
                         "non-negative integers")
+    refusal = expected.refusal(key, dtype, tuple(shape))
+    if refusal is not None:
+        raise PackError(f"packed payload: {refusal}")
     n = math.prod(shape)
     if mode == RAW:
         if sparse:

@@ -14,7 +14,9 @@ stores and forwards, not an estimate from tensor sizes.
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,12 +27,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from fedpeft.core.config import FedConfig
 from fedpeft.core.filters import parse_chain
 from fedpeft.core.keys import RUN_CONFIG_KEY
-from fedpeft.core.packing import Packed, PackError, pack, unpack
-from fedpeft.core.payload import ClientState, Payload, Tensors
+from fedpeft.core.packing import DTYPES, MAX_NDIM, Packed, PackError, pack, unpack
+from fedpeft.core.payload import ClientState, Expected, Payload, Tensors
 
 TENSORS, SCALARS = "tensors", "scalars"  # TENSORS: per-key tensors (one Array each)
 PACKED, MANIFEST = "fedpeft.packed", "fedpeft.manifest"  # all tensors in one Array + its manifest
 RESIDUAL_PREFIX = "fedpeft.residual."  # ClientState.tensors keys of top-k error feedback
+NUMPY_STYPE = "numpy.ndarray"  # Flower's Array of an npy file
 BYTES_STYPE = "fedpeft.bytes"  # the packed Array's data is the bare buffer (no npy header)
 CONFIG_RECORD = "fedpeft.config"  # the config as JSON in a message (runs without RUN_CONFIG_KEY)
 METRICS_RECORD = "metrics"
@@ -94,22 +97,26 @@ def residuals_of(state: ClientState) -> Tensors:
     return {k[cut:]: v for k, v in state.tensors.items() if k.startswith(RESIDUAL_PREFIX)}
 
 
-def records_to_payload(content: RecordDict, *, reference: Tensors | None = None) -> Payload:
+def records_to_payload(content: RecordDict, *, reference: Tensors | None = None,
+                       expected: Expected | None = None) -> Payload:
     """The payload a message carries (see :func:`unpack_record`; ValueError when malformed)."""
     scalars = dict(content[SCALARS]) if SCALARS in content else {}
-    return Payload(unpack_record(content, reference=reference), scalars)
+    return Payload(unpack_record(content, reference=reference, expected=expected), scalars)
 
 
 def has_tensors(content: RecordDict) -> bool:
     return PACKED in content or TENSORS in content
 
 
-def unpack_record(content: RecordDict, *, reference: Tensors | None = None) -> Tensors:
+def unpack_record(content: RecordDict, *, reference: Tensors | None = None,
+                  expected: Expected | None = None) -> Tensors:
     """The tensors of a message, packed or per key, decoded: original dtypes and shapes.
-    ``reference``: the downlink the sender received (needed when it sent updates).
+    ``reference``: the downlink the sender received (needed when it sent updates);
+    ``expected``: what the receiver accepts (checked before anything is inflated or copied).
     Raises ValueError (:class:`PackError`) with a message the server can log as a rejection."""
+    expected = expected or Expected()
     if PACKED not in content:
-        return from_array_record(content[TENSORS]) if TENSORS in content else {}
+        return checked_array_record(content[TENSORS], expected) if TENSORS in content else {}
     if TENSORS in content:
         raise PackError("a message with both packed and per-key tensors")
     record, manifest = content[PACKED], content.get(MANIFEST)
@@ -121,13 +128,65 @@ def unpack_record(content: RecordDict, *, reference: Tensors | None = None) -> T
             or tuple(array.shape) != (len(array.data),)):
         raise PackError(f"packed payload: a {array.dtype} array of shape {array.shape} and "
                         f"type {array.stype!r}, expected the flat {BYTES_STYPE} buffer")
-    return unpack(array.data, manifest["m"], reference=reference)
+    return unpack(array.data, manifest["m"], reference=reference, expected=expected)
 
 
-def unpack_in_place(content: RecordDict, *, reference: Tensors | None = None) -> Tensors:
+def checked_array_record(record: object, expected: Expected) -> Tensors:
+    """A per-key ``TENSORS`` record's tensors, each Array's npy header checked against
+    ``expected`` and against its own length before anything is allocated (``Array.numpy``
+    would allocate whatever the header declares)."""
+    if not isinstance(record, ArrayRecord):
+        raise PackError("per-key tensors: not an ArrayRecord")
+    out: Tensors = {}
+    total = 0
+    for key, array in record.items():
+        values = _npy_values(key, array, expected)
+        total += values.nbytes
+        if total > expected.limit:
+            raise PackError(f"per-key tensors: more than the {expected.limit} bytes expected")
+        out[key] = torch.from_numpy(values.copy())
+    missing = expected.missing(set(out))
+    if missing:
+        raise PackError(f"per-key tensors: missing tensors {missing[:3]}")
+    return out
+
+
+def _npy_values(key: str, array: Array, expected: Expected) -> np.ndarray:
+    """One Array's values (a view of its bytes), refused unless its npy header describes exactly
+    its bytes, a plain numeric dtype and what ``expected`` allows."""
+    if not isinstance(array, Array) or array.stype != NUMPY_STYPE or not isinstance(
+            array.data, bytes):
+        raise PackError(f"per-key tensor {key[:80]!r}: not a numpy Array")
+    stream = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(stream)
+    except (ValueError, TypeError, SyntaxError, OverflowError) as exc:
+        raise PackError(f"per-key tensor {key[:80]!r}: unreadable npy header ({exc})") from None
+    name = str(dtype).removeprefix("<")
+    torch_dtype = DTYPES.get(name) if dtype.kind in "fiub" and not dtype.hasobject else None
+    if torch_dtype is None or dtype.byteorder == ">" or fortran or len(shape) > MAX_NDIM:
+        raise PackError(f"per-key tensor {key[:80]!r}: dtype {dtype}, shape {shape[:8]}: "
+                        "expected a little-endian C-order numeric array")
+    refusal = expected.refusal(key, torch_dtype, tuple(shape))
+    if refusal is not None:
+        raise PackError(f"per-key tensors: {refusal}")
+    count = math.prod(shape)
+    offset = stream.tell()
+    if count * dtype.itemsize != len(array.data) - offset or count * dtype.itemsize > \
+            expected.limit:
+        raise PackError(f"per-key tensor {key[:80]!r}: its header describes "
+                        f"{count * dtype.itemsize} bytes, it holds {len(array.data) - offset}")
+    return np.frombuffer(array.data, dtype, count, offset).reshape(shape)
+
+
+def unpack_in_place(content: RecordDict, *, reference: Tensors | None = None,
+                    expected: Expected | None = None) -> Tensors:
     """Replace a packed message's tensors by a per-key ``TENSORS`` ArrayRecord (for Flower's DP
     wrappers, which clip and average ArrayRecords); returns the decoded tensors."""
-    tensors = unpack_record(content, reference=reference)
+    tensors = unpack_record(content, reference=reference, expected=expected)
     for name in (PACKED, MANIFEST):
         if name in content:
             del content[name]
@@ -145,12 +204,14 @@ def replace_tensors(content: RecordDict, tensors: Tensors) -> None:
 
 
 def transmit(payload: Payload, *, filters: Sequence[str] = (), reference: Tensors | None = None,
-             state: ClientState | None = None) -> tuple[Payload, int]:
+             state: ClientState | None = None,
+             expected: Expected | None = None) -> tuple[Payload, int]:
     """Send ``payload`` without Flower: what the receiver decodes and the message's bytes (for
     the plain loop; same arguments as :func:`payload_to_records`, the same ``reference`` on both
     sides)."""
     content = payload_to_records(payload, filters=filters, reference=reference, state=state)
-    return records_to_payload(content, reference=reference), serialized_nbytes(content)
+    received = records_to_payload(content, reference=reference, expected=expected)
+    return received, serialized_nbytes(content)
 
 
 def serialized_nbytes(obj: Any) -> int:
