@@ -84,7 +84,7 @@ def test_workspace_reuse_and_its_ablation() -> None:
     simulation.reuse_workspace = false each client round builds its own (the 'before')."""
     from fedpeft.core.config import load_config
     from fedpeft.core.workspace import get_workspace
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     reuse = load_config(None, TINY)
     assert get_workspace(reuse) is get_workspace(reuse)

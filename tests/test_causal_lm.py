@@ -15,11 +15,10 @@ import pytest
 import torch
 
 from fedpeft.core.adapters import build_adapter_model
-from fedpeft.core.config import ConfigError, DataConfig, ModelConfig, load_config
+from fedpeft.core.config import ConfigError, DataConfig, load_config
 from fedpeft.core.data import TextData, chat_data
-from fedpeft.core.models import load_tokenizer
-from fedpeft.core.tasks import CausalLM
 from fedpeft.core.tasks.causal_lm import IGNORE, truncate
+from tests.helpers import make_task, tiny_run
 from tests.tiny_models import save_tiny_bert, save_tiny_gpt2, save_tiny_llama
 
 CHAT = (("system", "be brief"), ("user", "hello there"), ("assistant", "I am fine"),
@@ -46,13 +45,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for key, rows in (("labels", labelled), ("chats", chats)):
         out[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
-
-
-def make_task(folder: Path, data: DataConfig | None = None, labels: tuple[str, ...] = (),
-              max_length: int = 256) -> CausalLM:
-    cfg = ModelConfig(name=str(folder), max_length=max_length)
-    return CausalLM(cfg, data or DataConfig(dataset="file", path="x"),
-                    load_tokenizer(str(folder)), labels)
 
 
 # ---- which tokens carry the loss -----------------------------------------------------------------
@@ -235,13 +227,6 @@ def test_accuracy_compares_verbalizer_log_likelihoods(folders: dict[str, Path]) 
 
 
 # ---- end to end ------------------------------------------------------------------------------
-def tiny_run(folder: Path, data: Path, *extra: str) -> list[str]:
-    return [f'model.name="{folder}"', 'data.dataset="file"', f'data.path="{data}"',
-            'data.partitioner="iid"', "data.test_size=20", "federation.clients=4",
-            "federation.clients_per_round=2", "federation.rounds=2", "train.local_steps=2",
-            "train.batch_size=4", "model.max_length=48", *extra]
-
-
 METHODS = [("fedit", ()), ("ffa-lora", ()), ("lora-fair", ()),
            ("hetlora", ('federation.rank_mix="2:0.5,8:0.5"',)),
            ("flexlora", ('federation.rank_mix="2:0.5,8:0.5"',)), ("flora", ()),

@@ -20,7 +20,7 @@ from fedpeft.core.ledger import PrivacyLedger, device_privacy
 from fedpeft.core.privacy import BUDGET_SPENT, compose, epsilon_of, noise_multiplier
 from fedpeft.core.wire import CONFIG_RECORD, config_record, payload_to_records
 from fedpeft.core.workspace import get_workspace
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the (largest|smallest) alpha")
 ROWS = 64

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 
@@ -22,6 +21,7 @@ from fedpeft.core.payload import ClientState
 from fedpeft.core.training import client_optimizer, make_optimizer, micro_batches, train_steps
 from fedpeft.core.workspace import Workspace, get_workspace
 from fedpeft.run.sweep import expand, load_sweep
+from tests.helpers import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the (largest|smallest) alpha",
                                         "ignore:Full backward hook is firing")

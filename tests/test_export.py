@@ -18,7 +18,7 @@ from safetensors import safe_open
 from fedpeft.cli import main
 from fedpeft.core.config import load_config
 from fedpeft.core.workspace import get_workspace
-from tests.test_causal_lm import tiny_run
+from tests.helpers import tiny_run
 from tests.tiny_models import write_tiny_run_files
 
 IGNORE = -100

@@ -33,7 +33,7 @@ def test_plain_loop_runs_back_to_back_start_from_the_same_adapter() -> None:
     """Experiment scripts run several plain-loop runs in one process; the cached workspace model
     is trained by the first, so the second must not take its initial global adapter from it."""
     from simulations.plain_loop import run_plain
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     first = run_plain(None, [*TINY, 'method.name="fedit"'])
     second = run_plain(None, [*TINY, 'method.name="fedit"'])

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import TINY
 from fedpeft.client.trainer import client_round
 from fedpeft.strategies import ClientProfile, Upload, build_method
 from fedpeft.strategies import ferret as fr
@@ -28,6 +27,7 @@ from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.wire import payload_to_records, serialized_nbytes
 from fedpeft.core.workspace import get_workspace
 from simulations.plain_loop import run_plain
+from tests.helpers import TINY
 
 FERRET = [*TINY, 'method.name="ferret"', 'method.target="full"', "method.block_size=4096",
           "method.k=3", "train.lr=0.001"]

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import TINY
 from fedpeft.client.trainer import client_lr, client_round
 from fedpeft.strategies import ClientProfile, Upload, build_method
 from fedpeft.strategies.ffa_lora import SEED_KEY, frozen_factor
@@ -16,6 +15,7 @@ from fedpeft.core.config import ConfigError, ModelConfig, load_config
 from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.wire import payload_to_records, records_to_payload, serialized_nbytes
 from fedpeft.core.workspace import get_workspace
+from tests.helpers import TINY
 
 PROFILE = ClientProfile(0, 8)
 

@@ -32,8 +32,7 @@ from fedpeft.core.models import MODELS, load_tokenizer
 from fedpeft.core.payload import Payload
 from fedpeft.core.workspace import get_workspace
 from simulations import plain_loop
-from tests.conftest import TINY
-from tests.test_reliability import FakeGrid, in_process  # noqa: F401  (a fixture)
+from tests.helpers import TINY, FakeGrid
 
 TINY_BERT = ModelConfig(name="tiny-bert")
 QUERY = "bert.encoder.layer.0.attention.self.query.weight"  # a frozen base weight LoRA wraps

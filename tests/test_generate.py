@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fedpeft.cli import main
-from tests.test_causal_lm import make_task, tiny_run
+from tests.helpers import make_task, tiny_run
 from tests.tiny_models import write_tiny_run_files
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY
 from fedpeft.client.app import own_rank
 from fedpeft.server.federation import assigned_rank, client_profile, reported_rank
 from fedpeft.strategies import RANK_KEY, ClientProfile, ClientState, Payload, Upload, build_method
@@ -17,6 +16,7 @@ from fedpeft.strategies.lowrank import fit_rank
 from fedpeft.core.config import ConfigError, load_config
 from fedpeft.core.workspace import get_workspace
 from simulations.plain_loop import run_plain
+from tests.helpers import TINY
 
 MIX = 'federation.rank_mix="2:0.3,8:0.5,16:0.2"'
 LAYERS = {"m.l0.q": (96, 80), "m.l1.v": (72, 96)}  # name -> (d_out, d_in); d >> ranks

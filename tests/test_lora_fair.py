@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-from conftest import TINY
 from fedpeft.client.trainer import client_round
 from fedpeft.strategies import ClientProfile, Upload, build_method, method_help
 from fedpeft.strategies import lora_fair as fair_module
@@ -25,6 +24,7 @@ from fedpeft.core.config import ConfigError, load_config
 from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.wire import payload_to_records, records_to_payload
 from fedpeft.core.workspace import get_workspace
+from tests.helpers import TINY
 
 PROFILE = ClientProfile(0, 4)
 HEAD = "base_model.model.classifier.weight"

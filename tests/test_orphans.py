@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fedpeft.run.launcher import LOCK_FILE, Tracker
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 FEDPEFT = [sys.executable, "-m", "fedpeft.cli"]
 GONE_WITHIN_S = 20.0  # SIGTERM, the watchdog's grace, SIGKILL; generous for a busy machine

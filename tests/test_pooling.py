@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 
 from fedpeft.core.config import ConfigError, load_config
 from fedpeft.core.models import CAUSAL_LM, MeanPooler, use_mean_pooling
 from fedpeft.core.workspace import get_workspace
 from fedpeft.run import export
+from tests.helpers import TINY
 
 MEAN = [*TINY, 'model.pooling="mean"']
 

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from fedpeft.client.trainer import client_round
 from fedpeft.server.app import FedPeftStrategy
 from fedpeft.server.client_dp import ClientLevelDP
@@ -29,6 +28,7 @@ from fedpeft.core.training import make_optimizer, train_steps
 from fedpeft.core.wire import load_client_state, payload_to_records, save_client_state
 from fedpeft.core.workspace import Workspace, get_workspace
 from simulations.plain_loop import run_plain
+from tests.helpers import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the (largest|smallest) alpha")
 DP = [*TINY, "privacy.enabled=true", "privacy.epsilon=3", "privacy.delta=1e-5"]

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY
 from fedpeft.server.reporting import MetricsLog
 
 from fedpeft.cli import main
+from tests.helpers import TINY
 
 
 @pytest.mark.slow

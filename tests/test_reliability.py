@@ -19,13 +19,10 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from fedpeft.client import app as client_app
 from fedpeft.client.faults import (
     EXPLODE_FACTOR,
     OVERSIZED_KEY,
@@ -45,8 +42,7 @@ from fedpeft.server.checkpoint import (
 from fedpeft.server.reporting import MetricsLog
 from fedpeft.server.validation import check_examples, check_upload
 from fedpeft.strategies import METHODS, build_method
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 
 from fedpeft.cli import main
@@ -55,7 +51,8 @@ from fedpeft.core.evaluation import evaluate_adapter_dir
 from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.sampling import sample_clients
 from fedpeft.run.session import finish_simulation
-from tests.conftest import TINY
+from tests.helpers import TINY, FakeGrid
+from tests.helpers import Killed as _Killed
 
 # ---------------------------------------------------------------------------------------------
 # pure functions: validation, fault assignment and corruption, checkpoint files
@@ -202,76 +199,6 @@ def test_client_round_does_not_depend_on_the_global_rng() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the real run loop and ClientApp in this process, joined by a fake Grid
-
-
-class _Killed(BaseException):
-    """Stands in for SIGKILL: nothing in the server catches it."""
-
-
-class FakeGrid:
-    """Delivers each message to the real ClientApp (mods included) in this process. ``silent``
-    partitions never reply (timed out), ``gone`` ones get Flower's node-unavailable error, and
-    the ``kill_at``-th push dies after the first reply (a server killed mid-round)."""
-
-    def __init__(self, nodes: range, *, silent: tuple[int, ...] = (), gone: tuple[int, ...] = (),
-                 kill_at: int | None = None, reverse: bool = False) -> None:
-        self.nodes = list(nodes)
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
-                                    run_config={}) for n in self.nodes}
-        self.silent, self.gone = set(silent), set(gone)
-        self.kill_at, self.reverse = kill_at, reverse
-        self.pushes = 0
-        self.inbox: dict[str, Message] = {}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        self.pushes += 1
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            ids.append(msg.metadata.message_id)
-            if self.pushes == self.kill_at and self.inbox:
-                raise _Killed
-            partition = int(msg.content["scalars"]["fedpeft.partition"])
-            if partition not in self.silent:
-                reply = self._deliver(msg, partition)
-                reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
-                self.inbox[msg.metadata.message_id] = reply
-        return ids
-
-    def pull_messages(self, message_ids: set[str]) -> list[Message]:
-        got = [self.inbox.pop(i) for i in sorted(message_ids) if i in self.inbox]
-        return got[::-1] if self.reverse else got
-
-    def send_and_receive(self, messages: list[Message], *,
-                         timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(set(self.push_messages(messages)))
-
-    def _deliver(self, msg: Message, partition: int) -> Message:
-        if partition in self.gone:
-            return Message(Error(ErrorCode.NODE_UNAVAILABLE, "node offline"), reply_to=msg)
-        try:
-            return client_app.app(msg, self.contexts[msg.metadata.dst_node_id])
-        except Exception as exc:  # what Flower's runtime does with a ClientApp exception
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(exc)), reply_to=msg)
-
-
-@pytest.fixture
-def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Flower's task identity for building messages here, and one fixed torch thread count
-    (server and clients share this process; a different count changes float results)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-    monkeypatch.setattr(server_app, "set_torch_threads", lambda n: None)
-    monkeypatch.setattr(client_app, "set_torch_threads", lambda n: None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 BROKEN = {"crash": [0], "nan": [1], "wrong_shape": [2], "oversized": [3], "explode": [4]}

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY
 from fedpeft.strategies import Upload
 from fedpeft.strategies import ferret as fr
 from fedpeft.strategies import flora as fl
@@ -16,6 +15,7 @@ from fedpeft.strategies import flora as fl
 from fedpeft.core.payload import Payload
 from fedpeft.core.sampling import sample_clients
 from simulations import plain_loop
+from tests.helpers import TINY
 
 LOST_CLIENT, LOST_ROUND, ROUNDS = 3, 3, 4
 METHODS = {

@@ -393,7 +393,7 @@ def test_attacks_reach_the_plain_loop() -> None:
     """The in-process transport applies the update attacks: with every client a sign-flipper
     the run differs from the clean one, and label-flip changes training itself."""
     from simulations.plain_loop import run_plain
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     clean = run_plain(None, [*TINY, "federation.rounds=1"])
     flipped = run_plain(None, [*TINY, "federation.rounds=1", 'attacks.kind="sign-flip"',

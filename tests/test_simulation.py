@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from fedpeft.cli import main
 from fedpeft.core.config import load_config
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 @pytest.fixture(scope="module")

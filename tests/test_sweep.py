@@ -24,7 +24,7 @@ from fedpeft.core.config import ConfigError, load_config, to_toml
 from fedpeft.run import sweep as sweep_mod
 from fedpeft.run.sweep import cell_dir, cell_state, expand, load_sweep, run_sweep
 from fedpeft.run.sweepreport import aggregate, curve, last_accuracy, markdown, rounds_to_target
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 TINY_SETS = "set = [" + ", ".join(repr(s) for s in TINY) + "]"
 

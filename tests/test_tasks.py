@@ -110,7 +110,7 @@ def test_default_plain_loop_curve_is_unchanged() -> None:
     """tiny-bert through the plain loop gives the curve the code gave before tasks existed
     (measured on the commit before the task split, same settings)."""
     from simulations.plain_loop import run_plain
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     rows = run_plain(None, list(TINY))
     assert [r["accuracy"] for r in rows] == [0.64, 0.64, 0.64]

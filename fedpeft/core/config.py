@@ -100,6 +100,7 @@ class DataConfig:
 
 
 AGGREGATORS = ("mean", "median", "trimmed-mean", "norm-clip", "filtered-median")
+EVAL_WHERE = ("server", "clients", "both")  # eval.where
 
 
 @dataclass
@@ -178,6 +179,19 @@ class EvalConfig:
 @dataclass
 class SimulationConfig:
     cpus_per_client: int = option(1, "CPU cores per virtual client (actors = cores / this)", min=1)
+    where: str = option("server", "who scores the global model: the server on its held-out "
+                        "split, the clients on their own held-out examples (figures only "
+                        "travel; docs/evaluation.md), or both", choices=EVAL_WHERE)
+    client_holdout: float = option(0.2, "with where = 'clients'/'both': the share of each "
+                                   "client's own examples held out (seeded, fixed, never "
+                                   "trained on)", gt=0, max=0.5)
+    clients_per_round: int = option(0, "clients that evaluate in an evaluated round (0 = the "
+                                    "round's training sample; N: a fixed seeded cohort of N)",
+                                    min=0)
+    personalize_steps: int = option(0, "with client-side evaluation: local steps each "
+                                    "evaluating client trains the global adapter on its own "
+                                    "training examples before scoring (0 = score it as sent)",
+                                    min=0)
     gpus_per_client: float = option(0.0, "GPU share per virtual client, fractional (0.25: four "
                                     "actors share one GPU, each holding one frozen base and "
                                     "swapping adapters); needs train.device = 'cuda' (0 = none)",
@@ -506,6 +520,7 @@ def validate(cfg: FedConfig) -> None:
     validate_compression(cfg)
 
 
+    validate_eval(cfg)
 def validate_model_name(name: str) -> None:
     """A registry name, an existing folder or an ``org/name`` hub id (whether a folder holds a
     model and a hub id is cached: ``fedpeft.core.models``)."""
@@ -557,6 +572,34 @@ def validate_faults(cfg: FedConfig) -> None:
     round timeout whenever a client is made to hang."""
     faults, fed = cfg.faults, cfg.federation
     owner: dict[int, str] = {}
+def clients_evaluate(cfg: FedConfig) -> bool:
+    """Whether the clients score the global model (``eval.where`` is 'clients' or 'both')."""
+    return cfg.eval.where != "server"
+
+
+def client_holdout(cfg: FedConfig) -> float:
+    """The share of each client's examples held out from training: ``eval.client_holdout``
+    when the clients evaluate, else 0 (a run scored on the server trains on everything)."""
+    return cfg.eval.client_holdout if clients_evaluate(cfg) else 0.0
+
+
+def validate_eval(cfg: FedConfig) -> None:
+    """[eval] checks that span keys: a cohort that exists, no per-client figures around DP-SGD
+    (a client's holdout figures are computed on its data outside the DP guarantee)."""
+    ev, fed = cfg.eval, cfg.federation
+    if ev.clients_per_round > fed.clients:
+        raise ConfigError(f"eval.clients_per_round = {ev.clients_per_round} exceeds "
+                          f"federation.clients = {fed.clients}")
+    if ev.personalize_steps and not clients_evaluate(cfg):
+        raise ConfigError(f"eval.personalize_steps = {ev.personalize_steps} fine-tunes on the "
+                          "clients before they score: set eval.where = 'clients' or 'both'")
+    if cfg.privacy.enabled and clients_evaluate(cfg):
+        raise ConfigError(
+            f"eval.where = {ev.where!r} with privacy.enabled = true: a client's accuracy and loss "
+            "on its own held-out examples are computed outside DP-SGD's guarantee and would "
+            "reach the server unnoised; use eval.where = 'server' (docs/privacy.md)")
+
+
     for kind in FAULT_KINDS:
         for pid in getattr(faults, kind):
             if not 0 <= pid < fed.clients:
