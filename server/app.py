@@ -38,6 +38,7 @@ from fedpeft.core.keys import (
     ROUND,
     SIMULATION_KEY,
 )
+from fedpeft.core.payload import Expected
 from fedpeft.core.runfiles import ERROR_FILE
 from fedpeft.core.wire import (
     CONFIG_RECORD,
@@ -127,13 +128,23 @@ def _decode(loop: RoundLoop, profile: ClientProfile, message: Message) -> Reply:
     metrics = content.get(METRICS_RECORD) if METRICS_RECORD in content else None
     fingerprint = reply_fingerprint(content)
     try:
-        payload = (records_to_payload(content, reference=loop.received(profile).tensors)
+        reference = loop.received(profile).tensors
+        payload = (records_to_payload(content, reference=reference,
+                                      expected=expected_upload(loop, profile, reference))
                    if has_tensors(content) else None)
-    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # whatever one reply holds, it rejects that reply only
         return Reply(profile, metrics=dict(metrics or {}), problem=f"undecodable payload: {exc}",
                      fingerprint=fingerprint)
     return Reply(profile, metrics=dict(metrics) if metrics is not None else None,
                  payload=payload, fingerprint=fingerprint)
+
+
+def expected_upload(loop: RoundLoop, profile: ClientProfile, reference: dict) -> Expected:
+    """What the unpacker accepts from ``profile``: the method's expected keys and shapes, in the
+    dtype it was sent where it was sent that tensor (checked before anything is inflated)."""
+    spec = loop.method.expected_upload(loop.state, profile)
+    shapes = dict(getattr(spec, "tensors", spec))  # an UploadSpec, or a plain key -> shape map
+    return Expected(shapes, {k: reference[k].dtype for k in shapes if k in reference})
 
 
 def reply_fingerprint(content: RecordDict) -> object:

@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import (
 
 from fedpeft.core.config import FedConfig
 from fedpeft.core.keys import NUM_EXAMPLES
-from fedpeft.core.payload import Payload, update_norm
+from fedpeft.core.payload import Expected, Payload, update_norm
 from fedpeft.core.privacy import client_level_epsilon
 from fedpeft.core.wire import (
     MANIFEST,
@@ -165,9 +165,9 @@ class ClientLevelDP(Strategy):
             return
         sent = {k: torch.from_numpy(v) for k, v in reference.items()}
         try:  # packed (and maybe compressed) tensors -> one Array per key, as Flower's helpers need
-            tensors = unpack_in_place(reply.content, reference=sent)
+            tensors = unpack_in_place(reply.content, reference=sent, expected=Expected.like(sent))
             problem = check_upload(Payload(tensors), {k: tuple(v.shape) for k, v in sent.items()})
-        except ValueError as exc:
+        except Exception as exc:  # whatever one reply holds, it drops that reply only
             problem = f"undecodable payload: {exc}"
         record = reply.content.get(TENSORS)
         if problem is None:
