@@ -32,6 +32,7 @@ from fedpeft.core.wire import (
     METRICS_RECORD,
     RUN_CONFIG_KEY,
     load_client_state,
+    message_scalars,
     payload_to_records,
     records_to_payload,
     run_config_json,
@@ -46,6 +47,7 @@ from fedpeft.core.workspace import (
 )
 
 from .attacks import inject_attacks
+from .downlink import downlink_expected
 from .faults import inject_faults
 from .trainer import ClientResult, client_round
 
@@ -68,14 +70,15 @@ def train(msg: Message, context: Context) -> Message:
         raise ConfigError("the message carries no run config (fedpeft sends it in the Flower "
                           f"run config {RUN_CONFIG_KEY!r} or in the message)")
     cfg, method = _setup(cfg_json)
-    downlink = records_to_payload(msg.content)
-    scalars = downlink.scalars
+    scalars = message_scalars(msg.content)  # the tensors: once the budget is known (below)
     state = load_client_state(context.state)
     sent_rank = int(scalars.get("fedpeft.rank", cfg.model.rank))
     own = own_rank(context.node_config.get("rank"), state)
     if own is not None and own != sent_rank:
         return _rank_mismatch(msg, method, own, sent_rank)
     cfg, workspace = node_workspace(cfg, context.node_config)
+    model = workspace.adapter_model(int(scalars.get("fedpeft.rank", cfg.model.rank)))
+    downlink = records_to_payload(msg.content, expected=downlink_expected(method, model))
     own_data = bool(context.node_config.get("data-path"))  # a device: its example count is private
     ledger = None
     if cfg.privacy.enabled:  # a device may ask for DP-SGD itself: refuse what the method can't do

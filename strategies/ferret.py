@@ -106,6 +106,8 @@ from fedpeft.core.adapters import AdapterModel, build_adapter_model
 from fedpeft.core.config import ModelConfig, option
 
 from .base import (
+    Aggregate,
+    Bound,
     ClientProfile,
     ClientState,
     Export,
@@ -115,6 +117,7 @@ from .base import (
     Tensors,
     TrainSpec,
     Upload,
+    UploadSpec,
     register,
 )
 from .lowrank import seed_of, weights_by_examples
@@ -133,7 +136,7 @@ LORA_LR, FULL_LR = 0.002, 5e-5
 SHARED = -1  # basis id of a round's shared bases (every client projects on them)
 NEEDS_SYNC = "needs_sync"  # reply metric: 1 when the client held no usable global state
 LOST = "ferret.lost"  # ClientState value: this round's load found no usable global state
-ASKED = "ferret.needs_sync"  # state scalar: clients of the last round that asked for a resync
+BEFORE = "ferret.before"  # ClientState tensor from load to uplink: the targets before training
 
 
 @dataclass
@@ -371,7 +374,6 @@ class Ferret(Method):
         # train.lr = 0: the target's own default (AdamW on full weights needs ~40x less)
         self.default_lr = FULL_LR if options.target == "full" else LORA_LR
         self.seed = options.seed if options.seed >= 0 else ctx.seed
-        self._before: tuple[int, torch.Tensor | None] | None = None  # (id(model), W before)
         # Recent global states (run, round) -> D_round, shared by every client this process
         # runs: in simulation one reconstruction per round serves them all.
         self._cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
@@ -422,28 +424,25 @@ class Ferret(Method):
         scalars[FROM] = now  # beyond the history: the dense global update, model-sized
         return Payload({DELTA: state.tensors[DELTA]}, scalars)
 
-    def expected_upload(self, state: Payload,
-                        profile: ClientProfile) -> dict[str, tuple[int, ...]]:
-        total = state.tensors[DELTA].numel()
-        return {COEF: (num_blocks(total, self.options.block_size), self.options.k)}
+    def expected_upload(self, state: Payload, profile: ClientProfile) -> UploadSpec:
+        """The (G, K) coefficients, projected on the bases of the round being aggregated
+        (``ferret.basis_round``), from the global state of a round the server has reached
+        (``ferret.synced``; -1: the client held none)."""
+        total, now = state.tensors[DELTA].numel(), int(state.scalars[ROUND])
+        return UploadSpec({COEF: (num_blocks(total, self.options.block_size), self.options.k)},
+                          {BASIS: Bound(now + 1, now + 1, required=True),
+                           SYNCED: Bound(-1, now, required=True)})
 
-    def check_upload(self, state: Payload, profile: ClientProfile,
-                     payload: Payload) -> str | None:
-        now = int(state.scalars[ROUND]) + 1
-        basis = int(payload.scalars.get(BASIS, -1))
-        if basis != now:
-            return f"projected on the bases of round {basis}, expected {now}"
-        return None
-
-    def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
+    def aggregate(self, state: Payload, uploads: list[Upload]) -> Aggregate:
         """Apply the round's coefficients. Uploads of clients that held no usable global state
-        (synced -1, zero coefficients) are left out of the mean; the server notes them and sends
-        them the dense global update next time."""
+        (synced -1, zero coefficients) are left out of the mean and counted as ``needs_sync``;
+        the server notes them and sends them the dense global update next time."""
         now = int(state.scalars[ROUND]) + 1
         for upload in uploads:  # the server rejects these first; an invariant here
-            problem = self.check_upload(state, upload.profile, upload.payload)
-            if problem:
-                raise ValueError(f"ferret: client {upload.profile.partition_id} {problem}")
+            basis = upload.payload.scalars.get(BASIS)
+            if basis != now:
+                raise ValueError(f"ferret: client {upload.profile.partition_id} projected on the "
+                                 f"bases of round {basis}, expected {now}")
         synced = [u for u in uploads if int(u.payload.scalars.get(SYNCED, 0)) >= 0]
         if not synced:
             raise ValueError(f"ferret: none of the {len(uploads)} uploads holds the global state "
@@ -453,17 +452,13 @@ class Ferret(Method):
         tensors[DELTA] = apply_round(state.tensors[DELTA], coefs, self.seed, now,
                                      self.options.block_size, self.options.server_lr, bases)
         tensors.update(self._history(state.tensors, now, coefs, bases))
-        scalars = dict(state.scalars)
-        scalars.update({ROUND: now, ASKED: len(uploads) - len(synced)})
+        scalars = {**state.scalars, ROUND: now}
         for upload in uploads:
             if SYNCED in upload.payload.scalars:
                 scalars[client_key(upload.profile)] = int(upload.payload.scalars[SYNCED])
         self._remember(int(state.scalars[RUN]), now, tensors[DELTA])
-        return Payload(tensors, scalars)
-
-    def round_metrics(self, state: Payload) -> dict[str, float]:
-        """``needs_sync``: how many clients of the last round held no usable global state."""
-        return {NEEDS_SYNC: float(state.scalars.get(ASKED, 0))}
+        return Aggregate(Payload(tensors, scalars),
+                         {NEEDS_SYNC: float(len(uploads) - len(synced))})
 
     def _history(self, old: Tensors, now: int, coefs: torch.Tensor,
                  bases: torch.Tensor) -> Tensors:
@@ -500,6 +495,12 @@ class Ferret(Method):
         self._apply(model, state.tensors[DELTA], trainable=False)
 
     # ---- client half ---------------------------------------------------------------------
+    def downlink_floats(self, model: AdapterModel) -> int:
+        """The most numbers a downlink to ``model`` holds (a device refuses a larger one before
+        decoding it): the dense D (the history sent instead is never larger) and its ids."""
+        _, total = layout(select_targets(model, self.options.target, self.options.modules))
+        return 2 * total
+
     def load(self, model: AdapterModel, payload: Payload, client_state: ClientState) -> None:
         """Rebuild D_now and set the targets to W_0 + D_now. A client that holds no usable
         global state (lost, or from another run) trains nothing useful this round: it loads
@@ -515,14 +516,14 @@ class Ferret(Method):
             client_state.values[LOST] = 1
             total = layout(select_targets(model, self.options.target, self.options.modules))[1]
             self._apply(model, torch.zeros(total, dtype=torch.float32), trainable=False)
-            self._before = (id(model), None)
             return
         self._remember(run, now, delta)
         client_state.tensors[DELTA] = delta
         client_state.values.update({RUN: run, SYNCED: now})
+        client_state.values.pop(LOST, None)
         self._apply(model, delta, trainable=True)
         params = select_targets(model, self.options.target, self.options.modules)
-        self._before = (id(model), flatten(params))
+        client_state.tensors[BEFORE] = flatten(params)  # popped by uplink: never persisted
         client_state.values[RECONSTRUCT_S] = time.perf_counter() - start
 
     def _global_delta(self, model: AdapterModel, payload: Payload,
@@ -562,16 +563,15 @@ class Ferret(Method):
         """The update's coefficients on this client's bases for the next round (its own seed
         or the round's shared one, as the downlink says)."""
         start = time.perf_counter()
-        if self._before is None or self._before[0] != id(model):
-            raise RuntimeError("ferret: uplink without a matching load on this model")
         params = select_targets(model, self.options.target, self.options.modules)
-        before = self._before[1]
-        self._before = None
+        before = client_state.tensors.pop(BEFORE, None)
         basis_round = int(payload.scalars[ROUND]) + 1
-        if before is None:  # no usable global state: nothing to project, ask for a resync
+        if client_state.values.get(LOST):  # no usable global state: ask for a resync
             shape = (num_blocks(layout(params)[1], self.options.block_size), self.options.k)
             return Payload({COEF: torch.zeros(shape, dtype=torch.float32)},
                            {BASIS: basis_round, SYNCED: -1})
+        if before is None:
+            raise RuntimeError("ferret: uplink without a matching load of this client's state")
         coefs = project(flatten(params) - before, self.seed, basis_round, self.options.k,
                         self.options.block_size, self.options.scaling,
                         int(payload.scalars.get(CLIENT, SHARED)))

@@ -100,8 +100,13 @@ def residuals_of(state: ClientState) -> Tensors:
 def records_to_payload(content: RecordDict, *, reference: Tensors | None = None,
                        expected: Expected | None = None) -> Payload:
     """The payload a message carries (see :func:`unpack_record`; ValueError when malformed)."""
-    scalars = dict(content[SCALARS]) if SCALARS in content else {}
-    return Payload(unpack_record(content, reference=reference, expected=expected), scalars)
+    return Payload(unpack_record(content, reference=reference, expected=expected),
+                   message_scalars(content))
+
+
+def message_scalars(content: RecordDict) -> dict[str, Any]:
+    """A message's scalars alone (nothing decoded)."""
+    return dict(content[SCALARS]) if SCALARS in content else {}
 
 
 def has_tensors(content: RecordDict) -> bool:
