@@ -93,6 +93,7 @@ def client_round(
                 adapter.model, data, steps=cfg.train.local_steps,
                 batch_size=cfg.train.batch_size, optimizer=optimizer, rng=rng, device=device,
                 extra_loss=spec.extra_loss, accumulate=cfg.train.accumulate,
+                precision=cfg.train.precision,
             )
     uplink = method.uplink(adapter, downlink, client_state)
     if cfg.privacy.client_level == "client-fixed":  # Flower's client-side fixed clipping

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from fedpeft.core.config import ConfigError, FedConfig, config_help, load_config
 from fedpeft.core.keys import RUN_CONFIG_KEY, SIMULATION_KEY
+from fedpeft.core.precision import pin_precision
 from fedpeft.core.runfiles import METRICS_FILE
 from fedpeft.run.session import (
     Progress,
@@ -73,6 +74,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     else:
         cfg, out = _load(args), Path(args.out or "runs/latest").resolve()
     preflight_isolated(cfg)
+    precision = pin_precision(cfg)  # 'auto' resolved here: config.toml records what runs
     fed = cfg.federation
     if done >= fed.rounds:
         print(f"fedpeft: {out} finished all {fed.rounds} rounds; nothing to resume")
@@ -82,6 +84,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"({fed.clients_per_round} per round), {fed.rounds} rounds, split "
           f"{cfg.data.partitioner}; writing to {out}"
           + (f"; resuming after round {done}" if args.resume else ""), flush=True)
+    print(f"fedpeft: {precision}", flush=True)
     started = time.perf_counter()
     progress = Progress(out / METRICS_FILE, fed.rounds, lambda s: print(s, flush=True))
     progress.seen = done + 1  # a resumed run's earlier rounds were shown by the first run

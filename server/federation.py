@@ -14,7 +14,7 @@ from fedpeft.strategies import ClientProfile, Method
 
 from fedpeft.core.config import FedConfig, parse_rank_mix
 from fedpeft.core.payload import Payload
-from fedpeft.core.training import resolve_device
+from fedpeft.core.training import autocast, resolve_device
 from fedpeft.core.workspace import Workspace
 
 
@@ -88,10 +88,11 @@ def evaluate_global(cfg: FedConfig, method: Method, state: Payload, workspace: W
         adapter.load(method.export(state).tensors)
     else:
         method.load_global(adapter, state)
-    ev = workspace.task.evaluate(adapter.model, workspace.test_set(subset), cfg.eval.batch_size,
-                                 device)
-    samples = [] if export else workspace.task.samples(adapter.model, workspace.test_data(),
-                                                       device)
+    with autocast(cfg.train.precision, device):  # train.precision: evaluation too
+        ev = workspace.task.evaluate(adapter.model, workspace.test_set(subset),
+                                     cfg.eval.batch_size, device)
+        samples = [] if export else workspace.task.samples(adapter.model, workspace.test_data(),
+                                                           device)
     return EvalResult(ev.accuracy, ev.loss, ev.examples, time.perf_counter() - start, ev.extra,
                       samples)
 

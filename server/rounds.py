@@ -32,6 +32,7 @@ from fedpeft.core.keys import (
     TRAIN_TOKENS,
 )
 from fedpeft.core.payload import Payload
+from fedpeft.core.precision import precisions
 from fedpeft.core.runfiles import CONFIG_FILE, ERROR_FILE, METRICS_FILE, SUMMARY_FILE
 from fedpeft.core.sampling import sample_clients
 from fedpeft.core.wire import transmit
@@ -438,7 +439,7 @@ def finish_run(loop: RoundLoop, workspace: Workspace, out: Path, rows: list[dict
                         clients_timed_out=sum(r.get("clients_timed_out", 0) for r in rows),
                         rounds_not_aggregated=sum(1 for r in rows if r.get("aggregated") == 0),
                         resumed_after=resumed_after, base_fingerprint=loop.fingerprint,
-                        **export)
+                        **precisions(cfg), **export)
     write_json_atomic(out / SUMMARY_FILE, summary)
     plot_report(rows, out / "report.png", f"{method.name} on {cfg.model.name}")
     log(INFO, "results\n%s", results_table(rows))

@@ -163,8 +163,13 @@ class TrainConfig:
     head_lr: float = option(0.0, "learning rate of the task head (adapter tensors that are not "
                             "LoRA factors, e.g. the classifier); 0 = the client learning rate",
                             min=0)
-    device: str = option("cpu", "cpu, cuda or cuda:N (CUDA: training under bf16 autocast where "
-                         "the GPU has it; evaluation in float32)")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    precision: str = option("auto", "compute precision of training and evaluation: 'bf16' = "
+                            "bfloat16 autocast (LoRA factors, optimizer state and aggregation "
+                            "stay float32), 'fp32', or 'auto' = bf16 where the hardware has it "
+                            "natively (a CPU with avx512_bf16 or amx_bf16, a CUDA GPU with bf16), "
+                            "else fp32. DP-SGD training always runs float32",
+                            choices=("auto", "bf16", "fp32"))
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedpeft.core.adapters import base_model
 from fedpeft.core.config import ConfigError, load_config
-from fedpeft.core.training import resolve_device
+from fedpeft.core.training import autocast, resolve_device
 from fedpeft.core.workspace import default_threads, get_workspace, set_torch_threads
 
 
@@ -25,6 +25,7 @@ def evaluate_adapter_dir(adapter_dir: Path, config: str | None = None) -> dict:
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     device = resolve_device(cfg.train.device)
     model.to(device)
-    ev = workspace.task.evaluate(model, workspace.test_set(0), cfg.eval.batch_size, device)
+    with autocast(cfg.train.precision, device):  # as the server evaluated it (config.toml)
+        ev = workspace.task.evaluate(model, workspace.test_set(0), cfg.eval.batch_size, device)
     return {"adapter": str(adapter_dir), "model": cfg.model.name, "accuracy": ev.accuracy,
             "loss": ev.loss, **ev.extra, "examples": len(workspace.test)}

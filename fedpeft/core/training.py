@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from fedpeft.core.precision import resolve_precision
 from fedpeft.core.tasks import Batchable
 from fedpeft.core.tasks.classification import Encoded, encode, evaluate
 
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
     from fedpeft.core.config import TrainConfig
 
 # Encoded/encode/evaluate: the classification task's
-__all__ = ["Encoded", "TrainResult", "client_optimizer", "encode", "evaluate", "make_optimizer",
-           "micro_batches", "resolve_device", "sample_batches", "train_steps"]
+__all__ = ["Encoded", "TrainResult", "autocast", "client_optimizer", "encode", "evaluate",
+           "make_optimizer", "micro_batches", "resolve_device", "sample_batches", "train_steps"]
 
 
 def sample_batches(n: int, batch_size: int, steps: int,
@@ -80,10 +81,13 @@ def train_steps(
     device: torch.device,
     extra_loss: Callable[[], torch.Tensor] | None = None,
     accumulate: int = 1,
+    precision: str = "auto",
 ) -> TrainResult:
     """Run ``steps`` optimizer steps; ``extra_loss`` lets a method add a regulariser. Each batch
     runs as ``accumulate`` micro-batches (``train.accumulate``: memory only), their losses
-    weighted by their share of the batch's examples, one optimizer step per batch."""
+    weighted by their share of the batch's examples, one optimizer step per batch. Forward
+    passes run under ``precision`` (:func:`autocast`); the backward
+    pass follows the forward's dtypes; a regulariser and the optimizer step are float32."""
     model.train()
     losses, examples, tokens, busy = [], 0, 0, 0.0
     for indices in sample_batches(len(data), batch_size, steps, rng):
@@ -94,7 +98,7 @@ def train_steps(
             batch = {k: v.to(device) for k, v in data.batch(chunk).items()}
             tokens += count_tokens(batch)
             start = time.perf_counter()
-            with mixed_precision(device):
+            with autocast(precision, device):
                 loss = model(**batch).loss * (len(chunk) / len(indices))
             if extra_loss is not None and i == len(chunks) - 1:
                 loss = loss + extra_loss()
@@ -125,14 +129,14 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
-def mixed_precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a CUDA device that has it: the frozen base's matmuls run in bf16 while
-    the LoRA weights, their gradients and the optimizer state stay float32. Nothing on CPU,
-    where bf16 matmuls are slower than float32 on most hosts. Training only: evaluation stays
-    float32 so a reloaded export scores exactly what the server reported; DP-SGD keeps Opacus'
-    per-example gradients in float32."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision`` 'bf16' (or 'auto' resolved to it,
+    ``fedpeft.core.precision``): the matmuls of the frozen base and of the LoRA layers run in
+    bfloat16, while the parameters (LoRA factors, head), their gradients, the optimizer state
+    and the loss stay float32 (autocast keeps softmax, layer norm and cross-entropy in float32).
+    'fp32': nothing."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -65,6 +65,7 @@ from fedpeft.core.config import (
     parse_override,
     read_toml,
 )
+from fedpeft.core.precision import resolve_precision
 from fedpeft.core.runfiles import CHECKPOINT_DIR, CONFIG_FILE, STATE_FILE, SUMMARY_FILE
 from fedpeft.run.sweepreport import cell_line, cell_record, write_results
 
@@ -397,11 +398,14 @@ def config_conflict(cfg: FedConfig, saved: Path) -> str:
         old = load_config(saved).to_dict()
     except ConfigError as exc:
         return f"its {saved.name} cannot be read ({exc})"
-    if old == cfg.to_dict():
+    new = cfg.to_dict()
+    for d in (old, new):  # 'auto' precision: as `fedpeft simulate` records it on this host
+        d["train"]["precision"] = resolve_precision(d["train"]["precision"], d["train"]["device"])
+    if old == new:
         return ""
     from fedpeft.server.checkpoint import config_differences  # torch: only on this path
 
-    diffs = config_differences(old, cfg.to_dict())
+    diffs = config_differences(old, new)
     return f"it holds a run of another config: {'; '.join(diffs[:4])}"
 
 
