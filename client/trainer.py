@@ -16,7 +16,7 @@ import torch
 from fedpeft.strategies import RANK_KEY, Method
 from fedpeft.strategies.base import learning_rate
 
-from fedpeft.core.config import FedConfig
+from fedpeft.core.config import FedConfig, client_holdout
 from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.privacy import Accountant, clip_update, dp_train
 from fedpeft.core.training import client_optimizer, resolve_device, train_steps
@@ -65,7 +65,7 @@ def client_round(
     or a device's lifetime budget when ``ledger`` (``fedpeft.core.ledger``) is given."""
     start = time.perf_counter()
     device = resolve_device(cfg.train.device)
-    data = workspace.partition(partition_id, cfg.federation.clients)
+    data = workspace.partition(partition_id, cfg.federation.clients, client_holdout(cfg))
     data = attacked_data(cfg, data, partition_id, workspace.task)  # [attacks] label-flip
     adapter = workspace.adapter_model(rank)
     adapter.model.to(device)

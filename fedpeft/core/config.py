@@ -179,11 +179,6 @@ class EvalConfig:
     subset: int = option(500, "test examples used per round (0 = all); the final round uses all",
                        min=0)
     batch_size: int = option(128, "evaluation batch size", min=1)
-
-
-@dataclass
-class SimulationConfig:
-    cpus_per_client: int = option(1, "CPU cores per virtual client (actors = cores / this)", min=1)
     where: str = option("server", "who scores the global model: the server on its held-out "
                         "split, the clients on their own held-out examples (figures only "
                         "travel; docs/evaluation.md), or both", choices=EVAL_WHERE)
@@ -197,6 +192,11 @@ class SimulationConfig:
                                     "evaluating client trains the global adapter on its own "
                                     "training examples before scoring (0 = score it as sent)",
                                     min=0)
+
+
+@dataclass
+class SimulationConfig:
+    cpus_per_client: int = option(1, "CPU cores per virtual client (actors = cores / this)", min=1)
     gpus_per_client: float = option(0.0, "GPU share per virtual client, fractional (0.25: four "
                                     "actors share one GPU, each holding one frozen base and "
                                     "swapping adapters); needs train.device = 'cuda' (0 = none)",
@@ -520,12 +520,12 @@ def validate(cfg: FedConfig) -> None:
         raise ConfigError(f"train.momentum = {cfg.train.momentum} applies to train.optimizer = "
                           f"'sgd' only (not {cfg.train.optimizer!r}): set it to 0 or use sgd")
     validate_privacy(cfg)
+    validate_eval(cfg)
     validate_faults(cfg)
     validate_robustness(cfg)
     validate_compression(cfg)
 
 
-    validate_eval(cfg)
 def validate_model_name(name: str) -> None:
     """A registry name, an existing folder or an ``org/name`` hub id (whether a folder holds a
     model and a hub id is cached: ``fedpeft.core.models``)."""
@@ -572,11 +572,6 @@ def validate_privacy(cfg: FedConfig) -> None:
         )
 
 
-def validate_faults(cfg: FedConfig) -> None:
-    """[faults]: partition ids that exist, one fault per client, fractions that fit, and a
-    round timeout whenever a client is made to hang."""
-    faults, fed = cfg.faults, cfg.federation
-    owner: dict[int, str] = {}
 def clients_evaluate(cfg: FedConfig) -> bool:
     """Whether the clients score the global model (``eval.where`` is 'clients' or 'both')."""
     return cfg.eval.where != "server"
@@ -605,6 +600,11 @@ def validate_eval(cfg: FedConfig) -> None:
             "reach the server unnoised; use eval.where = 'server' (docs/privacy.md)")
 
 
+def validate_faults(cfg: FedConfig) -> None:
+    """[faults]: partition ids that exist, one fault per client, fractions that fit, and a
+    round timeout whenever a client is made to hang."""
+    faults, fed = cfg.faults, cfg.federation
+    owner: dict[int, str] = {}
     for kind in FAULT_KINDS:
         for pid in getattr(faults, kind):
             if not 0 <= pid < fed.clients:

@@ -357,3 +357,27 @@ def load_partition(cfg: DataConfig, num_clients: int, partition_id: int) -> Text
     if not 0 <= partition_id < len(parts):
         raise ConfigError(f"partition id {partition_id} is outside 0..{len(parts) - 1}")
     return train.subset(parts[partition_id])
+
+
+# Stream of numpy's SeedSequence for client holdouts (apart from the split and partition seeds).
+HOLDOUT_STREAM = 7
+
+
+def holdout_size(examples: int, fraction: float) -> int:
+    """How many of a client's ``examples`` it holds out for evaluation (``eval.client_holdout``):
+    the rounded share, at least one and never all of them (a client of one example holds none).
+    The server uses the same rule to bound a simulated client's claimed count."""
+    if examples < 2 or fraction <= 0:
+        return 0
+    return min(examples - 1, max(1, round(examples * fraction)))
+
+
+def holdout_split(data: TextData, fraction: float, seed: int,
+                  key: int | None = None) -> tuple[TextData, TextData]:
+    """(train, holdout) of one client's examples: a seeded draw of :func:`holdout_size` of them,
+    the same in every round, process and resume. ``key``: the simulated client's partition id;
+    None for a device's own file (which it splits the same way whatever id the server sends)."""
+    n = holdout_size(len(data), fraction)
+    parts = [seed, HOLDOUT_STREAM] + ([key] if key is not None else [])
+    order = np.random.default_rng(parts).permutation(len(data))
+    return data.subset(np.sort(order[n:])), data.subset(np.sort(order[:n]))

@@ -22,6 +22,13 @@ NEXT_RANK = "next_rank"  # the LoRA rank the client holds from now on
 RANK_MISMATCH = "rank_mismatch"  # 1: the client holds another rank than it was sent
 BUDGET_SPENT = "budget_spent"  # 1: the client refused to train (its privacy budget is spent)
 
+# Evaluation reply metrics (eval.where = 'clients'/'both'): figures on the client's own holdout;
+# the example count travels as NUM_EXAMPLES
+EVAL_ACCURACY = "eval_accuracy"  # share of held-out examples classified right (label tasks)
+EVAL_LOSS = "eval_loss"  # mean held-out loss (per example; per response token for a causal LM)
+EVAL_PERPLEXITY = "eval_perplexity"  # exp(eval_loss), causal LM
+EVAL_SECONDS = "eval_s"  # seconds the client spent (personalisation steps included)
+
 # Reply strings: a ConfigRecord named REPLY_INFO (a MetricRecord holds numbers only)
 REPLY_INFO = "fedpeft.info"
 BASE_FINGERPRINT = "base_fingerprint"  # the client's frozen-base digest (core/fingerprint.py)

@@ -17,7 +17,13 @@ import torch
 
 from fedpeft.core.adapters import AdapterModel, build_adapter_model
 from fedpeft.core.config import ConfigError, DataConfig, FedConfig, ModelConfig
-from fedpeft.core.data import TextData, load_partition, load_task_data, load_user_file
+from fedpeft.core.data import (
+    TextData,
+    holdout_split,
+    load_partition,
+    load_task_data,
+    load_user_file,
+)
 from fedpeft.core.fingerprint import base_fingerprint
 from fedpeft.core.models import load_tokenizer
 from fedpeft.core.tasks import Batchable, Task, task_class
@@ -39,7 +45,7 @@ class Workspace:
     tokenizer: object
     task: Task
     _models: dict[int, AdapterModel] = field(default_factory=dict)
-    _partitions: dict[tuple[int, int], Batchable] = field(default_factory=dict)
+    _partitions: dict[tuple[int, int, float, int], Batchable] = field(default_factory=dict)
     _test: dict[int, Batchable] = field(default_factory=dict)
     _test_data: dict[int, TextData] = field(default_factory=dict)
 
@@ -60,10 +66,27 @@ class Workspace:
         adapter = next(iter(self._models.values()), None) or self.adapter_model(self.model_cfg.rank)
         return base_fingerprint(self.model_cfg, self.num_labels, adapter.params)
 
-    def partition(self, partition_id: int, num_clients: int) -> Batchable:
-        key = (partition_id, num_clients)
+    def partition(self, partition_id: int, num_clients: int, holdout: float = 0.0) -> Batchable:
+        """A client's training examples: its partition less its evaluation holdout
+        (``holdout``: the share held out, ``fedpeft.core.data.holdout_split``; 0 = none)."""
+        return self._client_part(partition_id, num_clients, holdout, 0)
+
+    def holdout(self, partition_id: int, num_clients: int, fraction: float) -> Batchable:
+        """A client's held-out examples (``eval.client_holdout``), never trained on."""
+        return self._client_part(partition_id, num_clients, fraction, 1)
+
+    def client_examples(self, partition_id: int, num_clients: int) -> TextData:
+        """All of a client's examples, before any holdout."""
+        return load_partition(self.data_cfg, num_clients, partition_id)
+
+    def _client_part(self, partition_id: int, num_clients: int, holdout: float,
+                     part: int) -> Batchable:
+        key = (partition_id, num_clients, holdout if holdout > 0 else 0.0, part)
         if key not in self._partitions:
-            data = load_partition(self.data_cfg, num_clients, partition_id)
+            data = self.client_examples(partition_id, num_clients)
+            if holdout > 0:
+                pid = None if isinstance(self, LocalWorkspace) else partition_id
+                data = holdout_split(data, holdout, self.data_cfg.seed, pid)[part]
             self._partitions[key] = self.task.encode(data)
         return self._partitions[key]
 
@@ -114,11 +137,8 @@ class LocalWorkspace(Workspace):
     """A deployed device's workspace: its own data file is its partition, whatever partition id
     the server sends, and it never loads the task's data (the device may not have it)."""
 
-    local: Batchable | None = None
-
-    def partition(self, partition_id: int, num_clients: int) -> Batchable:
-        assert self.local is not None
-        return self.local
+    def client_examples(self, partition_id: int, num_clients: int) -> TextData:
+        return self.train  # the device's whole file
 
 
 @functools.lru_cache(maxsize=2)
@@ -134,9 +154,7 @@ def _local_workspace(model_json: str, data_json: str, path: str, mtime_ns: int) 
     tokenizer = load_tokenizer(model.name)
     empty = local.subset(np.arange(0, dtype=np.int64))
     task = task_class(model)(model, data, tokenizer, local.label_names)
-    workspace = LocalWorkspace(model, data, local, empty, tokenizer, task)
-    workspace.local = task.encode(local)
-    return workspace
+    return LocalWorkspace(model, data, local, empty, tokenizer, task)
 
 
 def check_same_kind(local: TextData, data: DataConfig) -> None:
