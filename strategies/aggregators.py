@@ -9,10 +9,11 @@ For the methods whose aggregate is a mean of uploads (``Method.robust_aggregatio
   smallest values and average the rest (as ``scipy.stats.trim_mean``). Tolerates k hostile
   uploads in a round.
 - ``norm-clip``: scale each client's whole update (upload minus what it was sent, L2 over all
-  tensors) down to at most a bound, then the weighted mean. The bound is ``clip_norm`` or, at
+  tensors) down to at most a bound, then their plain mean. The bound is ``clip_norm`` or, at
   0, the median of the round's update norms: with fewer than half of the round's clients
   hostile that median lies among honest norms, so no update weighs more than a typical honest
-  one, and it follows the norms as they change with method, learning rate, local steps and
+  one (clipped updates are averaged unweighted: a claimed example count cannot steer them),
+  and it follows the norms as they change with method, learning rate, local steps and
   training progress (a fixed bound must be tuned to all of these: too small slows every
   client, too large clips nothing). Honest updates above the median are clipped too: that is
   its cost on a clean run.
@@ -105,7 +106,8 @@ def robust_mean(aggregator: Aggregator, uploads: Sequence[_Upload], keys: Iterab
         ref = {k: reference[k].to(torch.float64) for k in keys}
         updates = {k: s - ref[k] for k, s in stacks.items()}
         clipped = clip_updates(updates, aggregator.clip_norm)
-        out = {k: ref[k] + weighted_average(u, w) for k, u in clipped.items()}
+        ones = torch.ones_like(w)  # one client, one vote: a claimed count must not steer it
+        out = {k: ref[k] + weighted_average(u, ones) for k, u in clipped.items()}
     else:
         out = {k: weighted_average(s, w) for k, s in stacks.items()}
     return Robust({k: v.to(uploads[0].payload.tensors[k].dtype) for k, v in out.items()}, dropped)

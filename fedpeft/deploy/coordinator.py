@@ -42,6 +42,7 @@ from fedpeft.deploy.processes import (
     CLIENTAPP,
     CONNECTION,
     DEFAULT_PORT,
+    DEPLOY_MAX_UPDATE_NORM,
     DEPLOY_ROUND_TIMEOUT_S,
     SERVERAPP,
     SIMULATION_ONLY,
@@ -107,12 +108,43 @@ def deployment_config(opts: ServerOptions, num_keys: int) -> FedConfig:
            f"federation.min_replies={min(base.min_replies, per_round)}"]
     if not _user_sets(opts, "federation", "round_timeout_s"):
         fed.append(f"federation.round_timeout_s={DEPLOY_ROUND_TIMEOUT_S}")
+    fed += hostile_defaults(opts, user)
     cfg = load_config(opts.config, [*opts.overrides, *fed])
     build_method(cfg)
     get_model_spec(cfg.model.name).tokenizer()
     train, _ = load_task_data(cfg.data)  # the coordinator's held-out split for evaluation
     labels = json.dumps(list(train.label_names))
     return load_config(opts.config, [*opts.overrides, *fed, f"data.labels={labels}"])
+
+
+def hostile_defaults(opts: ServerOptions, user: FedConfig) -> list[str]:
+    """What a deployment sets unless the user set it (to anything, its default included): a
+    device's claimed example count is capped at what one round of local training consumes
+    (``train.local_steps * train.batch_size``), so a liar weighs no more than an honest device
+    of that size; and every upload's update norm is bounded (``DEPLOY_MAX_UPDATE_NORM``), for
+    every method, so no scaled upload reaches the aggregate or another client's downlink."""
+    out = []
+    fed = user.federation
+    if not (_user_sets(opts, "federation", "weighting")
+            or _user_sets(opts, "federation", "max_examples_per_client")):
+        cap = max(1, user.train.local_steps * user.train.batch_size)
+        out.append(f"federation.max_examples_per_client={cap}")
+    if not _user_sets(opts, "federation", "max_update_norm") and fed.max_update_norm == 0:
+        out.append(f"federation.max_update_norm={DEPLOY_MAX_UPDATE_NORM}")
+    return out
+
+
+def hostility_line(cfg: FedConfig) -> str:
+    """The start-up line that says how this deployment treats devices' claims."""
+    fed = cfg.federation
+    weights = ("uniform weights" if fed.weighting == "uniform" else
+               f"example counts capped at {fed.max_examples_per_client}"
+               if fed.max_examples_per_client > 0 else "UNCAPPED example counts")
+    norm = (f"update norm bound {fed.max_update_norm:g}" if fed.max_update_norm > 0
+            else "NO update-norm bound")
+    return (f"fedpeft: devices are not trusted: {weights}, {norm}, aggregator "
+            f"{fed.aggregator}; set federation.weighting / max_examples_per_client / "
+            "max_update_norm to change (0 turns a bound off)")
 
 
 def _user_sets(opts: ServerOptions, section: str, key: str) -> bool:
@@ -319,6 +351,7 @@ def run_server(opts: ServerOptions, emit: Emit = say) -> int:
     else:
         cfg, out = deployment_config(opts, len(keys)), opts.out.resolve()
     fed = cfg.federation
+    emit(hostility_line(cfg))
     if fed.round_timeout_s == 0:
         emit("fedpeft: WARNING: federation.round_timeout_s = 0: a round waits for every sampled "
              "device, so one silent device stalls the run forever")

@@ -28,6 +28,9 @@ CLIENTAPP = "fedpeft.client.app:app"
 EXIT_USAGE = 2
 DEPLOY_ROUND_TIMEOUT_S = 600.0  # a silent device costs a round this long, never the whole run
 MiB = 2**20
+# A deployment assumes hostile devices unless the user says otherwise (docs/robustness.md):
+# an upload whose update norm exceeds this is rejected (honest LoRA updates: about 1 to 100)
+DEPLOY_MAX_UPDATE_NORM = 1000.0
 SIMULATION_ONLY = ("faults", "attacks")  # sections a deployment refuses: clients misbehave
 Emit = Callable[[str], None]
 
