@@ -3,8 +3,10 @@
 - key agreement: X25519 (``cryptography``), two key pairs per client per instance;
 - key derivation: HKDF-SHA256 bound to (run, round, instance, purpose, the two node ids);
 - authenticated encryption of shares: AES-256-GCM with the message header as associated data;
-- secret sharing: Flower's Shamir helpers (PyCryptodome, GF(2^128) per 16-byte chunk), imported
-  here and nowhere else because they are not in Flower's documented API;
+- secret sharing: t-of-n Shamir over the prime field Z_p, p = 2^521 - 1 (a Mersenne prime), with
+  Python's integers. Flower's helpers (PyCryptodome, GF(2^128) per 16-byte chunk in pure Python)
+  give the same security but cost O(t^2) slow field operations per rebuild, which dominated the
+  server's time; docs/secure-aggregation.md has the measurement;
 - masks: AES-256-CTR keystream keyed by the full 32-byte seed (not Flower's ``pseudo_rand_gen``,
   which folds the seed to 32 bits and draws from a Mersenne Twister).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -21,14 +24,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 
 KEY_BYTES = 32  # X25519 public and private keys, seeds, derived keys
 SEED_BYTES = 32
 GCM_NONCE_BYTES = 12
 GCM_TAG_BYTES = 16
-SECRET_PAD = 48  # a 32-byte secret PKCS#7-padded to whole 16-byte chunks by create_shares
-SHARE_BYTES = 4 + SECRET_PAD  # Flower's layout: 4-byte index, then one 16-byte share per chunk
+FIELD_PRIME = 2**521 - 1
+FIELD_BYTES = 66
+SHARE_BYTES = 4 + FIELD_BYTES  # 4-byte share index x (1..n), then y = f(x) mod p
 MAX_NODE_ID = 2**64 - 1
 
 
@@ -75,26 +78,43 @@ def open_sealed(key: bytes, ciphertext: bytes, aad: bytes) -> bytes:
 
 
 def share_secret(secret: bytes, threshold: int, num: int) -> list[bytes]:
-    """``num`` Shamir shares of a 32-byte secret, any ``threshold`` of which rebuild it."""
+    """``num`` Shamir shares of a 32-byte secret, any ``threshold`` of which rebuild it and fewer
+    reveal nothing: f(x) = secret + a_1 x + ... + a_{t-1} x^{t-1} over Z_p, share i is f(i)."""
     if len(secret) != SEED_BYTES:
         raise CryptoError(f"secrets are {SEED_BYTES} bytes, got {len(secret)}")
-    return create_shares(secret, threshold, num)
+    if not 1 <= threshold <= num < 2**32:
+        raise CryptoError(f"threshold {threshold} of {num} shares")
+    coeffs = [int.from_bytes(secret, "big")]
+    coeffs += [secrets.randbelow(FIELD_PRIME) for _ in range(threshold - 1)]
+    shares = []
+    for x in range(1, num + 1):
+        y = 0
+        for c in reversed(coeffs):
+            y = (y * x + c) % FIELD_PRIME
+        shares.append(x.to_bytes(4, "big") + y.to_bytes(FIELD_BYTES, "big"))
+    return shares
 
 
 def rebuild_secret(shares: list[bytes]) -> bytes:
-    """The secret from at least ``threshold`` shares; a wrong set raises or gives another secret
-    (callers check a commitment)."""
+    """The secret from ``threshold`` shares (Lagrange interpolation at 0). A wrong share gives a
+    wrong secret, not an error: callers check a commitment or the public key."""
     if not shares or any(len(s) != SHARE_BYTES for s in shares):
         raise CryptoError("malformed share")
-    if len({s[:4] for s in shares}) != len(shares):
-        raise CryptoError("two shares carry the same index")
-    try:
-        secret = combine_shares(shares)
-    except ValueError as e:
-        raise CryptoError(f"shares do not combine: {e}") from None
-    if len(secret) != SEED_BYTES:
-        raise CryptoError("shares combine to a secret of the wrong size")
-    return secret
+    points = [(int.from_bytes(s[:4], "big"), int.from_bytes(s[4:], "big")) for s in shares]
+    xs = [x for x, _ in points]
+    if len(set(xs)) != len(xs) or 0 in xs or any(y >= FIELD_PRIME for _, y in points):
+        raise CryptoError("shares with repeated or invalid indices")
+    secret = 0
+    for i, (xi, yi) in enumerate(points):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num = num * xj % FIELD_PRIME
+                den = den * (xj - xi) % FIELD_PRIME
+        secret = (secret + yi * num * pow(den, -1, FIELD_PRIME)) % FIELD_PRIME
+    if secret >= 1 << (8 * SEED_BYTES):
+        raise CryptoError("shares combine to a value that is no 32-byte secret")
+    return secret.to_bytes(SEED_BYTES, "big")
 
 
 def commitment(secret: bytes, context: bytes) -> bytes:
