@@ -1,91 +1,28 @@
 """Ferret (Shu et al., ICML 2025, arXiv 2409.06277): federated full-parameter tuning whose messages
-are a few hundred random-projection coefficients instead of tensors.
+are a few hundred random-projection coefficients instead of tensors. Mechanism, options and bytes:
+docs/methods.md (Ferret); measurements: docs/results.md#ferret.
 
-Client, round r: load the global model W_{r-1}, take ``train.local_steps`` first-order steps on the
-targeted parameters, and flatten its update Delta = W_after - W_before (targets in sorted-name
-order) into one vector of D floats. Split it into G = ceil(D / block_size) consecutive blocks; block
-g of length d is projected onto K basis vectors u_{k,g} in R^d with i.i.d. U[-1, 1) entries, drawn
-from a ``torch.Generator`` seeded by (seed, round, block, first row of the chunk, basis id): every
-party regenerates the same basis and nothing but the coefficients travels. The basis id is the
-client's partition id under ``seeds = "client"`` (the paper's per-client seed s^(i)) or SHARED
-(one set of bases for every client of the round, the official code's choice); the downlink says
-which. Bases are generated in chunks of at most ``CHUNK_FLOATS`` numbers, never K x d at once.
-Uplink: one (G, K) float32 tensor ``ferret.coef`` plus the scalar header (the round whose seeds
-were used and the round the client holds), i.e. 4 G K bytes plus a constant record overhead
-(``uplink_nbytes`` documents it).
+Client, round r: train the targets, flatten the update Delta = W_after - W_before (targets in
+sorted-name order, D floats), split it into G = ceil(D / block_size) blocks and upload
+c_{k,g} = a <Delta_g, u_{k,g}> as one (G, K) float32 tensor ``ferret.coef`` plus a scalar header
+(the round whose seeds were used, the round the client holds; ``uplink_nbytes``). The bases have
+U[-1, 1) entries from a ``torch.Generator`` seeded by (seed, round, block, first row of the chunk,
+basis id), made in chunks of at most ``CHUNK_FLOATS`` numbers; the basis id is the client's
+partition id (``seeds = "client"``) or SHARED. Since E[u u^T] = I/3, ``unbiased`` scaling
+(a = 3 / K) gives E[Delta~] = Delta; ``reference`` (the official code, a = 1 / K) a third of it.
 
-Coefficients and scaling. The client uploads c_{k,g} = a <Delta_g, u_{k,g}>, and every party
-reconstructs Delta~_g = sum_k c_{k,g} u_{k,g}. Since E[u u^T] = I/3:
-- ``unbiased`` (the paper's Theorem 1, default): a = 3 / K, so E[Delta~] = Delta;
-- ``reference`` (allen4747/Ferret's code): a = 1 / K, i.e. gamma = (d/K) <Delta, v> with
-  v = u / sqrt(d), so E[Delta~] = Delta / 3 (its server lr of 10 absorbs the factor).
-The reconstruction error is E||Delta~_g - Delta_g||^2 ~ (d/K) ||Delta_g||^2 (unbiased), so over
-all blocks it is ~ (D / N) ||Delta||^2 for N = G K coefficients, whatever the block size, while
-the RNG work is K D = N block_size per projection or reconstruction: small blocks cost less time
-for the same variance. One round's reconstruction of the mean update therefore has a cosine of
-about sqrt(N / D) with it: N / D is what decides whether Ferret learns.
+Server: the coefficients weighted by examples (float64 -> float32, once). Global state: the
+accumulated update D_r = W_r - W_0 (``ferret.delta``), the coefficient rows (``ferret.coef.<r>``)
+and basis ids (``ferret.ids.<r>``) of at most ``history`` recent rounds, each client's last synced
+round. A downlink holds the rows of the rounds a client missed, or the dense D_r when that is
+smaller or the rows are gone; a client without the state the downlink builds on uploads zeros
+marked synced -1 with ``needs_sync`` = 1 and gets D_r the next time.
 
-Reconstruction variance, what the paper offers and what it buys here (measured on round 1 of
-the default experiment, 10 clients, offline):
-- per-client seeds: the mean of N_c independent reconstructions; its error is
-  (D / N) sum_i w_i^2 ||Delta_i||^2 instead of (D / N) ||sum_i w_i Delta_i||^2, i.e. N_c times
-  smaller when clients agree, but only 1.5-1.7x (LoRA target) and ~1.4x (full) here, where the
-  clients' updates are nearly orthogonal (mean pairwise cosine 0.18 and 0.05): cosine 0.15 vs
-  0.12 (LoRA, N = 1021) and 0.012 vs 0.010 (full, N = 1024);
-- the target: D = 74,498 (LoRA r = 8 on query/value, plus head) instead of 10.8M (full) cuts
-  D / N 145x at the same upload: the largest lever by far;
-- the official code's coefficient counts per group in proportion to the group's update norm:
-  the best allocation (K_g ~ sqrt(d_g) ||Delta_g||) would cut the error by only 2-6% here (the
-  update's energy is spread evenly over the blocks), so it is not implemented;
-- server momentum on the coefficients (code default 0.9) needs the same bases every round,
-  which the paper's fresh per-round seeds do not have; not implemented.
-
-Defaults (the LoRA target, K = 54 per 4,096-float block: N = 1,026 coefficients, ~5 KB per
-message, 63x less than FedIT's 312,007 B; per-client seeds; lr 0.002) give the largest per-round
-cosine (~0.15) that fits the issue's 50x upload budget. Measured on the default experiment (8
-rounds, plain loop): loss 0.691 -> 0.666 but accuracy 0.550 -> 0.575, i.e. still at the majority
-class after 8 rounds; simulations/sweeps/ferret_frontier.toml measures the frontier around it.
-
-Server: the weighted coefficients of the round (by examples) as every party applies them:
-under shared seeds their mean (the coefficients of the mean update, one row per round), under
-per-client seeds each client's coefficients times its weight with its basis id (a row per
-client), W_r = W_{r-1} + server_lr * Delta~. Global state: the accumulated update
-D_r = W_r - W_0 as one flat float32 vector (``ferret.delta``, for evaluation and for clients far
-behind), the coefficient rows (``ferret.coef.<r>``, (M, G, K)) and basis ids (``ferret.ids.<r>``,
-(M,) int64) of the newest rounds, at most ``history`` rounds and no more numbers than D holds, and
-each client's last synced round (echoed in its uploads).
-
-Downlink and catch-up. Every client reconstructs the same global update from the coefficients
-itself (which is what keeps the downlink small): a client synced to round s gets the rows of
-rounds s+1..r when the server holds them all and they hold fewer numbers than D_r, else the
-dense D_r (4 D bytes, the model's size; counted by the real message). Per-client seeds multiply
-this downlink by the clients per round (4 N M bytes per missed round): under the default
-experiment (10 of 100 clients a round, so ~10 missed rounds per client; N ~ 1,000 on the LoRA
-target) more than 7 missed rounds outweigh D, so most clients get D (298 KB, FedIT's downlink
-size); shared seeds keep it at 4 N bytes per missed round. The client applies the rounds to the
-D_s it holds (its ClientState, or this process's cache of recent global states keyed by run and
-round, so in simulation one reconstruction per round serves all virtual clients of a process)
-and sets its targets to W_0 + D_r.
-
-Lost client state. A client that holds no global state the downlink builds on (its ClientState
-was lost, or is from another run) says so instead of failing: it uploads zero coefficients
-marked synced -1 and reports ``needs_sync`` = 1; the server leaves that upload out of the
-aggregate, counts it in the round's ``needs_sync`` metric, and sends the client the dense D the
-next time it is sampled.
-
-Bit-identical parameters. Coefficients are weighted once (server, float64 -> float32) and sent;
-every party then runs the same code: per block, for each row in order, the basis rows from the
-same seeds, accumulated with ``add_`` in row order in float32, then
-``D_r = D_{r-1} + server_lr * Delta~`` block by block, then W = W_0 + D. Elementwise float32 ops in
-a fixed order give the same bits on the same torch build and CPU instruction set (no BLAS
-reductions, whose order can depend on threads).
-
-Targets. ``full`` (Ferret's own setting): weight and bias of every ``nn.Linear`` whose module name
-is in ``method.modules`` (default query, key, value, dense: all linear layers of MiniLM's encoder
-and its pooler; 10.8M floats), plus the task head; LoRA tensors stay at their initialisation
-(B = 0). ``lora``: every adapter tensor (LoRA A and B, head). W_0 of base weights is the model's
-frozen weight (``AdapterModel.set_param_delta``, undone by ``reset_base``); W_0 of adapter tensors
-is a freshly built adapter (deterministic, cached per process).
+Bit-identical parameters: every party runs the same elementwise float32 code in a fixed order
+(per block, basis rows accumulated with ``add_`` in row order; D_r = D_{r-1} + server_lr * Delta~;
+W = W_0 + D_r), with no BLAS reduction whose order could depend on threads. Targets: ``full``
+(weights and biases of the ``nn.Linear`` layers named in ``method.modules``, plus the head) or
+``lora`` (every adapter tensor); W_0 of an adapter tensor is a fresh adapter (cached per process).
 """
 
 from __future__ import annotations
