@@ -77,4 +77,5 @@ def personalize(cfg: FedConfig, method: Method, workspace: Workspace, adapter: A
         train_steps(adapter.model, data, steps=cfg.eval.personalize_steps,
                     batch_size=cfg.train.batch_size, optimizer=optimizer,
                     rng=np.random.default_rng(parts), device=device,
-                    extra_loss=spec.extra_loss, accumulate=cfg.train.accumulate)
+                    extra_loss=spec.extra_loss, accumulate=cfg.train.accumulate,
+                    precision=cfg.train.precision)

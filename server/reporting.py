@@ -54,10 +54,11 @@ def round_line(row: dict, rounds: int) -> str:
         score = f"loss {row['loss']:.3f}" + (f" ppl {row['perplexity']:.2f}"
                                               if row.get("perplexity") is not None else "")
     else:
-        score = "acc   -  "
+        score = "acc   -  " if row.get("clients_evaluated") is None else ""
     parts = [
         f"round {row['round']:>3}/{rounds}",
-        score,
+        *([score] if score else []),
+        *clients_scores(row),
         f"clients {row.get('clients_ok', 0)}/{row.get('clients_sampled', 0)} ok",
         f"up {human_bytes(row.get('bytes_up', 0))}",
         f"down {human_bytes(row.get('bytes_down', 0))}",
@@ -81,21 +82,59 @@ def round_line(row: dict, rounds: int) -> str:
     return " | ".join(parts)
 
 
+def clients_scores(row: dict) -> list[str]:
+    """The progress line's client-side figures (eval.where = 'clients'/'both'), if any."""
+    if row.get("clients_evaluated") is None:
+        return []
+    if row.get("clients_accuracy") is not None:
+        return [f"clients acc {row['clients_accuracy']:.3f} p10 "
+                f"{row['clients_accuracy_p10']:.3f} min {row['clients_accuracy_min']:.3f} "
+                f"({row['clients_evaluated']} evaluated)"]
+    if row.get("clients_perplexity") is not None:
+        return [f"clients loss {row['clients_loss']:.3f} ppl {row['clients_perplexity']:.2f} "
+                f"p90 {row['clients_perplexity_p90']:.2f} ({row['clients_evaluated']} evaluated)"]
+    return [f"clients - ({row['clients_evaluated']} evaluated)"]
+
+
+# The results table's client-side columns: (row key, header, format)
+CLIENT_COLUMNS = {
+    "accuracy": (("clients_accuracy", "clients acc", ".3f"),
+                 ("clients_accuracy_p10", "clients p10", ".3f"),
+                 ("clients_accuracy_min", "clients min", ".3f")),
+    "perplexity": (("clients_loss", "clients loss", ".3f"),
+                   ("clients_perplexity", "clients ppl", ".2f"),
+                   ("clients_perplexity_p90", "clients ppl p90", ".2f")),
+}
+
+
+def client_columns(rows: list[dict]) -> tuple[tuple[str, str, str], ...]:
+    """The client-side columns the rows call for (none when the clients never evaluated)."""
+    if any(r.get("clients_accuracy") is not None for r in rows):
+        return CLIENT_COLUMNS["accuracy"]
+    if any(r.get("clients_perplexity") is not None for r in rows):
+        return CLIENT_COLUMNS["perplexity"]
+    return ()
+
+
 def results_table(rows: list[dict]) -> str:
     """A Markdown table of the rounds (printed at the end of a run), with a column for each
     per-client timing the method reports (``Method.timings``)."""
     timings = list(dict.fromkeys(n for r in rows for n in r.get("method_timings") or []))
     ppl = any(r.get("perplexity") is not None for r in rows)  # a causal LM's column
-    head = ("| round | accuracy | loss " + "| perplexity " * ppl + "| clients ok/sampled | "
+    clients = client_columns(rows)
+    head = ("| round | accuracy | loss " + "| perplexity " * ppl
+            + "".join(f"| {h} " for _, h, _ in clients) + "| clients ok/sampled | "
             "bytes up | bytes down | train s "
             + "".join(f"| {n.removesuffix('_s')} s " for n in timings) + "| wall s |")
-    lines = [head, "|" + "---:|" * (8 + ppl + len(timings))]
+    lines = [head, "|" + "---:|" * (8 + ppl + len(clients) + len(timings))]
     for r in rows:
         acc = f"{r['accuracy']:.3f}" if r.get("accuracy") is not None else "-"
         loss = f"{r['loss']:.3f}" if r.get("loss") is not None else "-"
         if ppl:
             loss += f" | {r['perplexity']:.2f}" if r.get("perplexity") is not None else " | -"
         own = "".join(f" {r.get(n, 0):.1f} |" for n in timings)
+        for key, _, fmt in clients:
+            loss += f" | {r[key]:{fmt}}" if r.get(key) is not None else " | -"
         lines.append(
             f"| {r['round']} | {acc} | {loss} | {r.get('clients_ok', 0)}/"
             f"{r.get('clients_sampled', 0)} | {human_bytes(r.get('bytes_up', 0))} | "
@@ -122,7 +161,28 @@ def summarize(rows: list[dict], **fields: Any) -> dict:
         "clients_failed": sum(r.get("clients_failed", 0) for r in rows),
         "clients_rejected": sum(r.get("clients_rejected", 0) for r in rows),
         "rounds_wall_s": sum(r.get("wall_s", 0) for r in rows),
+        **clients_summary(rows),
     }
+
+
+# summary.json's client-side figures: the last evaluated round's value of each
+CLIENT_SUMMARY = ("clients_accuracy", "clients_accuracy_p10", "clients_accuracy_min",
+                  "clients_accuracy_std", "clients_loss", "clients_perplexity",
+                  "clients_perplexity_p90", "clients_perplexity_max", "clients_evaluated")
+
+
+def clients_summary(rows: list[dict]) -> dict:
+    """``final_clients_*``: the client-side figures of the last round the clients evaluated
+    (none when they never did); ``best_clients_accuracy`` over the rounds."""
+    evaluated = [r for r in rows if r.get("clients_evaluated")]
+    if not evaluated:
+        return {}
+    last = evaluated[-1]
+    out = {f"final_{k}": last[k] for k in CLIENT_SUMMARY if last.get(k) is not None}
+    accs = [r["clients_accuracy"] for r in evaluated if r.get("clients_accuracy") is not None]
+    if accs:
+        out["best_clients_accuracy"] = max(accs)
+    return out
 
 
 def plot_report(rows: list[dict], path: Path, title: str = "") -> list[str]:
@@ -135,7 +195,9 @@ def plot_report(rows: list[dict], path: Path, title: str = "") -> list[str]:
 
     scored = [r for r in rows if r.get("accuracy") is not None]
     losses = [r for r in rows if r.get("loss") is not None]
-    panels = ["accuracy"] * bool(scored or not losses) + ["loss"] * bool(losses) + ["bytes"]
+    clients = [r for r in rows if r.get("clients_evaluated")]
+    panels = (["accuracy"] * bool(scored or not (losses or clients)) + ["loss"] * bool(losses)
+              + ["clients"] * bool(clients) + ["bytes"])
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, panel in zip(axes, panels, strict=True):
         if panel == "accuracy":
@@ -143,6 +205,8 @@ def plot_report(rows: list[dict], path: Path, title: str = "") -> list[str]:
             ax.set(xlabel="round", ylabel="test accuracy", title="Global adapter accuracy")
         elif panel == "loss":
             _plot_loss(ax, losses)
+        elif panel == "clients":
+            _plot_clients(ax, clients)
         else:
             _plot_bytes(ax, rows)
         ax.grid(alpha=0.3)
@@ -166,6 +230,22 @@ def _plot_loss(ax: Any, rows: list[dict]) -> None:
         twin.set(ylabel="perplexity")
         ax.set_title("Held-out loss and perplexity")
         ax.legend(handles=[*ax.get_lines(), *twin.get_lines()])
+
+
+def _plot_clients(ax: Any, rows: list[dict]) -> None:
+    """The clients' figures on their own held-out examples: the example-weighted mean, the 10th
+    percentile and the minimum across clients (accuracy), or the loss (causal LM)."""
+    rounds = [r["round"] for r in rows]
+    if all(r.get("clients_accuracy") is not None for r in rows):
+        for key, label in (("clients_accuracy", "mean"), ("clients_accuracy_p10", "10th pct"),
+                           ("clients_accuracy_min", "min")):
+            ax.plot(rounds, [r[key] for r in rows], marker=".", label=label)
+        ax.set(xlabel="round", ylabel="accuracy on own held-out examples",
+               title="Clients' accuracy")
+    else:
+        ax.plot(rounds, [r.get("clients_loss") for r in rows], marker=".", label="mean loss")
+        ax.set(xlabel="round", ylabel="held-out loss", title="Clients' held-out loss")
+    ax.legend()
 
 
 def _plot_bytes(ax: Any, rows: list[dict]) -> None:

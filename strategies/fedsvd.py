@@ -6,24 +6,20 @@ Per wrapped layer and aggregate (p_k by examples):
     B_bar = sum_k p_k B_k                       (exact: B_bar A = sum_k p_k B_k A)
     P = B_bar A = U S V^T  (thin SVD, unscaled: s = alpha / r stays in the forward pass)
     A <- V_r^T,  B <- U_r S_r                   (rank(P) <= r, so B A = P exactly)
-The model function does not change, only its parametrisation: A's rows are orthonormal, B's
-columns orthogonal with norms sigma_1 >= ... >= sigma_r. The task head trains and is averaged as in
-FedIT (the reference code freezes it; here every method trains the head).
+The model function does not change, only its parametrisation. The task head trains and is
+averaged as in FedIT (the reference code freezes it; here every method trains the head).
 
 SVD. ``method.svd = "qr"`` (default) takes QR factorisations B_bar = Q_B R_B and A^T = Q_A R_A and
 the SVD of the r x r core R_B R_A^T = U' S V'^T: U = Q_B U', V = Q_A V', in O((d_out + d_in) r^2)
 instead of the reference code's full SVD of the d_out x d_in product (``"full"``, also offered).
 Both give the same product and singular values; where rank(P) < r the trailing singular
-directions are arbitrary (with S = 0 there). ``method.period`` re-factorises every N aggregates
-(the code's ``recalculate_svd_period``, default 1).
+directions are arbitrary (with S = 0 there). ``method.period`` re-factorises every N aggregates.
 
 Uplink: B and the head (FFA-LoRA's bytes); downlink: A, B and the head (FedIT's bytes), since A
 changes every round. Under DP-SGD only B (and the head) is noised, and the update s dB A with A's
 orthonormal rows has ||dB A||_F = ||dB||_F (the paper's argument); the SVD is post-processing.
-
-Learning rate: the default 0.01 (``train.lr = 0``). B-only training is FFA-LoRA's setting, whose
-default is 0.02 for a kaiming A with rows of norm ~0.58; FedSVD's orthonormal rows have norm 1, so
-0.01 moves W about as fast as FFA-LoRA at 0.017.
+Default lr 0.01: FFA-LoRA's 0.02 is for a kaiming A with rows of norm ~0.58; FedSVD's
+orthonormal rows have norm 1, so 0.01 moves W about as fast as FFA-LoRA at 0.017.
 """
 
 from __future__ import annotations

@@ -191,3 +191,23 @@ def test_eval_cohort() -> None:
     fixed = load_config(None, [*TINY, *CLIENTS, "eval.clients_per_round=4"])
     first = eval_cohort(fixed, 6, [0])
     assert len(first) == 4 and first == eval_cohort(fixed, 6, [5])  # the same every round
+
+
+# ---- outputs -------------------------------------------------------------------------------
+def test_outputs_show_the_clients_figures(tmp_path) -> None:
+    from fedpeft.server.reporting import plot_report, results_table, round_line, summarize
+
+    figs = [ClientFigures(i, 10, 0.5 + i / 10, acc) for i, acc in enumerate([0.6, 0.8, 0.9])]
+    rows = [{"round": r, "accuracy": None, "loss": None, **client_figures(figs)}
+            for r in (0, 1)]
+    rows[1]["clients_accuracy"] = 0.9
+    line = round_line(rows[0], 1)
+    assert "clients acc 0.767" in line and "(3 evaluated)" in line and "acc   -" not in line
+    table = results_table(rows)
+    assert "clients p10" in table.splitlines()[0]
+    assert len({row.count("|") for row in table.splitlines()}) == 1  # every row fills the columns
+    summary = summarize(rows)
+    assert summary["final_clients_accuracy"] == 0.9 and summary["best_clients_accuracy"] == 0.9
+    assert summary["final_clients_accuracy_min"] == pytest.approx(0.6)
+    assert "clients" in plot_report(rows, tmp_path / "report.png")
+    assert "final_clients_accuracy" not in summarize([{"round": 0, "accuracy": 0.5}])

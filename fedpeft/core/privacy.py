@@ -1,48 +1,28 @@
 """Differential privacy on the clients: DP-SGD with Opacus on the trainable adapter tensors.
+What it covers and what it does not: docs/privacy.md.
 
 Sample-level DP (``[privacy] enabled``), per client k with n_k examples and batch size B:
-- Poisson sampling with rate q_k = min(1, B / n_k): every local step includes each example
-  independently, so the batch size varies around B (Opacus's accounting assumes exactly this).
-- The noise multiplier sigma_k is computed once from the target (epsilon, delta) for the whole
-  planned run, ``rounds x local_steps`` steps at rate q_k (Opacus ``get_noise_multiplier``), where
-  ``rounds`` is ``privacy.rounds`` or every round of the federation. It depends only on public
-  numbers, so every round of a client uses the same sigma_k.
-- The client's accountant history (list of (sigma, q, steps)) lives in its ``ClientState``
-  (Flower's ``Context.state``), so epsilon composes over every round the client took part in.
-  Server aggregation is post-processing; client subsampling gives no amplification here.
-- Before training, the client checks that this round keeps it within the budget; if not it
-  does not train and replies "budget spent" (``BUDGET_SPENT`` metric), which the server counts.
-- A device (``fedpeft client --epsilon E``) keeps a lifetime budget instead, in a ledger file it
-  owns (``fedpeft.core.ledger``): every DP-SGD round of every run is recorded there before it
-  trains, with the noise E needs over the run's planned rounds, and a round that would take
-  the device's lifetime epsilon beyond E is refused. Its delta is its own (``--delta``): a
-  coordinator may ask for a smaller one, never a larger one (``fedpeft.core.ledger``).
+Poisson sampling at rate q_k = min(1, B / n_k) per local step; one noise multiplier sigma_k for
+the whole planned run (``rounds x local_steps`` steps at q_k, from public numbers only); the
+accountant history lives in the client's ``ClientState``, so epsilon composes over every round
+it took part in, and a round that would exceed the budget is not trained ("budget spent"). A
+device (``fedpeft client --epsilon E``) keeps a lifetime budget in its own ledger instead
+(``fedpeft.core.ledger``).
 
-What a DP-SGD client reports (:func:`dp_reply`). The accountant covers the trained tensors and
-nothing else, so the reply carries nothing else derived from the client's records: no training
-loss, no sample rate or noise multiplier (both are functions of the client's example count n).
-In a simulation the partitions are made by the run's public config and seed, so n and the
-epsilon (a function of n) are known to the server anyway: the reply keeps the example count,
-the exact epsilon and the timings. A device's own n is private: its reply weights it by
-``batch_size x local_steps`` (the examples a DP-SGD round processes in expectation: the device's
-chosen profile, not its data), and reports as ``epsilon`` its budget, an upper bound that does
-not depend on n (the spent epsilon would reveal n through q; the device's ledger holds it).
+What a DP-SGD client reports (:func:`dp_reply`): nothing derived from its records beyond the
+trained tensors: no training loss, sample rate or noise multiplier (functions of n). In a
+simulation n is public (the run's config and seed make the partitions), so the reply keeps the
+example count and the exact epsilon; a device weights its reply by ``batch_size x local_steps``
+and reports its budget as ``epsilon`` (the spent epsilon would reveal n through q).
 
-Opacus is used in hooks mode without wrapping (``GradSampleHooks``, i.e. ``wrap_model=False``):
-the hooks go on the modules that own trainable tensors only (peft's ``lora_A``/``lora_B``
-Linears, the head), and ``DPOptimizer`` clips and noises only parameters with
-``requires_grad``. One model object serves many virtual clients per worker, so every hook and
-per-sample attribute is removed again when the round ends, also on errors.
-
-Guards (methods.md section 6): no trainable tensor, or a trainable tensor outside the adapter, is
-refused; every trainable tensor must receive a per-sample gradient; after the first step every
-trainable tensor must have changed (the Opacus + peft failure where the adapter silently never
-updates while epsilon accrues). Batch sampling and noise come from the OS entropy pool, never
-from the run's public seed: a server that knew the seed could subtract the noise and see which
-examples were sampled. DP runs are therefore not bit-reproducible.
-
-A data-independent regulariser (``Method.extra_loss``, e.g. HetLoRA's rank-tail penalty) is not
-privatised: its gradient is added after clipping and noising, which is post-processing.
+Opacus runs in hooks mode without wrapping (``GradSampleHooks``): hooks only on the modules
+that own trainable tensors, removed again when the round ends, also on errors, because one model
+object serves many virtual clients. Guards: every trainable tensor is an adapter tensor, gets a
+per-sample gradient and changes after the first step (the Opacus + peft failure where the
+adapter never updates while epsilon accrues). Sampling and noise come from the OS entropy pool,
+never the run's public seed (the server could subtract the noise), so DP runs are not
+bit-reproducible. A data-independent regulariser (``Method.extra_loss``) is added after clipping
+and noising: post-processing.
 """
 
 from __future__ import annotations
