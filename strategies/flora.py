@@ -6,35 +6,22 @@ Server, per wrapped layer and round t: A_t = [p_1 s_1 A_1; ...; p_K s_K A_K] ((s
 B_t = [B_1 ... B_K] (d_out x sum r_k), so B_t A_t = sum_k p_k s_k B_k A_k exactly (p_k by examples;
 the client scale s_k = alpha / r_k goes on A with the weight, so the merge is W <- W + B_t A_t).
 
-Keeping every client's merged base consistent. On a device the base lives in the model's weights;
-in simulation one model object serves many virtual clients, so a client's base is rebuilt on every
-``load`` as W0 + (its merged updates), never accumulated in place. Protocol:
-- the server keeps the dense sum of all merged updates (``flora.delta::<layer>``, for evaluation and
-  for clients far behind) and the stacked factors of the most recent rounds
-  (``flora.hist.<t>.{A,B}::<layer>``), dropping old rounds once the factors since then outweigh the
-  dense matrix (nobody would be sent them any more);
-- a client's last merged round is kept in its ClientState (``flora.synced``, with its merged update
-  ``flora.delta::<layer>``) and echoed in its upload, which is how the server learns it;
-- the downlink carries what the client is missing: the stacked factors of the rounds after its last
-  sync, or, when those hold more numbers than the dense matrices (or are gone), the dense sum itself
-  (which replaces the client's copy: always correct, even after a lost reply). Both are counted by
-  the bytes of the real message. Clients not sampled merge nothing until they are sampled again.
-The client then sets its base to W0 + merged update, loads the averaged head and starts a fresh
-rank-r_k adapter (A from a seed of round and client, B = 0). Server evaluation: W0 + the dense sum.
-Memory: each client's ClientState holds its dense merged update (L d_out d_in floats), FLoRA's
-inherent cost of a per-client merged base.
+Keeping every client's merged base consistent: one model object serves many virtual clients, so
+a client's base is rebuilt on every ``load`` as W0 + (its merged updates), never accumulated in
+place. The server keeps the dense sum of all merged updates (``flora.delta::<layer>``) and the
+stacked factors of the recent rounds (``flora.hist.<t>.{A,B}::<layer>``), dropped once the
+factors since then outweigh the dense matrix. A client's last merged round and its merged update
+live in its ClientState (``flora.synced``, ``flora.delta::<layer>``); the round is echoed in its
+upload. The downlink carries the stacked factors of the rounds after the client's last sync or,
+when those hold more numbers (or are gone), the dense sum, which replaces the client's copy. The
+client then loads the averaged head and starts a fresh rank-r_k adapter (A from a seed of round
+and client, B = 0). Server evaluation: W0 + the dense sum. Each ClientState holds a dense merged
+update (L d_out d_in floats): FLoRA's inherent cost of a per-client merged base.
 
-Learning rate: a FLoRA client starts every round from a fresh adapter (B = 0), so a round's
-update is what ``train.local_steps`` steps from zero reach, where FedIT's B carries over and grows
-across rounds. At FedIT's 0.002 (5 AdamW steps of batch 16, the default experiment) FLoRA's loss
-falls but the model is still at the majority class after 15 rounds (0.601 final, seed 0), so
-``default_lr`` (used when ``train.lr = 0``) is 0.01: about the same lr x steps per round as the
-0.005 x 10 steps at which it reached 0.78 in ``compare_ranks``.
-
-A client that does not hold the merged base the downlink builds on (its ClientState was lost)
-says so instead of failing: zero tensors marked synced -1 and ``needs_sync`` = 1; the server
-leaves that upload out of the stack, counts it in the round's ``needs_sync`` metric and sends the
-client the dense sum the next time it is sampled.
+``default_lr`` is 0.01, not FedIT's 0.002: a round's update is what ``train.local_steps`` steps
+from B = 0 reach (docs/results.md has the run that set it). A client without the merged base
+the downlink builds on uploads zeros marked synced -1 with ``needs_sync`` = 1; the server leaves
+it out of the stack, counts it, and sends that client the dense sum the next time.
 """
 
 from __future__ import annotations
