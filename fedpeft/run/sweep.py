@@ -1,4 +1,5 @@
-"""``fedpeft sweep SWEEP.toml``: a grid of simulations, methods x settings x grid x seeds.
+"""``fedpeft sweep SWEEP.toml``: a grid of simulations, methods x settings x grid x seeds. The
+sweep file's format and its outputs: docs/sweeps.md.
 
 Every cell is a ``fedpeft simulate`` child process (the product path, one at a time) writing into
 ``OUT/cells/<cell>/``. A rerun of the same sweep skips the finished cells (``summary.json``
@@ -8,34 +9,11 @@ stopped before its first checkpoint (or under DP-SGD, whose client accountants d
 restart), and refuses a cell folder that holds another config. After every cell it rewrites
 ``OUT/results.csv``, ``OUT/results.md`` and ``OUT/curves.png`` (``fedpeft.run.sweepreport``).
 
-A sweep file (every key optional except that it must describe at least one cell)::
-
-    name = "methods at their defaults"   # title of results.md
-    description = "..."                  # a paragraph under the title
-    methods = ["fedit", "ffa-lora"]      # method.name per cell
-    seeds = [0, 1, 2]                    # sets every key of seed_keys per cell
-    seed_keys = ["federation.seed", "data.seed"]   # (this default)
-    target_accuracy = 0.7                # results: first round at or above it
-
-    [base]                               # the config every cell starts from
-    config = "experiment.toml"           # a fedpeft TOML, relative to the sweep file
-    set = ["federation.rounds=15"]       # overrides, as with `fedpeft simulate --set`
-    federation.clients = 100             # config keys inline (also as [base.federation])
-
-    [grid]                               # config key -> values; cells = the cartesian product
-    "data.partitioner" = ["movie", "dirichlet"]
-
-    [[settings]]                         # named, non-cartesian settings (x the grid)
-    name = "dirichlet-0.1"
-    "data.partitioner" = "dirichlet"
-    "data.dirichlet_alpha" = 0.1
-
-Several lists of settings, each an axis of the product, are ``[[settings.<axis>]]`` tables
-(e.g. ``[[settings.run]]`` for method-with-its-learning-rate and ``[[settings.dp]]`` for privacy
-levels); the plain ``[[settings]]`` is the axis ``setting``. A config key may be set in one place
-only (a settings axis, [grid], methods or seeds; [base] inline or base.set), and these override
-[base]. Cells run seeds outermost, so a sweep stopped half way holds whole seeds of every
-setting.
+Cells = methods x settings axes x [grid] x seeds, every key optional but at least one cell.
+Several lists of settings, each an axis of the product, are ``[[settings.<axis>]]`` tables; the
+plain ``[[settings]]`` is the axis ``setting``. A config key may be set in one place only (a
+settings axis, [grid], methods or seeds; [base] inline or base.set), and these override [base].
+Cells run seeds outermost, so a sweep stopped half way holds whole seeds of every setting.
 """
 
 from __future__ import annotations
