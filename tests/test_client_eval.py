@@ -211,3 +211,17 @@ def test_outputs_show_the_clients_figures(tmp_path) -> None:
     assert summary["final_clients_accuracy_min"] == pytest.approx(0.6)
     assert "clients" in plot_report(rows, tmp_path / "report.png")
     assert "final_clients_accuracy" not in summarize([{"round": 0, "accuracy": 0.5}])
+
+
+def test_sweep_reports_the_clients_figures_over_seeds() -> None:
+    from fedpeft.run.sweepreport import aggregate, markdown
+
+    recs = [{"cell": f"a{s}", "method": "a", "seed": s, "final_accuracy": None,
+             "best_accuracy": None, "last3_accuracy": None, "rounds_to_target": None,
+             "bytes_up": 10, "bytes_down": 10, "wall_s": 1.0, "clients_accuracy": acc,
+             "clients_accuracy_p10": acc - 0.2, "clients_accuracy_min": acc - 0.3,
+             "clients_loss": 0.5, "rows": []} for s, acc in enumerate([0.7, 0.8, 0.9])]
+    (row,) = aggregate(recs, ["method"])
+    assert row["clients_accuracy"] == pytest.approx((0.8, 0.1))
+    text = markdown("t", "i", [row], ["method"], None, [])
+    assert "clients p10" in text and "| 0.800 ± 0.100 | 0.600 ± 0.100 | 0.500 ± 0.100 |" in text

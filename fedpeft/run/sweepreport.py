@@ -14,8 +14,11 @@ from typing import Any
 from fedpeft.core.runfiles import METRICS_FILE, SUMMARY_FILE
 from fedpeft.server.reporting import MetricsLog, human_bytes, summarize
 
+# client-side evaluation (eval.where = 'clients'/'both'): the last evaluated round's figures
+CLIENT_METRICS = ("clients_accuracy", "clients_accuracy_p10", "clients_accuracy_min",
+                  "clients_loss")
 METRICS = ("final_accuracy", "best_accuracy", "last3_accuracy", "rounds_to_target", "bytes_up",
-           "bytes_down", "wall_s")
+           "bytes_down", "wall_s", *CLIENT_METRICS)
 LAST = 3  # last3_accuracy: mean over the last evaluated rounds (one round's figure is noisy)
 COLUMNS = (*METRICS, "initial_accuracy", "epsilon", "rounds", "cell_dir")
 
@@ -50,7 +53,7 @@ def cell_record(name: str, labels: dict[str, str], folder: Path,
             "bytes_up": s["total_bytes_up"], "bytes_down": s["total_bytes_down"],
             "wall_s": s["rounds_wall_s"], "initial_accuracy": s["initial_accuracy"],
             "epsilon": s.get("epsilon"), "rounds": s["rounds"], "cell_dir": str(folder),
-            "rows": rows}
+            **{k: s.get(f"final_{k}") for k in CLIENT_METRICS}, "rows": rows}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -70,7 +73,7 @@ def aggregate(records: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[di
     for key, recs in groups.items():
         row: dict[str, Any] = {**dict(zip(keys, key, strict=True)), "n": len(recs)}
         for metric in METRICS:
-            row[metric] = mean_std([r[metric] for r in recs if r[metric] is not None])
+            row[metric] = mean_std([r[metric] for r in recs if r.get(metric) is not None])
         row["reached"] = sum(r["rounds_to_target"] is not None for r in recs)
         row["records"] = recs
         table.append(row)
@@ -121,6 +124,7 @@ def fmt_bytes(pair: tuple[float | None, float | None]) -> str:
 
 def markdown(title: str, intro: str, table: Sequence[dict[str, Any]], keys: Sequence[str],
              target: float | None, missing: Sequence[str]) -> str:
+    clients = any(row["clients_loss"][0] is not None for row in table)
     lines = [f"# {title}", "", intro, "",
              "Accuracy of the global model on the held-out split at the last round (final), at "
              f"its best round, and averaged over the last {LAST} evaluated rounds; each entry "
@@ -128,17 +132,24 @@ def markdown(title: str, intro: str, table: Sequence[dict[str, Any]], keys: Sequ
              "n seeds of the setting. Bytes: all messages of a run, uplink and downlink. Wall: "
              "the rounds' own wall time per run (without process start-up)."
              + (f" Rounds to {target:g}: the first round at or above it, over the seeds that "
-                "reached it (reached / n)." if target is not None else ""), "",
+                "reached it (reached / n)." if target is not None else "")
+             + (" Clients acc / p10 / min / loss: the last evaluated round's figures on the "
+                "clients' own held-out examples (example-weighted mean, 10th percentile and "
+                "minimum across clients, mean loss; docs/evaluation.md)." if clients else ""), "",
              "| " + " | ".join([*keys, "n", "final acc", "best acc", f"last-{LAST} acc",
                                 *([f"rounds to {target:g}"] if target is not None else []),
+                                *(["clients acc", "clients p10", "clients min", "clients loss"]
+                                  if clients else []),
                                 "uplink", "downlink", "wall s"]) + " |",
-             "|" + "---|" * len(keys) + "---:|" * (7 + (target is not None))]
+             "|" + "---|" * len(keys) + "---:|" * (7 + (target is not None) + 4 * clients)]
     for row in table:
         cells = [str(row[k]) for k in keys] + [
             str(row["n"]), fmt(row["final_accuracy"]), fmt(row["best_accuracy"]),
             fmt(row["last3_accuracy"])]
         if target is not None:
             cells.append(f"{fmt(row['rounds_to_target'], '.1f')} ({row['reached']}/{row['n']})")
+        if clients:
+            cells += [fmt(row[k]) for k in CLIENT_METRICS]
         cells += [fmt_bytes(row["bytes_up"]), fmt_bytes(row["bytes_down"]),
                   fmt(row["wall_s"], ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
