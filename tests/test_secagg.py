@@ -342,3 +342,41 @@ def test_a_client_refuses_too_small_a_federation() -> None:
     clients = {u: SecAggClient(u, RUN, ClientPolicy(min_clients=5)) for u in ups}
     out, _ = run(ups, SecAggParams(threshold=2), clients=clients)
     assert out.result is None and out.aborted.stage == "setup"
+
+
+# ---- the [secagg] switch ------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, why", [
+    (["secagg.clip_range=nan"], "not a finite number"),
+    (["secagg.neighbours=3"], "must be even"),
+    (["secagg.threshold=1"], "use 0"),
+    (["secagg.threshold=11"], "exceeds the 10 holders"),
+    (["secagg.bits=16"], "wrap around"),
+    (['federation.aggregator="median"'], "sees only their sum"),
+    (['compression.up=["int8"]'], "conflict with fixed-point masking"),
+    (['privacy.client_level="server-fixed"'], "distributed noise is not implemented"),
+    (["federation.clients_per_round=1"], "a sum over one client"),
+])
+def test_config_refuses_what_secagg_cannot_honour(overrides: list[str], why: str) -> None:
+    from fedpeft.core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=why):
+        load_config(None, ["secagg.enabled=true", *overrides])
+
+
+def test_methods_that_need_individual_uploads_refuse_secagg() -> None:
+    from fedpeft.strategies import METHODS, build_method
+    from fedpeft.strategies.base import method_help
+
+    from fedpeft.core.config import ConfigError, load_config
+
+    cfg = load_config(None, ["secagg.enabled=true", 'method.name="fedit"'])
+    assert build_method(cfg).name == "fedit"
+    for name in ("flora", "lora-fair"):
+        cfg = load_config(None, ["secagg.enabled=true", f'method.name="{name}"'])
+        with pytest.raises(ConfigError, match=f"secagg.enabled = true is not supported with "
+                                              f"method.name = '{name}'"):
+            build_method(cfg)
+    text = method_help()
+    assert text.count("secure aggregation: yes") == sum(
+        1 for c in METHODS.values() if c.mean_aggregate and not c.secagg_refusal)
+    assert "secure aggregation: no: stacking concatenates" in text

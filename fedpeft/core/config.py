@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.core.filters import FilterError, parse_chain
+from fedpeft.core.secagg.encoding import EncodingError, FixedPoint
 
 # The default experiment's method: the one method name core knows (the registry in
 # ``strategies/`` owns every method; this is only a config default).
@@ -298,6 +299,28 @@ class CompressionConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation (SecAgg+, Bell et al. 2020; docs/secure-aggregation.md): the server
+    learns the weighted mean of the surviving clients' clipped updates and nothing about any one
+    of them. Only for methods whose aggregate is that mean (`fedpeft methods` says which)."""
+
+    enabled: bool = option(False, "run each round's aggregation as a SecAgg+ instance")
+    threshold: int = option(0, "Shamir threshold t: shares that rebuild a client's secrets, and "
+                            "the fewest clients any stage may end with (0 = a majority of each "
+                            "client's share holders; else >= 2)", min=0)
+    neighbours: int = option(0, "peers each client masks with and gives shares to (SecAgg+'s "
+                             "random Harary graph, even; 0 = all clients of the round: plain "
+                             "SecAgg)", min=0)
+    clip_range: float = option(1.0, "every coordinate of a client's weighted update is clipped "
+                               "to [-clip_range, clip_range] before fixed-point encoding", gt=0)
+    bits: int = option(40, "values are integers mod 2^bits (bytes per value = ceil(bits/8); "
+                       "quantisation step = 2 * clip_range * clients_per_round / 2^bits)",
+                       min=8, max=62)
+    max_weight: int = option(10_000, "cap on a client's aggregation weight (its example count); "
+                             "the server cannot check a count it never sees", min=1)
+
+
+@dataclass
 class MethodConfig:
     name: str = option(DEFAULT_METHOD, "federated method (see `fedpeft methods`)")
     options: dict[str, Any] = option({}, "the method's own options")
@@ -316,6 +339,7 @@ class FedConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     attacks: AttacksConfig = field(default_factory=AttacksConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -524,6 +548,7 @@ def validate(cfg: FedConfig) -> None:
     validate_faults(cfg)
     validate_robustness(cfg)
     validate_compression(cfg)
+    validate_secagg(cfg)
 
 
 def validate_model_name(name: str) -> None:
@@ -667,6 +692,44 @@ def validate_compression(cfg: FedConfig) -> None:
                               "'client-fixed': the client clips before compressing, so the "
                               "compressed update could exceed privacy.client_clip; use "
                               "'server-fixed' (the server clips the decoded update)")
+
+
+def validate_secagg(cfg: FedConfig) -> None:
+    """[secagg]: a graph and threshold the round's clients can meet, a field without wrap-around,
+    and nothing that needs to see one client's update (the method is checked by build_method)."""
+    sa, n = cfg.secagg, cfg.federation.clients_per_round
+    if sa.neighbours % 2:
+        raise ConfigError(f"secagg.neighbours = {sa.neighbours}: must be even (a Harary graph "
+                          "links neighbours/2 clients on each side) or 0 (all)")
+    if sa.threshold == 1:
+        raise ConfigError("secagg.threshold = 1 would hand each client's secrets to any one "
+                          "peer: use 0 (a majority) or >= 2")
+    if not sa.enabled:
+        return
+    holders = n if sa.neighbours == 0 or sa.neighbours >= n - 1 else sa.neighbours + 1
+    problem = ""
+    if n < 2:
+        problem = "a sum over one client is that client's update"
+    elif sa.threshold > holders:
+        problem = (f"secagg.threshold = {sa.threshold} exceeds the {holders} holders of each "
+                   "client's shares (neighbours + 1, at most clients_per_round)")
+    elif cfg.federation.aggregator != "mean":
+        problem = (f"federation.aggregator = {cfg.federation.aggregator!r} needs every upload, "
+                   "the server sees only their sum: use 'mean'")
+    elif cfg.compression.up:
+        problem = (f"compression.up = {cfg.compression.up!r}: lossy float filters conflict with "
+                   "fixed-point masking and a masked vector is incompressible; fewer secagg.bits "
+                   "is the way to send fewer bytes")
+    elif cfg.privacy.client_level != "off":
+        problem = (f"privacy.client_level = {cfg.privacy.client_level!r}: Flower's wrappers clip "
+                   "each update on the server or noise the sum there, so the server would hold "
+                   "un-noised updates or an un-noised sum; distributed noise is not implemented")
+    if problem:
+        raise ConfigError(f"secagg.enabled = true with clients_per_round = {n}: {problem}")
+    try:
+        FixedPoint(sa.bits, sa.clip_range, sa.max_weight, n)
+    except EncodingError as e:
+        raise ConfigError(f"secagg: {e}") from None
 
 
 def parse_rank_mix(text: str) -> tuple[tuple[int, float], ...]:
