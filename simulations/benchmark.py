@@ -48,7 +48,7 @@ from typing import Any
 from fedpeft.server.reporting import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "simulations" / "results" / "benchmark"
+DEFAULT_OUT = ROOT / "simulations" / "results" / "benchmark" / "results"
 WORK = ROOT / "runs" / "benchmark"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 NO_EVAL = 1000  # eval.every past the last round: only round 0 and the last round evaluate
