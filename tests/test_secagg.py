@@ -380,3 +380,37 @@ def test_methods_that_need_individual_uploads_refuse_secagg() -> None:
     assert text.count("secure aggregation: yes") == sum(
         1 for c in METHODS.values() if c.mean_aggregate and not c.secagg_refusal)
     assert "secure aggregation: no: stacking concatenates" in text
+
+
+def test_client_state_survives_a_config_record_between_stages() -> None:
+    """Flower keeps a node's state in Context.state between messages: rebuild every client from
+    its ConfigRecord before each stage and the round still sums right (and the rule holds)."""
+    from flwr.app import ConfigRecord
+
+    ups = lora_uploads(6, seed=12)
+    clients = {u: SecAggClient(u, RUN) for u in ups}
+    inner = exchange_for(clients, ups)
+
+    def through_records(stage: str, requests: dict) -> dict:
+        for u in list(clients):
+            clients[u] = SecAggClient.from_record(dict(ConfigRecord(clients[u].to_record())))
+        return inner(stage, requests)
+
+    server = SecAggServer(SecAggParams(threshold=4), RUN, 1, list(ups), SIZE)
+    out = run_instance(server, exchange_for_stage_drop(through_records, "unmask", sorted(ups)[0]))
+    assert out.result is not None
+    expected = plain_mean(ups, set(ups), SecAggParams())
+    assert np.abs(out.result.mean - expected).max() <= out.result.error_bound
+    u = sorted(ups)[1]
+    client = SecAggClient.from_record(dict(ConfigRecord(clients[u].to_record())))
+    assert client.inst is not None and client.inst.revealed  # the log came back too
+
+
+def exchange_for_stage_drop(exchange: Callable, stage: str, node: int) -> Callable:
+    """``exchange`` with ``node`` silent at ``stage``."""
+    def wrapped(s: str, requests: dict) -> dict:
+        replies = exchange(s, requests)
+        if s == stage:
+            replies.pop(node, None)
+        return replies
+    return wrapped

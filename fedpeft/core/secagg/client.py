@@ -171,6 +171,51 @@ class SecAggClient:
         """End of the instance: forget its secrets."""
         self.inst = None
 
+    # ---- persistence (Flower keeps a node's state in ``Context.state`` between messages) -----
+    def to_record(self) -> dict[str, Any]:
+        """Flat ConfigRecord-style values (ints, bytes, str and lists of them); secrets included:
+        this stays on the client, never in a reply."""
+        rec: dict[str, Any] = {"node_id": self.node_id, "run": self.run,
+                               "last_round": self.last_round, "seen": sorted(self.seen)}
+        inst = self.inst
+        if inst is None:
+            return rec
+        rec.update({f"setup.{k}": v for k, v in inst.setup.to_fields().items()})
+        rec.update({
+            "enc_sk": inst.enc_sk, "mask_sk": inst.mask_sk, "stage": inst.stage,
+            "seed": inst.seed, "peers": list(inst.peer_keys),
+            "peer_enc": [k[0] for k in inst.peer_keys.values()],
+            "peer_mask": [k[1] for k in inst.peer_keys.values()],
+            "own_b": inst.own_shares[0], "own_k": inst.own_shares[1],
+            "held": list(inst.held), "held_b": [v[0] for v in inst.held.values()],
+            "held_k": [v[1] for v in inst.held.values()],
+            "revealed": list(inst.revealed), "revealed_kind": list(inst.revealed.values())})
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any], policy: ClientPolicy | None = None) -> SecAggClient:
+        client = cls(int(rec["node_id"]), int(rec["run"]), policy)
+        client.last_round = int(rec["last_round"])
+        client.seen = set(rec["seen"])
+        if "stage" not in rec:
+            return client
+        fields = {k[6:]: v for k, v in rec.items() if k.startswith("setup.")}
+        setup = SetupRequest.from_fields(fields, client.policy.max_clients)
+        fp = FixedPoint(setup.bits, setup.clip, setup.max_weight, len(setup.nodes))
+        inst = _Instance(setup.header, setup, fp, rec["enc_sk"], rec["mask_sk"], rec["stage"],
+                         rec["seed"])
+        inst.peer_keys = dict(zip(rec["peers"], zip(rec["peer_enc"], rec["peer_mask"],
+                                                    strict=True), strict=True))
+        inst.own_shares = (rec["own_b"], rec["own_k"])
+        inst.held = dict(zip(rec["held"], zip(rec["held_b"], rec["held_k"], strict=True),
+                             strict=True))
+        inst.revealed = dict(zip(rec["revealed"], rec["revealed_kind"], strict=True))
+        if inst.stage in ("shares_received", "masked_input", "unmask"):
+            h = setup.header
+            inst.stage_header = Header(h.run, h.round, h.instance, "masked_input")
+        client.inst = inst
+        return client
+
     # ---- checks --------------------------------------------------------------------------
     def _check_new_instance(self, h: Header) -> None:
         if h.run != self.run:
