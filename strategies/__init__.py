@@ -1,6 +1,20 @@
 """Federated methods, one module each; importing this package registers all of them."""
 
-from . import fedit, ferret, ffa_lora, flexlora, flora, hetlora, lora_fair  # noqa: F401  (registers the methods)
+from . import (  # noqa: F401  (importing a method's module registers it)
+    fed_sb,
+    fedex_lora,
+    fedit,
+    fedsa_lora,
+    fedsvd,
+    ferret,
+    ffa_lora,
+    flexlora,
+    flora,
+    hetlora,
+    local,
+    lora_fair,
+    rolora,
+)
 from .base import (
     METHODS,
     RANK_KEY,

@@ -90,8 +90,9 @@ def lora_sb_init(grad: torch.Tensor, rank: int, eta: float,
 
 @register("fed-sb")
 class FedSB(Method):
-    """Frozen A, B from the LoRA-SB initialisation (one gradient round); clients train and send
-    only an r x r matrix R per layer (and the head): exact average, uplink independent of width."""
+    """Fed-SB (Singhal et al., 2025, on LoRA-SB): frozen A, B from the LoRA-SB initialisation
+    (one gradient round); clients train and send only an r x r matrix R per layer (and the head):
+    exact average, uplink independent of width."""
 
     Options = FedSBOptions
     default_lr = 0.01

@@ -74,8 +74,9 @@ def residual(layer: Layer, uploads: list[Upload], weights: list[float],
 
 @register("fedex-lora")
 class FedExLoRA(Method):
-    """FedIT's means plus the residual (mean of products - product of means) folded into the
-    frozen weights: the exact aggregate; the dense residual travels down."""
+    """FedEx-LoRA (Singhal et al., ACL 2025): FedIT's means plus the residual (mean of products -
+    product of means) folded into the frozen weights: the exact aggregate; the dense residual
+    travels down."""
 
     default_lr = 0.002  # FedIT's: clients train A and B as in FedIT
 

@@ -77,8 +77,8 @@ def refactor_full(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch
 
 @register("fedsvd")
 class FedSVD(Method):
-    """Train and send B only; the server averages B and re-factorises B_bar A by SVD into a fresh
-    orthonormal A (sent every round) and B."""
+    """FedSVD (Lee et al., NeurIPS 2025): clients train and send B only; the server averages B
+    and re-factorises B_bar A by SVD into a fresh orthonormal A (sent every round) and B."""
 
     Options = FedSVDOptions
     default_lr = 0.01

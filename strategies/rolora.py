@@ -70,8 +70,8 @@ def trained_keys(keys: list[str], phase: str) -> list[str]:
 
 @register("rolora")
 class RoLoRA(Method):
-    """Alternating: odd aggregates train and average B (A frozen), even ones A (B frozen); exact,
-    half of FedIT's uplink."""
+    """RoLoRA (Chen et al., NeurIPS 2025): alternating rounds train and average B (A frozen),
+    then A (B frozen); exact, half of FedIT's uplink."""
 
     default_lr = 0.01
     mean_aggregate = False  # uploads are half the downlink's keys (client-level DP pairs them)

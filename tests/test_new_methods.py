@@ -1,0 +1,430 @@
+"""RoLoRA, FedSVD, FedEx-LoRA and Fed-SB: each aggregate against an independent float64 formula on
+uploads that look like training (clients that roughly agree, unequal example counts, non-square
+layers), the payload keys and sizes, and one client round on tiny-bert."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from fedpeft.client.trainer import client_round
+from fedpeft.strategies import ClientProfile, Upload, build_method
+from fedpeft.strategies.fed_sb import CORE, GRAD, STAGE, lora_sb_init
+from fedpeft.strategies.fedex_lora import RES
+from fedpeft.strategies.fedsvd import refactor_full, refactor_qr
+from fedpeft.strategies.rolora import PHASE
+
+from fedpeft.core.config import ConfigError, load_config
+from fedpeft.core.payload import ClientState, Payload
+from fedpeft.core.wire import payload_to_records, records_to_payload, serialized_nbytes
+from fedpeft.core.workspace import get_workspace
+from tests.helpers import TINY
+
+R = 4
+SHAPES = {"enc.0.q": (24, 40), "enc.0.v": (40, 24), "enc.1.q": (32, 32)}  # layer -> (d_out, d_in)
+HEAD = ("head.weight", "head.bias")
+SIZES = [5, 40, 13, 22]
+
+
+def _method(name: str, *overrides: str):
+    return build_method(load_config(None, [f'method.name="{name}"', f"model.rank={R}",
+                                           "model.alpha=8", *overrides]))
+
+
+def _template(seed: int = 0) -> dict[str, torch.Tensor]:
+    """peft-keyed adapter state after some training: A ~ kaiming, B small and non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for layer, (d_out, d_in) in SHAPES.items():
+        bound = 1 / math.sqrt(d_in)
+        out[f"{layer}.lora_A.weight"] = (torch.rand(R, d_in, generator=gen) * 2 - 1) * bound
+        out[f"{layer}.lora_B.weight"] = torch.randn(d_out, R, generator=gen) * 0.02
+    out["head.weight"] = torch.randn(2, 16, generator=gen) * 0.1
+    out["head.bias"] = torch.zeros(2)
+    return out
+
+
+def _near(tensors: dict[str, torch.Tensor], keys, seed: int) -> dict[str, torch.Tensor]:
+    """A client's upload: the sent tensors moved by a common drift plus 30% private noise."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in keys:
+        base = tensors[key]
+        scale = float(base.abs().mean()) or 0.01
+        common = torch.randn(base.shape, generator=torch.Generator().manual_seed(7)) * scale * 0.2
+        out[key] = base + common + torch.randn(base.shape, generator=gen) * scale * 0.3
+    return out
+
+
+def _uploads(method, state: Payload, sizes=SIZES) -> list[Upload]:
+    uploads = []
+    for i, n in enumerate(sizes):
+        profile = ClientProfile(i, R)
+        keys = method.expected_upload(state, profile).tensors
+        sent = {**state.tensors, **method.downlink(state, profile).tensors}
+        uploads.append(Upload(profile, Payload(_near(sent, keys, 100 + i)), n))
+    return uploads
+
+
+def _weights(sizes=SIZES) -> list[float]:
+    return [n / sum(sizes) for n in sizes]
+
+
+def _pairs():
+    return [(f"{layer}.lora_A.weight", f"{layer}.lora_B.weight", layer) for layer in SHAPES]
+
+
+def _loss(model: torch.nn.Module, data) -> torch.Tensor:
+    """The task loss of the first 8 examples (float32, no autocast)."""
+    batch = data.batch(np.arange(8))
+    return model(**batch).loss
+
+
+def _mean(uploads: list[Upload], key: str) -> torch.Tensor:
+    return sum(p * u.payload.tensors[key].double() for p, u in zip(_weights(), uploads,
+                                                                  strict=True))
+
+
+# ---- RoLoRA -----------------------------------------------------------------------------------
+def test_rolora_alternates_b_then_a_and_each_aggregate_is_exact() -> None:
+    method = _method("rolora")
+    state = method.init(_template())
+    assert method.downlink(state, ClientProfile(0, R)).scalars == {PHASE: "B"}
+    up_keys = set(method.expected_upload(state, ClientProfile(0, R)).tensors)
+    assert up_keys == {b for _, b, _ in _pairs()} | set(HEAD)  # B-phase: no lora_A travels up
+    uploads = _uploads(method, state)
+    new = method.aggregate(state, uploads).state
+    for a_key, b_key, _ in _pairs():
+        assert torch.equal(new.tensors[a_key], state.tensors[a_key])  # A bit-identical
+        a = state.tensors[a_key].double()
+        mean_of_products = sum(p * u.payload.tensors[b_key].double() @ a
+                               for p, u in zip(_weights(), uploads, strict=True))
+        assert torch.allclose(new.tensors[b_key].double() @ a, mean_of_products, rtol=1e-6,
+                              atol=1e-9)
+    for key in HEAD:
+        assert torch.allclose(new.tensors[key].double(), _mean(uploads, key), atol=1e-7)
+    # second aggregate: the A-phase, the mirror image
+    assert method.downlink(new, ClientProfile(0, R)).scalars == {PHASE: "A"}
+    assert set(method.expected_upload(new, ClientProfile(0, R)).tensors) == (
+        {a for a, _, _ in _pairs()} | set(HEAD))
+    uploads = _uploads(method, new)
+    newer = method.aggregate(new, uploads).state
+    for a_key, b_key, _ in _pairs():
+        assert torch.equal(newer.tensors[b_key], new.tensors[b_key])
+        b = new.tensors[b_key].double()
+        mean_of_products = sum(p * b @ u.payload.tensors[a_key].double()
+                               for p, u in zip(_weights(), uploads, strict=True))
+        assert torch.allclose(b @ newer.tensors[a_key].double(), mean_of_products, rtol=1e-6,
+                              atol=1e-9)
+    assert method.downlink(newer, ClientProfile(0, R)).scalars == {PHASE: "B"}
+
+
+def test_rolora_aggregate_ignores_client_order_and_uplink_is_half_of_fedit() -> None:
+    method = _method("rolora")
+    state = method.init(_template())
+    uploads = _uploads(method, state)
+    forward = method.aggregate(state, uploads).state
+    backward = method.aggregate(state, uploads[::-1]).state
+    for key in forward.tensors:
+        assert torch.allclose(forward.tensors[key], backward.tensors[key], atol=1e-7)
+    lora = sum(v.numel() for k, v in uploads[0].payload.tensors.items() if ".lora_" in k)
+    assert lora == sum(d_out * R for d_out, _ in SHAPES.values())  # L r d_out: B only
+    assert 2 * lora == sum(v.numel() for k, v in state.tensors.items() if ".lora_" in k)
+
+
+def test_rolora_a_gets_no_gradient_while_b_is_zero_so_b_goes_first() -> None:
+    """The guard behind the B-first schedule: with peft's B = 0, dL/dA = s B^T dL/dW = 0."""
+    cfg = load_config(None, [*TINY, 'method.name="rolora"'])
+    workspace = get_workspace(cfg)
+    adapter = workspace.adapter_model(cfg.model.rank)
+    adapter.reset_base()
+    adapter.load({k: torch.zeros_like(v) if "lora_B" in k else v
+                  for k, v in adapter.state().items()})
+    adapter.set_trainable(None)
+    batch = workspace.partition(0, cfg.federation.clients)
+    _loss(adapter.model, batch).backward()
+    grads = {k: p.grad for k, p in adapter.params.items()}
+    assert all(float(g.abs().max()) == 0.0 for k, g in grads.items() if "lora_A" in k)
+    assert any(float(g.abs().max()) > 0.0 for k, g in grads.items() if "lora_B" in k)
+    adapter.model.zero_grad(set_to_none=True)
+
+
+def test_rolora_client_trains_only_the_phase_factor() -> None:
+    cfg = load_config(None, [*TINY, 'method.name="rolora"'])
+    method = build_method(cfg)
+    workspace = get_workspace(cfg)
+    state = method.init(workspace.adapter_model(cfg.model.rank).state())
+    for phase in ("B", "A"):
+        profile = ClientProfile(0, cfg.model.rank)
+        down = records_to_payload(payload_to_records(method.downlink(state, profile)))
+        assert down.scalars[PHASE] == phase
+        result = client_round(cfg, method, workspace, down, partition_id=0,
+                              rank=cfg.model.rank, server_round=1, client_state=ClientState())
+        frozen = "lora_A" if phase == "B" else "lora_B"
+        assert not any(frozen in k for k in result.payload.tensors)
+        adapter = workspace.adapter_model(cfg.model.rank)
+        for key, value in adapter.state().items():
+            if frozen in key:
+                assert torch.equal(value, state.tensors[key])  # not trained
+        moved = [k for k, v in result.payload.tensors.items()
+                 if ".lora_" in k and not torch.equal(v, state.tensors[k])]
+        assert moved
+        state = method.aggregate(state, [Upload(profile, result.payload,
+                                                result.num_examples)]).state
+
+
+# ---- FedSVD ---------------------------------------------------------------------------------
+def test_fedsvd_refactorisation_keeps_the_product_and_makes_a_orthonormal() -> None:
+    method = _method("fedsvd")
+    state = method.init(_template())
+    up_keys = set(method.expected_upload(state, ClientProfile(0, R)).tensors)
+    assert up_keys == {b for _, b, _ in _pairs()} | set(HEAD)  # no lora_A upstream
+    uploads = _uploads(method, state)
+    new = method.aggregate(state, uploads).state
+    for a_key, b_key, _ in _pairs():
+        a_old = state.tensors[a_key].double()
+        target = sum(p * u.payload.tensors[b_key].double() @ a_old  # sum_k p_k B_k A
+                     for p, u in zip(_weights(), uploads, strict=True))
+        a, b = new.tensors[a_key].double(), new.tensors[b_key].double()
+        assert float((b @ a - target).norm() / target.norm()) < 1e-5  # float32 state
+        assert torch.allclose(a @ a.T, torch.eye(R, dtype=torch.float64), atol=1e-5)
+        gram = b.T @ b
+        assert torch.allclose(gram - torch.diag(torch.diag(gram)), torch.zeros(R, R,
+                              dtype=torch.float64), atol=1e-6 * float(gram.abs().max()))
+        norms = torch.diag(gram).sqrt()
+        assert torch.all(norms[:-1] >= norms[1:] - 1e-7)
+        assert torch.allclose(norms, torch.linalg.svdvals(target)[:R], rtol=1e-4)
+
+
+def test_fedsvd_qr_core_and_full_svd_agree_in_float64() -> None:
+    gen = torch.Generator().manual_seed(3)
+    b = torch.randn(48, R, generator=gen, dtype=torch.float64)
+    a = torch.randn(R, 80, generator=gen, dtype=torch.float64)
+    for refactor in (refactor_qr, refactor_full):
+        nb, na = refactor(b, a)
+        assert float((nb @ na - b @ a).norm() / (b @ a).norm()) < 1e-10
+    assert torch.allclose(refactor_qr(b, a)[0].norm(dim=0), refactor_full(b, a)[0].norm(dim=0),
+                          rtol=1e-10)
+    zero_b, za = refactor_qr(torch.zeros(48, R, dtype=torch.float64), a)  # P = 0: B = 0, A rows
+    assert float(zero_b.abs().max()) == 0.0  # still orthonormal (directions arbitrary)
+    assert torch.allclose(za @ za.T, torch.eye(R, dtype=torch.float64), atol=1e-10)
+
+
+def test_fedsvd_period_option_and_client_keeps_a_frozen() -> None:
+    method = _method("fedsvd", "method.period=2")
+    state = method.init(_template())
+    once = method.aggregate(state, _uploads(method, state)).state
+    assert all(torch.equal(once.tensors[a], state.tensors[a]) for a, _, _ in _pairs())
+    twice = method.aggregate(once, _uploads(method, once)).state
+    assert not any(torch.equal(twice.tensors[a], once.tensors[a]) for a, _, _ in _pairs())
+    cfg = load_config(None, [*TINY, 'method.name="fedsvd"'])
+    method = build_method(cfg)
+    workspace = get_workspace(cfg)
+    state = method.init(workspace.adapter_model(cfg.model.rank).state())
+    down = records_to_payload(payload_to_records(method.downlink(state, ClientProfile(0, 8))))
+    result = client_round(cfg, method, workspace, down, partition_id=0, rank=cfg.model.rank,
+                          server_round=1, client_state=ClientState())
+    assert not any("lora_A" in k for k in result.payload.tensors)
+    adapter = workspace.adapter_model(cfg.model.rank)
+    for key, value in adapter.state().items():
+        if "lora_A" in key:
+            assert torch.equal(value, state.tensors[key])
+
+
+# ---- FedEx-LoRA -------------------------------------------------------------------------------
+def test_fedex_global_model_is_the_exact_weighted_mean_over_two_rounds() -> None:
+    """After each aggregate, W0 + residuals + s B_bar A_bar is the weighted mean of the clients'
+    models W0 + residuals_before + s B_k A_k, in the layers' native (d_out, d_in) layout,
+    non-square layers included."""
+    method = _method("fedex-lora")
+    s = 8 / R
+    state = method.init(_template())
+    for layer, shape in SHAPES.items():
+        assert tuple(state.tensors[RES + layer].shape) == shape
+    for _ in range(2):
+        uploads = _uploads(method, state)
+        assert set(uploads[0].payload.tensors) == set(_template())  # FedIT's uplink
+        new = method.aggregate(state, uploads).state
+        for a_key, b_key, layer in _pairs():
+            clients = [state.tensors[RES + layer].double()
+                       + s * u.payload.tensors[b_key].double() @ u.payload.tensors[a_key].double()
+                       for u in uploads]
+            exact = sum(p * w for p, w in zip(_weights(), clients, strict=True))
+            whole = (new.tensors[RES + layer].double()
+                     + s * new.tensors[b_key].double() @ new.tensors[a_key].double())
+            assert torch.allclose(whole, exact, atol=1e-7)
+            assert torch.allclose(new.tensors[a_key].double(), _mean(uploads, a_key), atol=1e-7)
+            assert torch.allclose(new.tensors[b_key].double(), _mean(uploads, b_key), atol=1e-7)
+            fedit_gap = float((s * _mean(uploads, b_key) @ _mean(uploads, a_key)
+                               + state.tensors[RES + layer].double() - exact).norm())
+            assert fedit_gap > 1e-4 * float(exact.norm())  # FedIT alone would not be exact
+        state = new
+
+
+def test_fedex_client_and_server_models_hold_the_residual_in_their_base() -> None:
+    cfg = load_config(None, [*TINY, 'method.name="fedex-lora"'])
+    method = build_method(cfg)
+    workspace = get_workspace(cfg)
+    adapter = workspace.adapter_model(cfg.model.rank)
+    adapter.reset_base()
+    w0 = {layer: adapter.base_weight(layer).detach().clone() for layer in adapter.pairs}
+    state = method.init(adapter.state())
+    uploads = []
+    for pid in range(3):
+        down = records_to_payload(payload_to_records(method.downlink(state, ClientProfile(pid, 8))))
+        res = client_round(cfg, method, workspace, down, partition_id=pid, rank=8,
+                           server_round=1, client_state=ClientState())
+        uploads.append(Upload(ClientProfile(pid, 8), res.payload, res.num_examples))
+    state = method.aggregate(state, uploads).state
+    assert any(float(state.tensors[RES + layer].abs().max()) > 0 for layer in w0)
+    adapter.reset_base()
+    method.load(adapter, method.downlink(state, ClientProfile(0, 8)), ClientState())
+    for layer in w0:
+        assert torch.allclose(adapter.base_weight(layer), w0[layer] + state.tensors[RES + layer])
+    adapter.reset_base()
+    method.load_global(adapter, state)
+    for layer in w0:
+        assert torch.allclose(adapter.base_weight(layer), w0[layer] + state.tensors[RES + layer])
+    adapter.reset_base()
+    # the downlink's cost: the dense residual of every wrapped layer on top of FedIT's tensors
+    fedit_bytes = serialized_nbytes(payload_to_records(Payload(adapter.state())))
+    down_bytes = serialized_nbytes(payload_to_records(method.downlink(state, ClientProfile(0, 8))))
+    dense = sum(4 * w.numel() for w in w0.values())
+    assert dense < down_bytes - fedit_bytes < dense * 1.01
+    export = method.export(state)
+    assert export.note and set(export.tensors) == set(adapter.state())
+
+
+# ---- Fed-SB -----------------------------------------------------------------------------------
+def _fed_sb_state(method, seed: int = 0) -> tuple[Payload, list[Upload]]:
+    state = method.init(_template(seed))
+    assert method.downlink(state, ClientProfile(0, R)).tensors == {}  # gradient round
+    spec = method.expected_upload(state, ClientProfile(0, R)).tensors
+    assert spec == {GRAD + layer: shape for layer, shape in SHAPES.items()}
+    common = {k: torch.randn(shape, generator=torch.Generator().manual_seed(9))
+              for k, shape in spec.items()}
+    uploads = []
+    for i, n in enumerate(SIZES):  # clients' gradients: a shared direction plus their own
+        gen = torch.Generator().manual_seed(50 + i)
+        grads = {k: common[k] + 0.8 * torch.randn(common[k].shape, generator=gen)
+                 for k in spec}
+        uploads.append(Upload(ClientProfile(i, R), Payload(grads), n))
+    return state, uploads
+
+
+def test_fed_sb_lora_sb_initialisation_from_the_summed_gradient() -> None:
+    method = _method("fed-sb", "method.init_lr=0.01")
+    s = 8 / R
+    state, uploads = _fed_sb_state(method)
+    new = method.aggregate(state, uploads).state
+    assert new.scalars[STAGE] == 1
+    for a_key, b_key, layer in _pairs():
+        grad = _mean(uploads, GRAD + layer)  # sign after the (weighted) sum
+        g_hat = -0.01 * torch.sign(grad)
+        sv = torch.linalg.svdvals(g_hat)
+        a, b = new.tensors[a_key].double(), new.tensors[b_key].double()
+        core = new.tensors[CORE + layer].double()
+        err = float((s * b @ core @ a - g_hat).norm())
+        assert err == pytest.approx(float(sv[R:].pow(2).sum().sqrt()), rel=1e-4)
+        assert torch.allclose(a @ a.T, torch.eye(R, dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(b.T @ b, torch.eye(R, dtype=torch.float64), atol=1e-5)
+        sum_of_signs = sum(torch.sign(u.payload.tensors[GRAD + layer].double()) for u in uploads)
+        assert not torch.equal(torch.sign(sum_of_signs), torch.sign(grad))  # they differ here
+    b64, r64, a64 = lora_sb_init(torch.randn(30, 20, dtype=torch.float64), 3, 0.1, 2.0)
+    assert b64.shape == (30, 3) and r64.shape == (3, 3) and a64.shape == (3, 20)
+
+
+def test_fed_sb_training_rounds_average_r_exactly_and_upload_r_squared() -> None:
+    method = _method("fed-sb")
+    state, uploads = _fed_sb_state(method)
+    state = method.aggregate(state, uploads).state
+    spec = method.expected_upload(state, ClientProfile(0, R)).tensors
+    assert spec == {**{CORE + layer: (R, R) for layer in SHAPES},
+                    **{k: tuple(_template()[k].shape) for k in HEAD}}
+    assert sum(math.prod(v) for k, v in spec.items() if k.startswith(CORE)) == len(SHAPES) * R * R
+    uploads = _uploads(method, state)
+    new = method.aggregate(state, uploads).state
+    for a_key, b_key, layer in _pairs():
+        assert torch.equal(new.tensors[a_key], state.tensors[a_key])
+        assert torch.equal(new.tensors[b_key], state.tensors[b_key])
+        a, b = state.tensors[a_key].double(), state.tensors[b_key].double()
+        target = sum(p * b @ u.payload.tensors[CORE + layer].double() @ a
+                     for p, u in zip(_weights(), uploads, strict=True))
+        assert torch.allclose(b @ new.tensors[CORE + layer].double() @ a, target, atol=1e-7)
+    export = method.export(new)  # exact peft adapter: lora_B = B R
+    assert export.note is None
+    for a_key, b_key, layer in _pairs():
+        assert torch.allclose(export.tensors[b_key].double() @ export.tensors[a_key].double(),
+                              new.tensors[b_key].double() @ new.tensors[CORE + layer].double()
+                              @ new.tensors[a_key].double(), atol=1e-6)
+
+
+def test_fed_sb_client_rounds_on_tiny_bert() -> None:
+    """Gradient round: W does not move and nothing trains; training round: only R and the head
+    move, the hooked model computes what the folded export computes, and nothing is left
+    attached to the shared model afterwards."""
+    cfg = load_config(None, [*TINY, 'method.name="fed-sb"'])
+    method = build_method(cfg)
+    workspace = get_workspace(cfg)
+    adapter = workspace.adapter_model(cfg.model.rank)
+    adapter.reset_base()
+    w0 = {layer: adapter.base_weight(layer).detach().clone() for layer in adapter.pairs}
+    state = method.init(adapter.state())
+    uploads = []
+    for pid in range(2):
+        down = records_to_payload(payload_to_records(method.downlink(state, ClientProfile(pid, 8))))
+        res = client_round(cfg, method, workspace, down, partition_id=pid, rank=8,
+                           server_round=1, client_state=ClientState())
+        assert set(res.payload.tensors) == set(method.expected_upload(
+            state, ClientProfile(pid, 8)).tensors)
+        assert all(float(g.abs().max()) > 0 for g in res.payload.tensors.values())
+        for layer in w0:
+            assert torch.equal(adapter.base_weight(layer), w0[layer])  # gradients only
+        uploads.append(Upload(ClientProfile(pid, 8), res.payload, res.num_examples))
+    state = method.aggregate(state, uploads).state
+    down = records_to_payload(payload_to_records(method.downlink(state, ClientProfile(0, 8))))
+    res = client_round(cfg, method, workspace, down, partition_id=0, rank=8, server_round=2,
+                       client_state=ClientState())
+    assert not any(".lora_" in k for k in res.payload.tensors)
+    assert any(not torch.equal(res.payload.tensors[k], state.tensors[k])
+               for k in res.payload.tensors if k.startswith(CORE))
+    for key, value in adapter.state().items():
+        if ".lora_" in key:
+            assert torch.equal(value, state.tensors[key])  # A and B frozen
+    modules = [m for m in adapter.model.modules() if m._forward_hooks or hasattr(m, "fed_sb_core")]
+    assert modules == []
+    # the hooked forward (clients) equals the folded adapter (server evaluation, export)
+    adapter.reset_base()
+    batch = workspace.partition(0, cfg.federation.clients)
+    method.load(adapter, down, ClientState())
+    adapter.model.eval()
+    with torch.no_grad():
+        hooked = float(_loss(adapter.model, batch))
+    method.uplink(adapter, down, ClientState())  # detaches
+    method.load_global(adapter, state)
+    with torch.no_grad():
+        folded = float(_loss(adapter.model, batch))
+    assert hooked == pytest.approx(folded, rel=1e-5)
+
+
+# ---- what each method composes with --------------------------------------------------------
+@pytest.mark.parametrize("name", ["rolora", "fedsvd", "fedex-lora", "fed-sb"])
+def test_compression_robust_aggregation_and_dp_are_allowed_or_refused_with_a_reason(
+        name: str) -> None:
+    build_method(load_config(None, [f'method.name="{name}"',
+                                    'compression.up=["int8", "deflate"]',
+                                    'compression.down=["fp16"]']))
+    with pytest.raises(ConfigError, match=r"federation\.aggregator"):
+        build_method(load_config(None, [f'method.name="{name}"',
+                                        'federation.aggregator="median"']))
+    with pytest.raises(ConfigError, match="client_level"):
+        build_method(load_config(None, [f'method.name="{name}"',
+                                        'privacy.client_level="server-fixed"']))
+    dp = [f'method.name="{name}"', "privacy.enabled=true"]
+    if name == "fed-sb":
+        with pytest.raises(ConfigError, match="not a peft adapter tensor"):
+            build_method(load_config(None, dp))
+    else:
+        build_method(load_config(None, dp))
