@@ -52,7 +52,6 @@ from fedpeft.core.wire import (
 )
 from fedpeft.core.workspace import default_threads, get_workspace, set_torch_threads
 
-from .client_dp import with_client_dp
 from .reporting import write_json_atomic
 from .rounds import Reply, RoundLoop, new_loop, run_rounds
 
@@ -143,7 +142,7 @@ def expected_upload(loop: RoundLoop, profile: ClientProfile, reference: dict) ->
     """What the unpacker accepts from ``profile``: the method's expected keys and shapes, in the
     dtype it was sent where it was sent that tensor (checked before anything is inflated)."""
     spec = loop.method.expected_upload(loop.state, profile)
-    shapes = dict(getattr(spec, "tensors", spec))  # an UploadSpec, or a plain key -> shape map
+    shapes = dict(spec.tensors)
     return Expected(shapes, {k: reference[k].dtype for k in shapes if k in reference})
 
 
@@ -159,22 +158,21 @@ def reply_fingerprint(content: RecordDict) -> object:
 
 
 class FlowerTransport:
-    """Delivers a round through the Flower Grid: the strategy (possibly wrapped by Flower's
-    client-level DP) builds the messages, the grid carries them, the strategy collects."""
+    """Delivers a round through the Flower Grid: the strategy builds the messages, the grid
+    carries them, the strategy collects."""
 
-    def __init__(self, grid: Grid, strategy: FedPeftStrategy, driver: Strategy,
-                 timeout_s: float | None) -> None:
-        self.grid, self.strategy, self.driver, self.timeout_s = grid, strategy, driver, timeout_s
+    def __init__(self, grid: Grid, strategy: FedPeftStrategy, timeout_s: float | None) -> None:
+        self.grid, self.strategy, self.timeout_s = grid, strategy, timeout_s
 
     def nodes(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
 
     def train(self, loop: RoundLoop, rnd: int, attempt: int) -> dict:
         self.strategy.attempt = attempt
-        messages = list(self.driver.configure_train(rnd, ArrayRecord(), ConfigRecord(),
-                                                    self.grid))
+        messages = list(self.strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(),
+                                                      self.grid))
         replies = send_and_receive(self.grid, messages, self.timeout_s)
-        _, stats = self.driver.aggregate_train(rnd, replies)
+        _, stats = self.strategy.aggregate_train(rnd, replies)
         clients = _client_bytes(loop, messages, replies)
         return {"bytes_down": sum(c["bytes_down"] for c in clients),
                 "bytes_up": sum(c["bytes_up"] for c in clients),
@@ -183,13 +181,10 @@ class FlowerTransport:
                 "client_bytes": clients}
 
     def extra_state(self) -> dict:
-        if hasattr(self.driver, "releases"):  # client-level DP: noised releases so far
-            return {"dp_releases": int(self.driver.releases)}
         return {}
 
     def restore_extra_state(self, data: dict) -> None:
-        if hasattr(self.driver, "releases"):
-            self.driver.releases = int(data.get("dp_releases", 0))
+        return None
 
 
 def _client_bytes(loop: RoundLoop, messages: list[Message], replies: list[Message]) -> list[dict]:
@@ -245,15 +240,14 @@ def run_server(grid: Grid, cfg: FedConfig, out: Path, resume: bool = False,
     workspace = get_workspace(cfg)
     loop = new_loop(cfg, workspace, simulation)
     strategy = FedPeftStrategy(loop, config_in_run)
-    driver = with_client_dp(strategy, loop, cfg)  # Flower's DP wrapper when privacy.client_level
-    driver.summary()
+    strategy.summary()
     nodes = wait_for_nodes(grid, cfg.federation.clients)
     if len(nodes) < cfg.federation.clients_per_round:
         raise RuntimeError(f"only {len(nodes)} of {cfg.federation.clients} clients connected; "
                            f"federation.clients_per_round = {cfg.federation.clients_per_round}. "
                            "With `flwr run .` in simulation, pass --federation-config "
                            f"'num-supernodes={cfg.federation.clients}'")
-    transport = FlowerTransport(grid, strategy, driver, cfg.federation.round_timeout_s or None)
+    transport = FlowerTransport(grid, strategy, cfg.federation.round_timeout_s or None)
     return run_rounds(loop, transport, workspace, out, resume=resume)
 
 

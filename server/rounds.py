@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedpeft.strategies import ClientProfile, Method, Upload, build_method
+from fedpeft.strategies.base import Aggregate
 from flwr.common.logger import log  # Flower's logger: its lines reach the run's log and the CLI
 
 from fedpeft.core.adapters import build_adapter_model
@@ -26,6 +27,7 @@ from fedpeft.core.data import partition_indices
 from fedpeft.core.keys import (
     BUDGET_SPENT,
     EPSILON,
+    NEXT_RANK,
     NUM_EXAMPLES,
     RANK_MISMATCH,
     TRAIN_S,
@@ -39,6 +41,7 @@ from fedpeft.core.wire import transmit
 from fedpeft.core.workspace import Workspace
 
 from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
+from .client_dp import CLIENT_EPSILON, DP_RELEASES, ClientLevelDP
 from .federation import (
     append_samples,
     client_profile,
@@ -60,6 +63,7 @@ from .validation import (
     check_examples,
     check_fingerprint,
     check_metrics,
+    check_scalars,
     check_upload,
 )
 
@@ -84,6 +88,26 @@ class Reply:
     fingerprint: object = None  # the client's base-model fingerprint as received; None: none
 
 
+# A decided reply's count in the round's row (the outcomes of :meth:`RoundLoop.decide`)
+ACCEPTED, FAILED, REJECTED = "clients_ok", "clients_failed", "clients_rejected"
+RESIZED, BUDGET = "clients_resized", "clients_budget_spent"
+COUNTS = (ACCEPTED, FAILED, REJECTED, RESIZED, BUDGET)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The server's decision on one reply: the count it falls under, the upload to aggregate
+    (accepted only), why it was refused, and what it tells the server about its client (the
+    rank it holds from now on, its DP-SGD epsilon so far), which :meth:`RoundLoop.apply`
+    records."""
+
+    count: str
+    upload: Upload | None = None
+    reason: str = ""
+    rank: int | None = None
+    epsilon: float | None = None
+
+
 class RoundLoop:
     """The server's side of the federation: the method's global state and the bookkeeping
     that outlives a round (ranks clients reported, the largest DP epsilon seen)."""
@@ -106,6 +130,8 @@ class RoundLoop:
         # no check); nodes that sent none were warned about once
         self.fingerprint = fingerprint
         self.unfingerprinted: set[int] = set()
+        # privacy.client_level: clip every accepted update, noise their mean
+        self.client_dp = ClientLevelDP(cfg) if cfg.privacy.client_level != "off" else None
 
     # ---- downlink -----------------------------------------------------------------------
     def sample(self, rnd: int, attempt: int, nodes: list[int]) -> list[ClientProfile]:
@@ -149,91 +175,112 @@ class RoundLoop:
         reference for the updates), as the clients decode it."""
         return self.received(ClientProfile(0, self.cfg.model.rank)).tensors
 
-    def set_global(self, tensors: dict) -> None:
-        """Overwrite those tensors of the state (client-level DP's noised mean)."""
-        self.state = Payload({**self.state.tensors, **tensors}, dict(self.state.scalars))
-
     # ---- uplink -------------------------------------------------------------------------
     def collect(self, rnd: int, replies: Iterable[Reply]) -> dict:
-        """Validate the replies, aggregate the good ones; the round's counts."""
+        """Decide on every reply, apply the accepted ones, aggregate the uploads; the round's
+        counts."""
+        counts = dict.fromkeys(COUNTS, 0)
         uploads: list[Upload] = []
-        counts = {"clients_ok": 0, "clients_failed": 0, "clients_rejected": 0,
-                  "clients_resized": 0, "clients_budget_spent": 0}
         client_eps: dict[int, float] = {}  # partition id -> that client's DP-SGD epsilon so far
         for reply in replies:
-            outcome = self._take(rnd, reply, client_eps)
-            if isinstance(outcome, Upload):
-                uploads.append(outcome)
-            else:
-                counts[outcome] += 1
+            outcome = self.decide(rnd, reply)
+            counts[outcome.count] += 1
+            self.apply(rnd, reply, outcome, client_eps)
+            if outcome.upload is not None:
+                uploads.append(outcome.upload)
         uploads.sort(key=lambda u: u.profile.partition_id)  # arrival order must not matter
-        counts["clients_ok"] = len(uploads)
         enough = len(uploads) >= self.cfg.federation.min_replies
         if not enough:
             log(WARNING, "round %d: %d good replies < federation.min_replies = %d; not "
                 "aggregated", rnd, len(uploads), self.cfg.federation.min_replies)
-        aggregated = enough and self._aggregate(rnd, uploads)
+        agg = self._aggregate(rnd, uploads) if enough else None
         stats: dict[str, Any] = {**counts, TRAIN_S: _sum(uploads, TRAIN_S),
                                  TRAIN_TOKENS: _sum(uploads, TRAIN_TOKENS),
                                  **{k: _sum(uploads, k) for k in self.method.timings},
-                                 "aggregated": int(aggregated)}
+                                 "aggregated": int(agg is not None)}
         if self.cfg.privacy.enabled or client_eps:
             stats.update(self._privacy_stats(rnd, client_eps))
-        if aggregated:
-            stats.update(self.method.round_metrics(self.state))
+        if self.client_dp is not None:
+            stats[CLIENT_EPSILON] = self.client_dp.epsilon()
+        if agg is not None:
+            stats.update(agg.metrics)
         return stats
 
-    def _take(self, rnd: int, reply: Reply, client_eps: dict[int, float]) -> Upload | str:
-        """The reply as an upload, or the name of the count it falls under."""
-        profile = reply.profile
+    def decide(self, rnd: int, reply: Reply) -> Outcome:
+        """The one decision on a reply: accepted (its upload), rejected (why), resized (the
+        client holds another rank), budget spent, or failed. Changes nothing: only
+        :meth:`apply` writes what the server remembers of a client. Any error while judging one
+        reply rejects that reply, never the round."""
         if reply.error is not None:
-            log(WARNING, "round %d: client %d %s: %s", rnd, profile.partition_id,
-                "vanished" if reply.vanished else "failed", reply.error)
-            return "clients_failed"
-        metrics, problem = check_metrics(reply.metrics)
-        if problem is None:
-            self._note_rank(profile, metrics)
-            if metrics.get(RANK_MISMATCH):
-                log(INFO, "round %d: client %d holds LoRA rank %s, not %d; it gets its own rank "
-                    "from now on", rnd, profile.partition_id, self.ranks.get(profile.node_id),
-                    profile.rank)
-                return "clients_resized"
-            if EPSILON in metrics:
-                client_eps[profile.partition_id] = metrics[EPSILON]
-                self.epsilon = max(self.epsilon, metrics[EPSILON])
-            if metrics.get(BUDGET_SPENT):
-                return "clients_budget_spent"
-            problem = (self._base_problem(rnd, reply) or reply.problem
-                       or self._check(profile, reply.payload, metrics))
+            return Outcome(FAILED, reason=("vanished: " if reply.vanished else "failed: ")
+                           + reply.error)
+        try:
+            return self._judge(reply)
+        except Exception as exc:  # a hostile reply must not end the run
+            return Outcome(REJECTED, reason=f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    def _judge(self, reply: Reply) -> Outcome:
+        profile = reply.profile
+        problem = self._base_problem(reply)
+        metrics, bad = check_metrics(reply.metrics)
+        problem = problem or bad
         if problem is not None:
-            log(WARNING, "round %d: rejected client %d: %s", rnd, profile.partition_id, problem)
-            return "clients_rejected"
-        assert reply.payload is not None  # _check refuses a reply without tensors
-        return Upload(profile, reply.payload, self._weight(profile, metrics), metrics)
-
-    def _check(self, profile: ClientProfile, payload: Payload | None,
-               metrics: dict[str, float]) -> str | None:
-        """Why an upload must not be aggregated (keys, shapes, dtypes, finite values, the norm
-        bound, a usable example count), or None."""
-        if payload is None:
-            return "no tensors"
+            return Outcome(REJECTED, reason=problem)
+        rank = reported_rank(metrics)
+        if metrics.get(RANK_MISMATCH):
+            if rank is None:
+                return Outcome(REJECTED, reason=f"{RANK_MISMATCH} without a usable {NEXT_RANK}")
+            return Outcome(RESIZED, rank=rank)
+        epsilon = metrics.get(EPSILON)
+        if metrics.get(BUDGET_SPENT):
+            return Outcome(BUDGET, epsilon=epsilon)
+        if reply.problem is not None or reply.payload is None:
+            return Outcome(REJECTED, reason=reply.problem or "no tensors")
+        payload = reply.payload
+        spec = self.method.expected_upload(self.state, profile)
         sent = self.downlink(profile).tensors
-        problem = check_upload(payload, self.method.expected_upload(self.state, profile),
-                               self.cfg.federation.max_update_norm, sent)
-        return (problem or self.method.check_upload(self.state, profile, payload)
-                or check_examples(metrics))
+        problem = (check_upload(payload, spec.tensors, self.cfg.federation.max_update_norm, sent)
+                   or check_examples(metrics))
+        scalars, bad = check_scalars(payload.scalars, spec.scalars)
+        problem = problem or bad
+        if problem is None and self.client_dp is not None:
+            problem = self.client_dp.problem(payload.tensors, self.global_tensors())
+        if problem is not None:
+            return Outcome(REJECTED, reason=problem)
+        upload = Upload(profile, Payload(payload.tensors, scalars), self._weight(profile, metrics),
+                        metrics)
+        return Outcome(ACCEPTED, upload=upload, rank=rank, epsilon=epsilon)
 
-    def _base_problem(self, rnd: int, reply: Reply) -> str | None:
+    def apply(self, rnd: int, reply: Reply, outcome: Outcome, client_eps: dict[int, float]) -> None:
+        """Remember what a decided reply tells the server about its client: its rank (accepted
+        or resized), its DP-SGD epsilon (accepted or budget spent). A rejected or failed reply
+        changes nothing but the log."""
+        profile = reply.profile
+        if outcome.count == FAILED:
+            log(WARNING, "round %d: client %d %s", rnd, profile.partition_id, outcome.reason)
+        elif outcome.count == REJECTED:
+            log(WARNING, "round %d: rejected client %d: %s", rnd, profile.partition_id,
+                outcome.reason)
+        if outcome.rank is not None:
+            self.ranks[profile.node_id] = outcome.rank
+        if outcome.count == RESIZED:
+            log(INFO, "round %d: client %d holds LoRA rank %d, not %d; it gets its own rank "
+                "from now on", rnd, profile.partition_id, outcome.rank, profile.rank)
+        if outcome.epsilon is not None:
+            client_eps[profile.partition_id] = outcome.epsilon
+            self.epsilon = max(self.epsilon, outcome.epsilon)
+        if (outcome.count == ACCEPTED and self.fingerprint is not None
+                and reply.fingerprint is None and profile.node_id not in self.unfingerprinted):
+            self.unfingerprinted.add(profile.node_id)
+            log(WARNING, "round %d: client %d sent no base model fingerprint (a fedpeft client "
+                "older than the check): accepted, its frozen base cannot be compared with the "
+                "server's %s", rnd, profile.partition_id, self.fingerprint)
+
+    def _base_problem(self, reply: Reply) -> str | None:
         """Why the reply's base-model fingerprint refuses it, or None. A reply without one (a
         client older than the check) is accepted, with one warning per client."""
         if self.fingerprint is None:
             return None
-        node = reply.profile.node_id
-        if reply.fingerprint is None and node not in self.unfingerprinted:
-            self.unfingerprinted.add(node)
-            log(WARNING, "round %d: client %d sent no base model fingerprint (a fedpeft client "
-                "older than the check): accepted, its frozen base cannot be compared with the "
-                "server's %s", rnd, reply.profile.partition_id, self.fingerprint)
         return check_fingerprint(reply.fingerprint, self.fingerprint, self.cfg.model.name)
 
     def _weight(self, profile: ClientProfile, metrics: dict[str, float]) -> int:
@@ -250,28 +297,26 @@ class RoundLoop:
         known = self.example_cap(profile.partition_id) if self.example_cap else None
         return min(count, known) if known else count
 
-    def _aggregate(self, rnd: int, uploads: list[Upload]) -> bool:
-        """Aggregate, unless the result is not finite (valid but extreme uploads can overflow)
-        or the method refuses: then the old state stays and the round counts as not
-        aggregated."""
+    def _aggregate(self, rnd: int, uploads: list[Upload]) -> Aggregate | None:
+        """Aggregate (through client-level DP's clip and noise where it is on) and take the
+        new state, unless the result is not finite (valid but extreme uploads can overflow) or
+        the method refuses: then the old state stays and the round counts as not aggregated."""
         try:
-            state = self.method.aggregate(self.state, uploads)
+            if self.client_dp is not None:
+                agg = self.client_dp.aggregate(self.method, self.state, uploads,
+                                               self.global_tensors())
+            else:
+                agg = self.method.aggregate(self.state, uploads)
         except (ValueError, RuntimeError) as exc:  # validated uploads that still do not fit
             log(ERROR, "round %d: aggregating %d valid uploads failed (%s); the global state is "
                 "kept as it was", rnd, len(uploads), exc)
-            return False
-        if not all_finite(state.tensors):
+            return None
+        if not all_finite(agg.state.tensors):
             log(ERROR, "round %d: the aggregate of %d valid uploads is not finite; the global "
                 "state is kept as it was", rnd, len(uploads))
-            return False
-        self.state = state
-        return True
-
-    def _note_rank(self, profile: ClientProfile, metrics: Mapping[str, float]) -> None:
-        """Remember the rank a client reports for its next rounds."""
-        rank = reported_rank(metrics)
-        if rank is not None:
-            self.ranks[profile.node_id] = rank
+            return None
+        self.state = agg.state
+        return agg
 
     def _privacy_stats(self, rnd: int, client_eps: dict[int, float]) -> dict:
         """``epsilon`` (the largest so far) and every participating client's own epsilon, as
@@ -289,13 +334,18 @@ class RoundLoop:
         """The loop's bookkeeping for a checkpoint; ranks keyed by partition id (node ids
         change when the federation restarts)."""
         partition = {node: i for i, node in enumerate(nodes)}
-        return {"ranks": {str(partition[n]): r for n, r in self.ranks.items() if n in partition},
-                "epsilon": self.epsilon}
+        out = {"ranks": {str(partition[n]): r for n, r in self.ranks.items() if n in partition},
+               "epsilon": self.epsilon}
+        if self.client_dp is not None:
+            out[DP_RELEASES] = self.client_dp.releases
+        return out
 
     def restore_state(self, data: dict, nodes: list[int]) -> None:
         self.ranks = {nodes[int(p)]: int(r) for p, r in data.get("ranks", {}).items()
                       if int(p) < len(nodes)}
         self.epsilon = float(data.get("epsilon", 0.0))
+        if self.client_dp is not None:
+            self.client_dp.releases = int(data.get(DP_RELEASES, 0))
 
 
 def new_loop(cfg: FedConfig, workspace: Workspace, simulation: bool) -> RoundLoop:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 
 import torch
+from fedpeft.strategies.base import Bound
 
 from fedpeft.core.keys import NUM_EXAMPLES
 from fedpeft.core.payload import Payload, Tensors, update_norm
@@ -79,6 +80,33 @@ def check_examples(metrics: Mapping[str, object] | None) -> str | None:
     if not math.isfinite(value) or value != int(value) or value < 1:
         return f"{NUM_EXAMPLES} = {value!r}: expected a positive integer"
     return None
+
+
+def check_scalars(scalars: Mapping[str, object], bounds: Mapping[str, Bound]
+                  ) -> tuple[dict[str, int | float], str | None]:
+    """An upload's scalars, each a plain number within the bound its method declares (whole
+    numbers as ``int``), or the reason the upload must be rejected: an undeclared or missing
+    scalar, a value that is not a finite number (a list, a string, inf), or one out of range.
+    The method sees only what passes."""
+    extra = sorted(k for k in scalars if k not in bounds)
+    if extra:
+        return {}, f"unexpected scalars {[str(k)[:40] for k in extra[:3]]}"
+    clean: dict[str, int | float] = {}
+    for key, bound in bounds.items():
+        if key not in scalars:
+            if bound.required:
+                return {}, f"scalar {key!r} missing"
+            continue
+        value = scalars[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
+                value):
+            return {}, f"scalar {key!r} = {str(value)[:40]!r} is not a finite number"
+        if bound.integer and value != int(value):
+            return {}, f"scalar {key!r} = {value!r} is not a whole number"
+        if not bound.low <= value <= bound.high:
+            return {}, f"scalar {key!r} = {value!r} outside [{bound.low:g}, {bound.high:g}]"
+        clean[key] = int(value) if bound.integer else float(value)
+    return clean, None
 
 
 MAX_FINGERPRINT = 64  # characters of a client's base fingerprint (ours: 16 hex digits)

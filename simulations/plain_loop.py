@@ -19,7 +19,7 @@ from fedpeft.server.reporting import MetricsLog
 from fedpeft.server.rounds import Reply, RoundLoop, new_loop, run_rounds
 from fedpeft.strategies import Method
 
-from fedpeft.core.config import ConfigError, FedConfig, load_config
+from fedpeft.core.config import FedConfig, load_config
 from fedpeft.core.keys import NUM_EXAMPLES
 from fedpeft.core.payload import ClientState
 from fedpeft.core.wire import transmit
@@ -72,9 +72,6 @@ def run_plain(config: str | None, overrides: list[str], out: Path | None = None)
     included: each message is encoded and decoded as on the wire); outputs go to ``out``
     (default: a temporary folder)."""
     cfg = load_config(config, overrides)
-    if cfg.privacy.client_level != "off":
-        raise ConfigError("privacy.client_level needs Flower's DP strategy wrappers: use "
-                          "`fedpeft simulate` (this loop runs without Flower's strategies)")
     set_torch_threads(default_threads())
     workspace = get_workspace(cfg)
     loop = new_loop(cfg, workspace, simulation=True)

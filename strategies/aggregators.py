@@ -1,6 +1,6 @@
 """Robust means of the clients' uploads (``federation.aggregator``), as pure tensor math.
 
-For the methods whose aggregate is a mean of uploads (``Method.robust_aggregation``):
+For the methods whose aggregate is a mean of uploads (``Method.mean_aggregate``):
 
 - ``mean``: the weighted mean (weights: example counts or 1, ``federation.weighting``).
 - ``median``: the coordinate-wise median; for an even count the mean of the two middle values
@@ -69,11 +69,20 @@ class Aggregator:
             raise ValueError(f"filter factor {self.filter_factor}: a finite number >= 1")
 
 
+UPLOADS_DROPPED = "uploads_dropped"  # round metric of the filtering rules
+
+
 class Robust(NamedTuple):
     """A robust aggregate and how many uploads it dropped as outliers (filtered-median)."""
 
     tensors: Tensors
     dropped: int = 0
+    filtering: bool = False  # the rule drops outliers (then ``metrics`` reports how many)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The aggregate's round metrics: ``uploads_dropped`` under a filtering rule."""
+        return {UPLOADS_DROPPED: float(self.dropped)} if self.filtering else {}
 
 
 class _Upload(Protocol):
@@ -110,7 +119,8 @@ def robust_mean(aggregator: Aggregator, uploads: Sequence[_Upload], keys: Iterab
         out = {k: ref[k] + weighted_average(u, ones) for k, u in clipped.items()}
     else:
         out = {k: weighted_average(s, w) for k, s in stacks.items()}
-    return Robust({k: v.to(uploads[0].payload.tensors[k].dtype) for k, v in out.items()}, dropped)
+    return Robust({k: v.to(uploads[0].payload.tensors[k].dtype) for k, v in out.items()}, dropped,
+                  rule == "filtered-median")
 
 
 def weighted_average(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,9 @@ Hooks (``aggregate`` is abstract; every other hook has a FedIT default):
 Server half
     ``init(template) -> state``                      the global state from a fresh adapter
     ``downlink(state, profile) -> payload``          what one client is sent
-    ``aggregate(state, uploads) -> state``           the next global state
-    ``round_metrics(state) -> metrics``              what the last aggregate did (for the log)
-    ``expected_upload(state, profile) -> shapes``    keys and shapes a valid upload has
-    ``check_upload(state, profile, payload)``        a method-specific reason to reject one
+    ``expected_upload(state, profile) -> UploadSpec``  the keys and shapes of a valid upload and
+                                                     the bounds of each scalar it may carry
+    ``aggregate(state, uploads) -> Aggregate``       the next global state and its metrics row
     ``load_global(model, state)``                    the global model, for server evaluation
     ``export(state) -> Export``                      the adapter written to ``adapter/``
 Client half
@@ -18,11 +17,29 @@ Client half
     ``train_spec(model) -> TrainSpec``               which tensors train, an extra loss term
     ``uplink(model, payload, client_state)``         what the client sends back
     ``client_metrics(client_state) -> metrics``      per-round extras, e.g. timings
+    ``personal_keys(keys) -> keys``                  what stays on the client (personalised)
 
-Class attributes say what a method can do (``mixed_ranks``, ``client_dp``, ``dp_refusal``,
-``compression_refusal``), its default learning rate, its options dataclass and the names of
-the per-client timings it reports (``timings``), so that nothing outside ``strategies/`` needs
-to name a method.
+Class attributes: ``Options`` (a dataclass), ``default_lr``, ``mixed_ranks`` (clients may hold
+different LoRA ranks), ``mean_aggregate`` (the aggregate is a mean of the uploads over one
+downlink shared by all: robust aggregators and client-level DP apply), ``dp_refusal`` and
+``compression_refusal`` (why DP-SGD or lossy filters would be unsound; empty: they are fine)
+and ``timings`` (per-client seconds from ``client_metrics`` that the loop sums per round), so
+that nothing outside ``strategies/`` names a method.
+
+What a method may rely on (the server checks it before ``aggregate`` sees an upload): every
+upload has exactly the tensors of ``expected_upload``, finite, floating point, in the dtype it
+was sent; its scalars are the declared ones only, each a finite number within its
+:class:`Bound` (whole numbers as ``int``); its example count is a positive integer. Anything
+else is rejected for that client alone.
+
+Per-client data. One method instance serves the server half and every client of its process
+(the virtual clients of a simulation run back to back on one object), so a method keeps no
+per-client data on ``self``. What a client must remember between ``load`` and ``uplink`` of a
+round, or across rounds, goes into the ``ClientState`` both receive (a value only needed
+within the round is popped again by ``uplink``, so it is never persisted); what the server
+must remember of a client goes into the global state's scalars or tensors, written by
+``aggregate`` only. ``self`` may hold caches that are correct for any client (keyed by what
+they depend on, e.g. a global state by run and round) and bounded in size.
 """
 
 from __future__ import annotations
@@ -48,7 +65,7 @@ from fedpeft.core.payload import ClientState, Payload, Scalar, Tensors
 
 from .aggregators import Aggregator
 
-__all__ = ["ClientState", "Payload", "Scalar", "Tensors"]
+__all__ = ["ClientState", "Payload", "Scalar", "Tensors"]  # re-exported for the methods
 
 # ClientState.values key: the LoRA rank a client holds from now on, when a method changes it
 # (HetLoRA's rank pruning). The trainer reports it as the ``next_rank`` metric and the server
@@ -96,6 +113,35 @@ class Upload:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The values one upload scalar may take: a finite number in [low, high], a whole number
+    when ``integer``; ``required``: an upload without it is rejected."""
+
+    low: float
+    high: float
+    integer: bool = True
+    required: bool = False
+
+
+@dataclass
+class UploadSpec:
+    """What a valid upload from one client holds: exactly these tensor keys and shapes, and no
+    scalars but these (each within its bound)."""
+
+    tensors: dict[str, tuple[int, ...]]
+    scalars: dict[str, Bound] = field(default_factory=dict)
+
+
+@dataclass
+class Aggregate:
+    """``aggregate``'s answer: the next global state and numbers about how it was reached
+    (e.g. uploads a robust aggregator dropped), added to the round's metrics row."""
+
+    state: Payload
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass
 class Export:
     """The adapter written to ``adapter/``; ``note`` says why it is not the whole global model
@@ -130,28 +176,34 @@ class Method(abc.ABC):
     # gradients (everything it uploads is post-processing of DP-SGD's output); a method for which
     # it is not says why here.
     dp_refusal: ClassVar[str] = ""
-    # Client-level DP ([privacy] client_level): Flower's fixed-clipping wrappers clip each
-    # client's update and noise the mean, which is sound only when the aggregate is a mean of
-    # the uploads and every client gets the same downlink (the state's tensors of those keys).
-    client_dp: ClassVar[bool] = False
-    # federation.aggregator other than 'mean' (strategies/aggregators.py): only where the
-    # aggregate is a mean of the uploads, which the method then takes with ``robust_mean``.
-    robust_aggregation: ClassVar[bool] = False
+    # The aggregate is a mean of the uploads and every client gets the same downlink (the
+    # state's tensors of those keys). Only then do robust aggregators (federation.aggregator,
+    # which the method takes with ``robust_mean``) and client-level DP (clip each update, noise
+    # the mean) apply.
+    mean_aggregate: ClassVar[bool] = False
     # Lossy wire filters ([compression]) change the uploaded numbers; a method whose maths they
     # would break says why here.
     compression_refusal: ClassVar[str] = ""
     # Per-client seconds this method reports through ``client_metrics``; the round loop sums
     # them per round and the progress line and results table show them.
     timings: ClassVar[tuple[str, ...]] = ()
+    # Personalised: part of each client's model (``personal_keys``) stays in its ClientState,
+    # never sent, so there is no single global model: the model is scored on the clients only,
+    # each with its own parts (eval.where = 'clients'), and ``export`` is the shared part with
+    # a note. ``load`` joins the personal parts, ``uplink`` keeps them back.
+    personalized: ClassVar[bool] = False
+    # Secure aggregation ([secagg]) gives ``aggregate`` one upload: the example-weighted mean of
+    # the clipped uploads (``num_examples`` = the summed weights). Sound for a ``mean_aggregate``
+    # method; one that is not, or cannot take it, may say why here (``secagg_problem``).
+    secagg_refusal: ClassVar[str] = ""
 
     def __init__(self, options: Any, ctx: MethodContext) -> None:
         self.options = options
         self.ctx = ctx
-        self.dropped_uploads = 0  # by the last robust aggregate (federation.aggregator)
 
-    @classmethod
-    def dp_compatible(cls) -> bool:
-        return not cls.dp_refusal
+    def personal_keys(self, keys: Iterable[str]) -> set[str]:
+        """Those of the adapter's tensor ``keys`` that are personal (never in a message)."""
+        return set()
 
     @classmethod
     def compressible(cls) -> bool:
@@ -164,27 +216,15 @@ class Method(abc.ABC):
     def downlink(self, state: Payload, profile: ClientProfile) -> Payload:
         return Payload(state.tensors)
 
+    def expected_upload(self, state: Payload, profile: ClientProfile) -> UploadSpec:
+        """What a valid upload from ``profile`` holds (the server validates against it)."""
+        return UploadSpec({k: tuple(v.shape)
+                           for k, v in self.downlink(state, profile).tensors.items()})
+
     @abc.abstractmethod
-    def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
-        """The next global state from the round's validated uploads (at least one)."""
-
-    def round_metrics(self, state: Payload) -> dict[str, float]:
-        """Numbers about the aggregate that produced ``state`` (e.g. LoRA-FAIR's correction),
-        added to the round's metrics row. A robust method filtering outliers reports how many
-        uploads it dropped."""
-        if self.ctx.aggregator.rule == "filtered-median":
-            return {"uploads_dropped": float(self.dropped_uploads)}
-        return {}
-
-    def expected_upload(self, state: Payload, profile: ClientProfile) -> dict[str, tuple[int, ...]]:
-        """Keys and shapes a well-formed upload from ``profile`` must have (for validation)."""
-        return {k: tuple(v.shape) for k, v in self.downlink(state, profile).tensors.items()}
-
-    def check_upload(self, state: Payload, profile: ClientProfile,
-                     payload: Payload) -> str | None:
-        """A method-specific reason to reject a well-formed upload (None: fine); the generic
-        checks (keys, shapes, dtypes, finite values, norm bound) have passed already."""
-        return None
+    def aggregate(self, state: Payload, uploads: list[Upload]) -> Aggregate:
+        """The next global state from the round's validated uploads (at least one), with its
+        metrics. Must not change ``state`` or the uploads in place."""
 
     def load_global(self, model: AdapterModel, state: Payload) -> None:
         """Put the global model into ``model`` for server-side evaluation. Methods whose global
@@ -256,7 +296,30 @@ def build_method(cfg: FedConfig, num_labels: int | None = None) -> Method:
     check_privacy(cls, cfg)
     check_compression(cls, cfg)
     check_aggregator(cls, cfg)
+    check_evaluation(cls, cfg)
+    if cfg.secagg.enabled and secagg_problem(cls):
+        raise ConfigError(f"secagg.enabled = true is not supported with method.name = "
+                          f"{cls.name!r}: {secagg_problem(cls)}")
     return cls(options, MethodContext.from_config(cfg, num_labels))
+
+
+def check_evaluation(cls: type[Method], cfg: FedConfig) -> None:
+    """A personalised method has no global model for the server to score: its clients do."""
+    if cls.personalized and cfg.eval.where != "clients":
+        raise ConfigError(
+            f"method.name = {cls.name!r} keeps part of every client's model on the client, so "
+            f"there is no global model to score on the server (eval.where = "
+            f"{cfg.eval.where!r}): set eval.where = 'clients' (each client scores its own model "
+            "on its held-out examples; docs/evaluation.md)")
+
+
+def secagg_problem(cls: type[Method]) -> str:
+    """Why [secagg] cannot run with this method (empty: it can)."""
+    if cls.mean_aggregate and not cls.secagg_refusal:
+        return ""
+    return cls.secagg_refusal or (
+        "its aggregate is not declared to depend on the uploads only through their "
+        "example-weighted mean, which is all that secure aggregation reveals")
 
 
 def check_privacy(cls: type[Method], cfg: FedConfig) -> None:
@@ -265,8 +328,8 @@ def check_privacy(cls: type[Method], cfg: FedConfig) -> None:
     if priv.enabled and cls.dp_refusal:
         raise ConfigError(f"privacy.enabled = true is not supported with method.name = "
                           f"{cls.name!r}: {cls.dp_refusal}")
-    if priv.client_level != "off" and not cls.client_dp:
-        able = ", ".join(n for n, c in METHODS.items() if c.client_dp) or "none registered"
+    if priv.client_level != "off" and not cls.mean_aggregate:
+        able = ", ".join(n for n, c in METHODS.items() if c.mean_aggregate) or "none registered"
         raise ConfigError(
             f"privacy.client_level = {priv.client_level!r} needs a method whose aggregate is a "
             f"mean of the uploads with one downlink for all ({able}); method.name = "
@@ -278,9 +341,9 @@ def check_privacy(cls: type[Method], cfg: FedConfig) -> None:
 def check_aggregator(cls: type[Method], cfg: FedConfig) -> None:
     """Refuse a robust aggregator for a method whose aggregate is not a mean of the uploads."""
     rule = cfg.federation.aggregator
-    if rule == "mean" or cls.robust_aggregation:
+    if rule == "mean" or cls.mean_aggregate:
         return
-    able = ", ".join(n for n, c in METHODS.items() if c.robust_aggregation) or "none registered"
+    able = ", ".join(n for n, c in METHODS.items() if c.mean_aggregate) or "none registered"
     doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
     raise ConfigError(
         f"federation.aggregator = {rule!r} needs a method whose aggregate is a mean of the "
@@ -317,6 +380,8 @@ def method_help() -> str:
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # 1st paragraph
         lines.append(f"{name}: {doc}")
         lines.append(f"    default lr {cls.default_lr:g} (when train.lr = 0)")
+        problem = secagg_problem(cls)
+        lines.append(f"    secure aggregation: {'no: ' + problem if problem else 'yes'}")
         for f in dataclasses.fields(cls.Options):
             default = (f.default_factory() if f.default is dataclasses.MISSING  # type: ignore[misc]
                        else f.default)

@@ -4,7 +4,7 @@ separately, weighted by each client's number of training examples."""
 from __future__ import annotations
 
 from .aggregators import robust_mean
-from .base import Method, Payload, Upload, register
+from .base import Aggregate, Method, Payload, Upload, register
 
 
 @register("fedit")
@@ -12,10 +12,8 @@ class FedIT(Method):
     """FedAvg on LoRA A and B separately, weighted by examples (the baseline)."""
 
     default_lr = 0.002
-    client_dp = True  # a weighted mean of the uploads, the same downlink for every client
-    robust_aggregation = True  # federation.aggregator: any of AGGREGATORS
+    mean_aggregate = True  # a weighted mean of the uploads, the same downlink for every client
 
-    def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
+    def aggregate(self, state: Payload, uploads: list[Upload]) -> Aggregate:
         robust = robust_mean(self.ctx.aggregator, uploads, state.tensors, state.tensors)
-        self.dropped_uploads = robust.dropped
-        return Payload(robust.tensors)
+        return Aggregate(Payload(robust.tensors), robust.metrics)

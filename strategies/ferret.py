@@ -298,6 +298,8 @@ class Ferret(Method):
 
     Options = FerretOptions
     default_lr = LORA_LR  # the default target's; each instance uses its own target's
+    secagg_refusal = ("the server rebuilds and checks each client's update from its own "
+                      "coefficients (a summed-coefficient variant is not implemented)")
     dp_refusal = ("ferret trains base-model weights, which fedpeft's DP-SGD (Opacus over the "
                   "adapter tensors) does not cover")
 

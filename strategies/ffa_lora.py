@@ -26,6 +26,7 @@ from fedpeft.core.config import ConfigError, option
 
 from .aggregators import robust_mean
 from .base import (
+    Aggregate,
     ClientProfile,
     ClientState,
     Method,
@@ -34,6 +35,7 @@ from .base import (
     Tensors,
     TrainSpec,
     Upload,
+    UploadSpec,
     register,
 )
 
@@ -99,8 +101,7 @@ class FFALoRA(Method):
 
     Options = FFAOptions
     default_lr = 0.02
-    client_dp = True  # a weighted mean of the uploads (B, head), the same downlink for all
-    robust_aggregation = True  # federation.aggregator: any of AGGREGATORS
+    mean_aggregate = True  # a weighted mean of the uploads (B, head), the same downlink for all
 
     def __init__(self, options: FFAOptions, ctx: MethodContext) -> None:
         super().__init__(options, ctx)
@@ -124,15 +125,14 @@ class FFALoRA(Method):
         tensors = {k: state.tensors[k] for k in self._sent_keys(state)}
         return Payload(tensors, {SEED_KEY: int(state.scalars[SEED_KEY])})
 
-    def expected_upload(self, state: Payload, profile: ClientProfile) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(state.tensors[k].shape) for k in self._sent_keys(state)}
+    def expected_upload(self, state: Payload, profile: ClientProfile) -> UploadSpec:
+        return UploadSpec({k: tuple(state.tensors[k].shape) for k in self._sent_keys(state)})
 
-    def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
+    def aggregate(self, state: Payload, uploads: list[Upload]) -> Aggregate:
         tensors = dict(state.tensors)
         robust = robust_mean(self.ctx.aggregator, uploads, self._sent_keys(state), state.tensors)
-        self.dropped_uploads = robust.dropped
         tensors.update(robust.tensors)
-        return Payload(tensors, dict(state.scalars))
+        return Aggregate(Payload(tensors, dict(state.scalars)), robust.metrics)
 
     # ---- client half -------------------------------------------------------------------
     def load(self, model: AdapterModel, payload: Payload, client_state: ClientState) -> None:

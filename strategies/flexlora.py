@@ -19,7 +19,7 @@ import torch
 
 from fedpeft.core.adapters import AdapterModel
 
-from .base import ClientProfile, Export, Method, Payload, Upload, register
+from .base import Aggregate, ClientProfile, Export, Method, Payload, Upload, UploadSpec, register
 from .lowrank import (
     Layer,
     adapter_layers,
@@ -43,6 +43,8 @@ class FlexLoRA(Method):
     """Weighted sum of full products B_k A_k, per-client truncated SVD to the client's rank."""
 
     mixed_ranks = True
+    secagg_refusal = ("it sums the products B_k A_k of each client's factors, which the sum "
+                      "of the factors does not give (dense product uploads are not implemented)")
 
     def layers(self, state: Payload) -> list[Layer]:
         names = sorted(k[len(US):] for k in state.tensors if k.startswith(US))
@@ -74,12 +76,11 @@ class FlexLoRA(Method):
     def downlink(self, state: Payload, profile: ClientProfile) -> Payload:
         return Payload({**head_of(state.tensors), **self.factors_for(state, profile.rank)})
 
-    def expected_upload(self, state: Payload,
-                        profile: ClientProfile) -> dict[str, tuple[int, ...]]:
+    def expected_upload(self, state: Payload, profile: ClientProfile) -> UploadSpec:
         shapes = {k: tuple(v.shape) for k, v in head_of(state.tensors).items()}
-        return {**shapes, **factor_shapes(self.layers(state), profile.rank)}
+        return UploadSpec({**shapes, **factor_shapes(self.layers(state), profile.rank)})
 
-    def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
+    def aggregate(self, state: Payload, uploads: list[Upload]) -> Aggregate:
         weights = weights_by_examples([u.num_examples for u in uploads])
         tensors = average_head([head_of(u.payload.tensors) for u in uploads], weights)
         for layer in self.layers(state):
@@ -88,7 +89,7 @@ class FlexLoRA(Method):
             us, vh = truncated_svd(w_g, total_rank)
             dtype = state.tensors[US + layer.name].dtype
             tensors[US + layer.name], tensors[VH + layer.name] = us.to(dtype), vh.to(dtype)
-        return Payload(tensors, dict(state.scalars))
+        return Aggregate(Payload(tensors, dict(state.scalars)))
 
     def export(self, state: Payload) -> Export:
         """The rank-``model.rank`` truncation of W_g (the full W_g has a higher rank)."""

@@ -30,7 +30,18 @@ import torch
 
 from fedpeft.core.adapters import AdapterModel
 
-from .base import ClientProfile, ClientState, Export, Method, Payload, Upload, register
+from .base import (
+    Aggregate,
+    Bound,
+    ClientProfile,
+    ClientState,
+    Export,
+    Method,
+    Payload,
+    Upload,
+    UploadSpec,
+    register,
+)
 from .lowrank import (
     Layer,
     adapter_layers,
@@ -49,7 +60,6 @@ DELTA = "flora.delta::"
 ROUND, SYNCED, FROM, SEED = "flora.round", "flora.synced", "flora.from", "flora.seed"
 LOST = "flora.lost"  # ClientState value: this round's load found no usable merged base
 NEEDS_SYNC = "needs_sync"  # reply metric: 1 when the client held no usable merged base
-ASKED = "flora.needs_sync"  # state scalar: clients of the last round that asked for a resync
 
 
 def hist_key(t: int, factor: str, layer: str) -> str:
@@ -67,6 +77,8 @@ class FLoRA(Method):
 
     mixed_ranks = True
     default_lr = 0.01  # a fresh adapter every round: see the module docstring
+    secagg_refusal = ("stacking concatenates the clients' factors: the server needs each "
+                      "one, and a sum loses them")
     compression_refusal = ("the server stacks the clients' exact factors into a product of "
                            "rank sum(r_k); quantised or sparsified factors would put their errors "
                            "straight into every client's merged base")
@@ -106,15 +118,17 @@ class FLoRA(Method):
                 tensors.update({k: v for k, v in state.tensors.items() if k.startswith(DELTA)})
         return Payload(tensors, scalars)
 
-    def expected_upload(self, state: Payload,
-                        profile: ClientProfile) -> dict[str, tuple[int, ...]]:
+    def expected_upload(self, state: Payload, profile: ClientProfile) -> UploadSpec:
+        """The head and the client's rank-r factors; ``flora.synced``: the round whose merged
+        base the client trained on (at most the current one), or -1 (it held none)."""
         shapes = {k: tuple(v.shape) for k, v in head_of(state.tensors).items()}
-        return {**shapes, **factor_shapes(self.layers(state.tensors), profile.rank)}
+        return UploadSpec({**shapes, **factor_shapes(self.layers(state.tensors), profile.rank)},
+                          {SYNCED: Bound(-1, int(state.scalars[ROUND]), required=True)})
 
-    def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
+    def aggregate(self, state: Payload, uploads: list[Upload]) -> Aggregate:
         """Stack the round's factors. Uploads of clients that held no usable merged base
-        (synced -1, zero tensors) are left out; the server notes them and sends them the dense
-        sum next time."""
+        (synced -1, zero tensors) are left out and counted as ``needs_sync``; the server notes
+        them and sends them the dense sum next time."""
         now = int(state.scalars[ROUND]) + 1
         marks = {id(u): int(u.payload.scalars.get(SYNCED, 0)) for u in uploads}
         scalars = dict(state.scalars)
@@ -136,12 +150,8 @@ class FLoRA(Method):
             tensors[hist_key(now, "B", layer.name)] = b_stack.to(delta.dtype)
             tensors[hist_key(now, "A", layer.name)] = a_stack.to(delta.dtype)
         drop_old_history(tensors, layers, now)
-        scalars.update({ROUND: now, ASKED: len(marks) - len(uploads)})
-        return Payload(tensors, scalars)
-
-    def round_metrics(self, state: Payload) -> dict[str, float]:
-        """``needs_sync``: how many clients of the last round held no usable merged base."""
-        return {NEEDS_SYNC: float(state.scalars.get(ASKED, 0))}
+        scalars[ROUND] = now
+        return Aggregate(Payload(tensors, scalars), {NEEDS_SYNC: float(len(marks) - len(uploads))})
 
     def export(self, state: Payload) -> Export:
         """The rank-``model.rank`` truncated SVD of the merged update (an approximation:

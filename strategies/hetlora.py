@@ -32,6 +32,7 @@ from fedpeft.core.config import option
 
 from .base import (
     RANK_KEY,
+    Aggregate,
     ClientProfile,
     ClientState,
     Export,
@@ -71,6 +72,8 @@ class HetLoRA(Method):
 
     Options = HetLoRAOptions
     mixed_ranks = True
+    secagg_refusal = ("it weights each upload by that client's own update norm and prunes "
+                      "ranks per client, which needs each client's factors, not their sum")
     options: HetLoRAOptions
 
     # ---- units ---------------------------------------------------------------------------
@@ -109,7 +112,7 @@ class HetLoRA(Method):
     def downlink(self, state: Payload, profile: ClientProfile) -> Payload:
         return Payload({**head_of(state.tensors), **self.factors_for(state, profile.rank)})
 
-    def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
+    def aggregate(self, state: Payload, uploads: list[Upload]) -> Aggregate:
         layers = adapter_layers(state.tensors)
         ranks = [int(u.payload.tensors[layers[0].a_key].shape[0]) for u in uploads]
         size = max([self.global_rank(state), *ranks])
@@ -137,7 +140,7 @@ class HetLoRA(Method):
             new_b[:, ~covered], new_a[~covered] = old_b[:, ~covered], old_a[~covered]
             tensors[layer.b_key] = new_b.to(state.tensors[layer.b_key].dtype)
             tensors[layer.a_key] = new_a.to(state.tensors[layer.a_key].dtype)
-        return Payload(tensors, dict(state.scalars))
+        return Aggregate(Payload(tensors, dict(state.scalars)))
 
     def export(self, state: Payload) -> Export:
         """The global factors truncated to model.rank (lossless when model.rank >= R)."""

@@ -37,9 +37,7 @@ points the way of the ideal update (1 - cos < 1e-10 per layer: beneath that the 
 float64 rounding) or are stationary at dB = 0 are left alone, so clients that agree change
 nothing.
 
-Observability. ``aggregate`` stores what the correction did in the state's scalars under
-``lora_fair.metrics.`` (the server never sends state scalars to clients); ``round_metrics`` returns
-them for the round's metrics row:
+Observability. ``aggregate`` returns what the correction did as the round's metrics:
     fair_correction_rel     ||dB|| / ||B_bar|| over all layers
     fair_cos_before/after   mean over layers and columns of cos(dW[:, j], product[:, j]) for
                             B_bar A_bar (FedIT's product of means) and (B_bar + dB) A_bar
@@ -74,7 +72,7 @@ import torch
 from fedpeft.core.adapters import LoraPair, lora_pairs
 from fedpeft.core.config import ConfigError, option
 
-from .base import Method, MethodContext, Payload, Upload, register, weighted_mean
+from .base import Aggregate, Method, MethodContext, Payload, Upload, register, weighted_mean
 
 # 1 - cos (per layer, mean over columns) below which a layer's product already points the way of
 # the ideal update: float64 rounding of the cosine is ~1e-16, so below this the objective's
@@ -86,8 +84,6 @@ _STATIONARY = 1e-6
 # Gradient entries of the normalised objective (start 1, gradient norm 1) that count as zero.
 _GRAD_TOL = 1e-9
 
-# State scalars reserved for the correction's per-round metrics (``round_metrics`` reads them).
-METRICS_PREFIX = "lora_fair.metrics."
 METRIC_NAMES = ("correction_rel", "cos_before", "cos_after", "objective_before",
                 "objective_after", "iterations", "layers_corrected", "layers")
 
@@ -308,6 +304,8 @@ class LoRAFAIR(Method):
     """FedIT's means plus a server-side correction of B towards the mean of the products."""
 
     Options = FairOptions
+    secagg_refusal = ("its correction needs the mean of the products B_k A_k, which the "
+                      "means of the factors do not give")
 
     def __init__(self, options: FairOptions, ctx: MethodContext) -> None:
         super().__init__(options, ctx)
@@ -316,7 +314,7 @@ class LoRAFAIR(Method):
             raise ConfigError("method.lam = 0 with method.solver = 'lstsq': the closed form "
                               "needs lam > 0")
 
-    def aggregate(self, state: Payload, uploads: list[Upload]) -> Payload:
+    def aggregate(self, state: Payload, uploads: list[Upload]) -> Aggregate:
         means = weighted_mean(uploads, state.tensors)
         weights = torch.tensor([u.num_examples for u in uploads], dtype=torch.float64)
         weights = weights / weights.sum()
@@ -334,9 +332,8 @@ class LoRAFAIR(Method):
                       reg_weights(b_bar, self.options.lam, self.options.regulariser), iterations)
             for pair, b_new in zip(pairs, b_bar + db, strict=True):
                 means[pair.b_key] = b_new.to(means[pair.b_key].dtype)
-        scalars = {k: v for k, v in state.scalars.items() if not k.startswith(METRICS_PREFIX)}
-        scalars.update({METRICS_PREFIX + k: v for k, v in tally.metrics().items()})
-        return Payload(means, scalars)
+        metrics = {"fair_" + k: float(v) for k, v in tally.metrics().items()}
+        return Aggregate(Payload(means, dict(state.scalars)), metrics)
 
     def correction(self, ideal: torch.Tensor, b_bar: torch.Tensor,
                    a_bar: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -352,8 +349,3 @@ class LoRAFAIR(Method):
             lam = relative_lstsq_lam(ideal[live], b_bar[live], opts.lam)
             db[live] = lstsq_correction(ideal[live], b_bar[live], a_bar[live], lam)
         return db, 0
-
-    def round_metrics(self, state: Payload) -> dict[str, float]:
-        """What the last aggregate's correction did (module docstring), as ``fair_*``."""
-        return {"fair_" + k.removeprefix(METRICS_PREFIX): float(v)
-                for k, v in state.scalars.items() if k.startswith(METRICS_PREFIX)}

@@ -18,12 +18,12 @@ def test_fedit_is_example_weighted_mean_of_each_factor() -> None:
     clients = [{k: torch.randn(s) for k, s in zip(keys, shapes, strict=True)} for _ in range(5)]
     sizes = [10, 1, 30, 7, 2]
     state = method.init({k: torch.zeros(s) for k, s in zip(keys, shapes, strict=True)})
-    new = method.aggregate(state, [_upload(c, n) for c, n in zip(clients, sizes, strict=True)])
+    new = method.aggregate(state, [_upload(c, n) for c, n in zip(clients, sizes, strict=True)]).state
     for k in keys:
         expected = sum(n * c[k] for c, n in zip(clients, sizes, strict=True)) / sum(sizes)
         assert torch.allclose(new.tensors[k], expected, atol=1e-6)
     # One client: aggregation returns its tensors unchanged.
-    alone = method.aggregate(state, [_upload(clients[0], 3)])
+    alone = method.aggregate(state, [_upload(clients[0], 3)]).state
     assert all(torch.allclose(alone.tensors[k], clients[0][k]) for k in keys)
     # Downlink sends every adapter tensor.
     assert set(method.downlink(new, ClientProfile(0, 4)).tensors) == set(keys)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from fedpeft.client.trainer import client_round
+from fedpeft.server.validation import check_scalars
 from fedpeft.strategies import ClientProfile, Upload, build_method
 from fedpeft.strategies import ferret as fr
 from fedpeft.strategies.ferret import (
@@ -95,7 +96,7 @@ def _round(method, state: Payload, rnd: int, clients: list[int], states: dict[in
         assert torch.equal(loaded["values"], server_before)
         assert result.metrics["project_s"] > 0 and result.metrics["reconstruct_s"] > 0
         uploads.append(Upload(profile, result.payload, result.num_examples, result.metrics))
-    return method.aggregate(state, uploads)
+    return method.aggregate(state, uploads).state
 
 
 def _global_values(method, state: Payload, cfg) -> torch.Tensor:
@@ -172,7 +173,7 @@ def test_lora_target_round_trip_and_dp_refused() -> None:
     rows = run_plain(None, [*FERRET, 'method.target="lora"', "federation.rounds=1"])
     assert rows[-1]["accuracy"] is not None and rows[-1]["project_s"] > 0
     method = build_method(cfg, num_labels=get_workspace(cfg).num_labels)
-    assert method.expected_upload(method.init({}), ClientProfile(0, 8))[COEF][1] == 3
+    assert method.expected_upload(method.init({}), ClientProfile(0, 8)).tensors[COEF][1] == 3
     with pytest.raises(ConfigError, match="ferret trains base-model weights"):
         build_method(load_config(None, [*FERRET, "privacy.enabled=true"]))
 
@@ -211,13 +212,13 @@ def test_an_upload_on_another_rounds_bases_is_rejected_not_fatal() -> None:
     cfg = load_config(None, FERRET)
     method = build_method(cfg, num_labels=get_workspace(cfg).num_labels)
     state = method.init(get_workspace(cfg).adapter_model(cfg.model.rank).state())
-    shape = method.expected_upload(state, ClientProfile(0, cfg.model.rank))[COEF]
+    shape = method.expected_upload(state, ClientProfile(0, cfg.model.rank)).tensors[COEF]
     good = Payload({COEF: torch.zeros(shape)}, {fr.BASIS: 1, fr.SYNCED: 0})
     stale = Payload({COEF: torch.zeros(shape)}, {fr.BASIS: 0, fr.SYNCED: 0})
     profile = ClientProfile(0, cfg.model.rank)
-    assert method.check_upload(state, profile, good) is None
-    assert method.check_upload(state, profile, stale) == \
-        "projected on the bases of round 0, expected 1"
+    spec = method.expected_upload(state, profile).scalars
+    assert check_scalars(good.scalars, spec) == ({fr.BASIS: 1, fr.SYNCED: 0}, None)
+    assert "outside [1, 1]" in str(check_scalars(stale.scalars, spec)[1])
     with pytest.raises(ValueError, match="bases of round 0"):
         method.aggregate(state, [Upload(profile, stale, 10, {})])
 
@@ -284,7 +285,7 @@ def test_the_downlink_holds_the_missed_rounds_or_the_dense_state_whichever_is_sm
     method = build_method(cfg, num_labels=get_workspace(cfg).num_labels)
     state = method.init(get_workspace(cfg).adapter_model(cfg.model.rank).state())
     total = state.tensors[DELTA].numel()
-    shape = method.expected_upload(state, ClientProfile(0, cfg.model.rank))[COEF]
+    shape = method.expected_upload(state, ClientProfile(0, cfg.model.rank)).tensors[COEF]
     per_round = 3 * shape[0] * shape[1]  # three clients a round, each its own coefficients
     rounds = total // per_round  # this many rounds of history fit in the dense state's size
     assert 2 <= rounds < method.options.history
@@ -292,7 +293,7 @@ def test_the_downlink_holds_the_missed_rounds_or_the_dense_state_whichever_is_sm
         uploads = [Upload(ClientProfile(c, 8), Payload(
             {COEF: torch.full(shape, 1e-3)}, {fr.BASIS: rnd, fr.SYNCED: rnd - 1}), 5)
             for c in range(1, 4)]
-        state = method.aggregate(state, uploads)
+        state = method.aggregate(state, uploads).state
         down = method.downlink(state, ClientProfile(0, 8))  # client 0 never took part
         held = sum(v.numel() for k, v in down.tensors.items() if k.startswith(COEF))
         if rnd <= rounds:
@@ -340,7 +341,7 @@ def test_the_server_reconstructs_a_clients_update_on_the_bases_it_projected_on(
     profile = ClientProfile(4, cfg.model.rank)
     res = client_round(cfg, method, ws, method.downlink(state, profile), partition_id=4,
                        rank=cfg.model.rank, server_round=1, client_state=ClientState())
-    new = method.aggregate(state, [Upload(profile, res.payload, res.num_examples)])
+    new = method.aggregate(state, [Upload(profile, res.payload, res.num_examples)]).state
     assert new.tensors[fr.ids_key(1)].tolist() == [4 if seeds == "client" else fr.SHARED]
     rec, true = new.tensors[DELTA].double(), updates[0].double()
     assert float(rec @ true / (rec.norm() * true.norm())) > 0.5

@@ -70,7 +70,7 @@ def test_server_state_downlink_and_seed_option() -> None:
     assert not _a_keys(down.tensors)  # A never travels
     assert set(down.tensors) == {k for k in template if "lora_A" not in k}
     assert down.scalars == {SEED_KEY: 3}
-    assert method.expected_upload(state, PROFILE) == {k: tuple(v.shape)
+    assert method.expected_upload(state, PROFILE).tensors == {k: tuple(v.shape)
                                                       for k, v in down.tensors.items()}
     explicit = _ffa("federation.seed=3", "method.seed=11").init(template)
     assert explicit.scalars[SEED_KEY] == 11
@@ -87,7 +87,7 @@ def test_aggregation_is_exact_for_the_shared_a() -> None:
     for n in sizes:
         sent = {k: torch.randn_like(v) for k, v in method.downlink(state, PROFILE).tensors.items()}
         uploads.append(Upload(PROFILE, Payload(sent), n))
-    new = method.aggregate(state, uploads)
+    new = method.aggregate(state, uploads).state
     p = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
     for a_key in _a_keys(state.tensors):
         b_key = a_key.replace("lora_A", "lora_B")
@@ -146,11 +146,11 @@ def test_client_round_trains_b_and_head_only_with_the_servers_a() -> None:
     assert set(adapter.trainable_keys()) == set(state.tensors) - set(a_keys)
     for key in a_keys:  # the client regenerated the server's A and did not train it
         assert torch.equal(adapter.params[key].detach(), state.tensors[key])
-    expected = method.expected_upload(state, PROFILE)
+    expected = method.expected_upload(state, PROFILE).tensors
     assert {k: tuple(v.shape) for k, v in result.payload.tensors.items()} == expected
     moved = [k for k in expected if not torch.equal(result.payload.tensors[k], state.tensors[k])]
     assert any("lora_B" in k for k in moved)
-    new = method.aggregate(state, [Upload(PROFILE, result.payload, result.num_examples)])
+    new = method.aggregate(state, [Upload(PROFILE, result.payload, result.num_examples)]).state
     assert set(method.export(new).tensors) == set(state.tensors)  # export gets A, B and head
 
 

@@ -193,7 +193,7 @@ def test_hetlora_aggregate_pads_weights_by_norm_and_truncates(rescale: bool) -> 
     assert method.global_rank(state) == 16  # the largest rank of the mix
     # One client: the global factors truncated back to its rank are its own factors.
     (alone,) = _uploads([8], [5])
-    new = method.aggregate(state, [alone])
+    new = method.aggregate(state, [alone]).state
     down = method.downlink(new, ClientProfile(0, 8)).tensors
     for key, value in alone.payload.tensors.items():
         assert torch.allclose(down[key], value, atol=1e-5), key
@@ -202,7 +202,7 @@ def test_hetlora_aggregate_pads_weights_by_norm_and_truncates(rescale: bool) -> 
     assert torch.allclose(new.tensors[a_key][8:], state.tensors[a_key][8:])
     # Several ranks: B_g = sum w_k pad(c_k B_k) with w_k proportional to ||s_k B_k A_k||_F.
     uploads = _uploads([2, 8, 16], [1, 1, 1], seed=3)
-    agg = method.aggregate(state, uploads)
+    agg = method.aggregate(state, uploads).state
     for layer in LAYERS:
         c = [(16 / u.profile.rank) ** 0.5 if rescale else 1.0 for u in uploads]  # alpha = 16
         norms = [float(torch.linalg.norm(ck**2 * _product(u, layer, u.profile.rank)))
@@ -255,7 +255,7 @@ def test_flexlora_downlink_is_the_best_rank_r_approximation() -> None:
     assert not first["m.l0.q.lora_B.weight"].any()  # like a fresh LoRA: B = 0, A seeded
     assert first["m.l0.q.lora_A.weight"].abs().sum() > 0
     uploads = _uploads([2, 8, 16], [10, 30, 5], seed=7)
-    agg = method.aggregate(state, uploads)
+    agg = method.aggregate(state, uploads).state
     for layer in LAYERS:
         w_g = _weighted_sum(uploads, layer)
         u, s, vh = torch.linalg.svd(w_g, full_matrices=False)
@@ -271,7 +271,7 @@ def test_flexlora_downlink_is_the_best_rank_r_approximation() -> None:
             assert torch.isclose(err, (s[rank:] ** 2).sum(), rtol=1e-4, atol=1e-6)
             assert torch.allclose(a.double() @ a.double().T, torch.eye(rank, dtype=torch.float64),
                                   atol=1e-5)  # A = V_r^T has orthonormal rows
-    assert method.expected_upload(agg, ClientProfile(0, 2))["m.l1.v.lora_B.weight"] == (72, 2)
+    assert method.expected_upload(agg, ClientProfile(0, 2)).tensors["m.l1.v.lora_B.weight"] == (72, 2)
     # A rank above the aggregate's (2 + 8 + 16 = 26): B is zero-padded, the product is all of W_g.
     wide = method.downlink(agg, ClientProfile(0, 30)).tensors
     for layer in LAYERS:
@@ -284,7 +284,7 @@ def test_flora_stacked_product_equals_weighted_sum_of_products() -> None:
     method = _method("flora")
     state = method.init(_adapter(8, torch.Generator()))
     uploads = _uploads([2, 8, 16], [10, 30, 5], seed=11)
-    agg = method.aggregate(state, uploads)
+    agg = method.aggregate(state, uploads).state
     for layer in LAYERS:
         b = agg.tensors[f"flora.hist.1.B::{layer}"].double()
         a = agg.tensors[f"flora.hist.1.A::{layer}"].double()
@@ -294,7 +294,7 @@ def test_flora_stacked_product_equals_weighted_sum_of_products() -> None:
                               _weighted_sum(uploads, layer), atol=1e-4)
     # Two rounds accumulate; the head is averaged by examples.
     more = _uploads([4, 2], [1, 3], seed=12)
-    agg2 = method.aggregate(agg, more)
+    agg2 = method.aggregate(agg, more).state
     for layer in LAYERS:
         total = _weighted_sum(uploads, layer) + _weighted_sum(more, layer)
         assert torch.allclose(agg2.tensors[f"flora.delta::{layer}"].double(), total, atol=1e-4)
@@ -305,7 +305,7 @@ def test_flora_stacked_product_equals_weighted_sum_of_products() -> None:
     assert "flora.hist.1.A::m.l0.q" in down and "flora.delta::m.l0.q" not in down
     state3 = agg2
     for t in range(3, 8):
-        state3 = method.aggregate(state3, _uploads([16, 16], [1, 1], seed=t))
+        state3 = method.aggregate(state3, _uploads([16, 16], [1, 1], seed=t)).state
     late = method.downlink(state3, ClientProfile(7, 4)).tensors
     assert "flora.delta::m.l0.q" in late and not any(k.startswith("flora.hist.") for k in late)
 
@@ -333,7 +333,7 @@ def test_flora_clients_rebuild_the_same_merged_base() -> None:
             up = Payload({k: torch.randn(v.shape, generator=gen) for k, v in template.items()},
                          {"flora.synced": rnd - 1})
         up.tensors.update({k: torch.randn(v.shape, generator=gen) for k, v in template.items()})
-        state = method.aggregate(state, [Upload(ClientProfile(0 if rnd == 1 else 9, 4), up, 4)])
+        state = method.aggregate(state, [Upload(ClientProfile(0 if rnd == 1 else 9, 4), up, 4)]).state
     for client, pid in ((early, 0), (late, 5)):
         model.reset_base()
         method.load(model, method.downlink(state, ClientProfile(pid, 4)), client)

@@ -89,7 +89,7 @@ def _distances(uploads: list[Upload], new: Tensors) -> dict[str, tuple[float, fl
 @pytest.mark.parametrize("seed", range(4))
 def test_corrected_product_is_closer_to_the_ideal_update_than_fedits(seed: int) -> None:
     uploads = _uploads(seed)
-    new = _fair().aggregate(Payload(uploads[0].payload.tensors), uploads).tensors
+    new = _fair().aggregate(Payload(uploads[0].payload.tensors), uploads).state.tensors
     for key, (fedit, fair) in _distances(uploads, new).items():
         assert fedit > 0.05, key  # the clients really disagree
         if key.endswith(":cos"):  # the paper's measure (direction only: the Frobenius error
@@ -103,7 +103,7 @@ def test_corrected_product_is_closer_to_the_ideal_update_than_fedits(seed: int) 
 def test_closed_form_option_is_closer_too_and_is_the_frobenius_minimiser(seed: int) -> None:
     uploads = _uploads(seed)
     method = _fair('method.solver="lstsq"')
-    new = method.aggregate(Payload(uploads[0].payload.tensors), uploads).tensors
+    new = method.aggregate(Payload(uploads[0].payload.tensors), uploads).state.tensors
     for key, (fedit, fair) in _distances(uploads, new).items():
         if key.endswith(":fro"):  # the variant's own objective
             assert fair < fedit - 0.01 * fedit, (key, fedit, fair)
@@ -123,7 +123,7 @@ def test_identical_clients_change_nothing(solver: str) -> None:
     same = _client(gen, 2, 24, 20, 4)
     uploads = [Upload(PROFILE, Payload({k: v.clone() for k, v in same.items()}), n)
                for n in (3, 50, 8)]
-    new = _fair(f'method.solver="{solver}"').aggregate(Payload(same), uploads).tensors
+    new = _fair(f'method.solver="{solver}"').aggregate(Payload(same), uploads).state.tensors
     for key, value in same.items():
         assert torch.allclose(new[key], value, rtol=1e-5, atol=1e-7), key
 
@@ -207,7 +207,7 @@ def test_downlink_is_averaged_a_and_corrected_b_and_clients_start_from_it() -> N
     uploads = [Upload(PROFILE, Payload({k: v + 0.05 * torch.randn(v.shape, generator=gen)
                                         for k, v in state.tensors.items()}), n)
                for n in (10, 30, 5)]
-    new = method.aggregate(state, uploads)
+    new = method.aggregate(state, uploads).state
     down = records_to_payload(payload_to_records(method.downlink(new, PROFILE)))
     assert set(down.tensors) == set(state.tensors)
     for a_key, b_key in _pairs(down.tensors):
@@ -291,7 +291,7 @@ def test_correction_is_real_lowers_the_objective_and_turns_the_product_to_the_id
         b_rms = [float(v.pow(2).mean().sqrt()) for k, v in uploads[0].payload.tensors.items()
                  if "lora_B" in k]
         assert all(0.005 < x < 0.02 for x in b_rms), b_rms
-    new = _fair().aggregate(Payload(uploads[0].payload.tensors), uploads).tensors
+    new = _fair().aggregate(Payload(uploads[0].payload.tensors), uploads).state.tensors
     rel = _relative_corrections(uploads, new)
     for i in range(len(rel)):  # every layer is corrected, by a real amount (old solver: 0)
         assert float(rel[i].norm()) > 1e-3, (i, float(rel[i].norm()))
@@ -309,9 +309,9 @@ def test_the_relative_correction_is_the_same_at_any_scale_of_b(kind: str, solver
     what lambda means) does not depend on how far training has moved B."""
     uploads = CLIENTS[kind](4)
     method = _fair(f'method.solver="{solver}"')
-    small = method.aggregate(Payload(uploads[0].payload.tensors), uploads).tensors
+    small = method.aggregate(Payload(uploads[0].payload.tensors), uploads).state.tensors
     big_uploads = _scaled(uploads, 100.0)
-    big = method.aggregate(Payload(big_uploads[0].payload.tensors), big_uploads).tensors
+    big = method.aggregate(Payload(big_uploads[0].payload.tensors), big_uploads).state.tensors
     rel_small = _relative_corrections(uploads, small)
     rel_big = _relative_corrections(big_uploads, big)
     assert float(rel_small.norm()) > 1e-3
@@ -326,7 +326,7 @@ def test_the_papers_absolute_regulariser_depends_on_the_scale_of_b() -> None:
     norms = []
     for factor in (1.0, 100.0):
         scaled = _scaled(uploads, factor)
-        new = method.aggregate(Payload(scaled[0].payload.tensors), scaled).tensors
+        new = method.aggregate(Payload(scaled[0].payload.tensors), scaled).state.tensors
         norms.append(float(_relative_corrections(scaled, new).norm()))
     assert norms[1] < 0.5 * norms[0], norms
 
@@ -334,8 +334,8 @@ def test_the_papers_absolute_regulariser_depends_on_the_scale_of_b() -> None:
 @pytest.mark.parametrize("kind", sorted(CLIENTS))
 def test_aggregation_is_deterministic(kind: str) -> None:
     uploads = CLIENTS[kind](6)
-    first = _fair().aggregate(Payload(uploads[0].payload.tensors), uploads)
-    second = _fair().aggregate(Payload(uploads[0].payload.tensors), uploads)
+    first = _fair().aggregate(Payload(uploads[0].payload.tensors), uploads).state
+    second = _fair().aggregate(Payload(uploads[0].payload.tensors), uploads).state
     for key, value in first.tensors.items():
         assert torch.equal(value, second.tensors[key]), key
     assert first.scalars == second.scalars
@@ -345,11 +345,11 @@ def test_aggregation_is_deterministic(kind: str) -> None:
 def test_round_metrics_report_what_the_correction_did(kind: str) -> None:
     uploads = CLIENTS[kind](7)
     method = _fair()
-    state = Payload(uploads[0].payload.tensors, {"other": 3, "lora_fair.metrics.stale": 9.0})
-    new = method.aggregate(state, uploads)
-    metrics = method.round_metrics(new)
+    state = Payload(uploads[0].payload.tensors, {"other": 3})
+    agg = method.aggregate(state, uploads)
+    new, metrics = agg.state, agg.metrics
     assert set(metrics) == {f"fair_{name}" for name in fair_module.METRIC_NAMES}
-    assert new.scalars["other"] == 3 and "lora_fair.metrics.stale" not in new.scalars
+    assert new.scalars == {"other": 3}
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
     rel = _relative_corrections(uploads, new.tensors)
     b_norm = math.sqrt(sum(float(_mean(uploads, b).pow(2).sum()) for _, b in _pairs(new.tensors)))
@@ -375,7 +375,7 @@ def test_round_metrics_of_identical_clients_show_no_correction() -> None:
     uploads = [Upload(PROFILE, Payload({k: v.clone() for k, v in same.items()}), n)
                for n in (3, 50)]
     method = _fair()
-    metrics = method.round_metrics(method.aggregate(Payload(same), uploads))
+    metrics = method.aggregate(Payload(same), uploads).metrics
     assert metrics["fair_correction_rel"] == 0.0
     assert metrics["fair_layers_corrected"] == 0 and metrics["fair_iterations"] == 0
     assert metrics["fair_cos_before"] == pytest.approx(1.0, abs=1e-9)

@@ -11,7 +11,6 @@ import pytest
 import torch
 from fedpeft.client.trainer import client_round
 from fedpeft.server.app import FedPeftStrategy
-from fedpeft.server.client_dp import ClientLevelDP
 from fedpeft.server.rounds import RoundLoop
 from fedpeft.server.validation import check_upload
 from fedpeft.strategies import METHODS, ClientProfile, Method, Payload, build_method
@@ -297,8 +296,6 @@ def test_unsupported_method_combinations_are_refused() -> None:
         build_method(_cfg('method.name="hetlora"', 'privacy.client_level="server-fixed"'))
     for name in ("fedit", "ffa-lora"):
         build_method(_cfg(f'method.name="{name}"', 'privacy.client_level="client-fixed"'))
-    with pytest.raises(ConfigError, match="use `fedpeft simulate`"):
-        run_plain(None, [*DP, 'privacy.client_level="server-fixed"'])
 
 
 # ---- client-level DP (Flower's wrappers) ---------------------------------------------------------
@@ -325,7 +322,7 @@ def _client_dp(mode: str, noise: float, clip: float = 1.0, per_round: int = 3):
     start = {"m.lora_A.weight": torch.randn(4, 50, generator=gen),
              "m.lora_B.weight": torch.randn(60, 4, generator=gen)}
     inner = FedPeftStrategy(RoundLoop(cfg, method, method.init(start)))
-    dp = ClientLevelDP(inner, inner.loop, cfg)
+    dp = inner  # client-level DP is a stage of the round loop: the strategy takes it as it is
     grid = SimpleNamespace(get_node_ids=lambda: list(range(10, 10 + cfg.federation.clients)))
     messages = list(dp.configure_train(1, None, None, grid))
     return cfg, inner, dp, start, [m.metadata.dst_node_id for m in messages]
@@ -369,7 +366,7 @@ def test_a_failed_client_counts_as_zero_and_the_round_goes_on(
     _, inner, dp, start, nodes = _client_dp("server-fixed", noise=1e-12)
     upload = _update(start, 1e-3, 2)
     crashed = SimpleNamespace(metadata=SimpleNamespace(src_node_id=nodes[2]),
-                              error=SimpleNamespace(reason="injected fault"),
+                              error=SimpleNamespace(reason="injected fault", code=0),
                               has_error=lambda: True, has_content=lambda: False)
     replies = [_reply(nodes[0], upload, 5), _reply(nodes[1], start, 5), crashed]
     _, stats = dp.aggregate_train(1, replies)
@@ -413,7 +410,7 @@ def _np(tensors: dict) -> dict:
 
 
 # ---- end to end -------------------------------------------------------------------------------
-GRADIENT_METHODS = sorted(n for n, c in METHODS.items() if c.dp_compatible())
+GRADIENT_METHODS = sorted(n for n, c in METHODS.items() if not c.dp_refusal)
 
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
@@ -429,7 +426,7 @@ def test_every_gradient_method_trains_under_dp(name: str) -> None:
     res = client_round(cfg, method, ws, down, partition_id=1, rank=cfg.model.rank,
                        server_round=1, client_state=ClientState())
     assert 0 < res.metrics["epsilon"] <= 3.0
-    assert check_upload(res.payload, method.expected_upload(state, profile)) is None
+    assert check_upload(res.payload, method.expected_upload(state, profile).tensors) is None
     adapter = ws.adapter_model(cfg.model.rank)
     assert adapter.trainable_keys() and _no_opacus_left(adapter.model)
     moved = [k for k in adapter.trainable_keys() if k in res.payload.tensors

@@ -11,6 +11,7 @@ import torch
 from fedpeft.strategies import Upload
 from fedpeft.strategies import ferret as fr
 from fedpeft.strategies import flora as fl
+from fedpeft.strategies.base import Aggregate
 
 from fedpeft.core.payload import Payload
 from fedpeft.core.sampling import sample_clients
@@ -64,9 +65,9 @@ def test_a_client_that_lost_its_state_is_resynchronised_and_contributes_again(
     real_aggregate = cls.aggregate
     states: dict[int, Payload] = {}
 
-    def aggregate(self: Any, state: Payload, uploads: list[Upload]) -> Payload:
+    def aggregate(self: Any, state: Payload, uploads: list[Upload]) -> Aggregate:
         new = real_aggregate(self, state, uploads)
-        states[int(new.scalars[fr.ROUND if method == "ferret" else fl.ROUND])] = new
+        states[int(new.state.scalars[fr.ROUND if method == "ferret" else fl.ROUND])] = new.state
         return new
 
     monkeypatch.setattr(plain_loop, "client_round", client_round)

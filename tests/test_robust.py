@@ -143,7 +143,7 @@ def test_robust_aggregators_stay_near_the_honest_mean_under_20_percent_attackers
         assert clipped < 0.25 * plain
     # the methods use them: FedIT's aggregate is the median of its uploads
     method = build_method(load_config(None, ['federation.aggregator="median"']))
-    state = method.aggregate(Payload(reference), uploads)
+    state = method.aggregate(Payload(reference), uploads).state
     assert _distance(state.tensors, honest) < 0.25 * spread
 
 
@@ -197,10 +197,10 @@ def test_the_round_metrics_report_dropped_uploads() -> None:
     for name in ("fedit", "ffa-lora"):
         method = build_method(load_config(None, [f'method.name="{name}"',
                                                  'federation.aggregator="filtered-median"']))
-        state = method.aggregate(method.init(reference), uploads)
-        assert method.round_metrics(state) == {"uploads_dropped": 3.0}
+        agg = method.aggregate(method.init(reference), uploads)
+        assert agg.metrics == {"uploads_dropped": 3.0}
     plain = build_method(load_config(None, ['federation.aggregator="median"']))
-    assert plain.round_metrics(plain.aggregate(Payload(reference), uploads)) == {}
+    assert plain.aggregate(Payload(reference), uploads).metrics == {}
 
 
 def test_ffa_lora_aggregates_its_sent_keys_robustly() -> None:
@@ -212,7 +212,7 @@ def test_ffa_lora_aggregates_its_sent_keys_robustly() -> None:
     gen = torch.Generator().manual_seed(3)
     clients = [{k: torch.randn(v.shape, generator=gen) for k, v in sent.items()}
                for _ in range(10)]
-    new = method.aggregate(state, _uploads(clients))
+    new = method.aggregate(state, _uploads(clients)).state
     for key in sent:
         want = scipy.stats.trim_mean(_np(clients, key), 0.2, axis=0)
         assert np.allclose(new.tensors[key].numpy(), want, atol=1e-6)
@@ -225,7 +225,7 @@ def test_ffa_lora_aggregates_its_sent_keys_robustly() -> None:
 @pytest.mark.parametrize("rule", ["median", "trimmed-mean", "norm-clip", "filtered-median"])
 def test_methods_that_do_not_average_refuse_a_robust_aggregator(name: str, rule: str) -> None:
     cfg = load_config(None, [f'method.name="{name}"', f'federation.aggregator="{rule}"'])
-    if METHODS[name].robust_aggregation:
+    if METHODS[name].mean_aggregate:
         assert build_method(cfg).ctx.aggregator == Aggregator(rule)
         return
     with pytest.raises(ConfigError, match=f"aggregator = '{rule}'.*{name}.*aggregates otherwise"):
@@ -233,7 +233,7 @@ def test_methods_that_do_not_average_refuse_a_robust_aggregator(name: str, rule:
 
 
 def test_robust_methods_are_the_mean_methods() -> None:
-    assert {n for n, c in METHODS.items() if c.robust_aggregation} == {"fedit", "ffa-lora"}
+    assert {n for n, c in METHODS.items() if c.mean_aggregate} == {"fedit", "ffa-lora"}
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
