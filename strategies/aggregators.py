@@ -1,31 +1,22 @@
-"""Robust means of the clients' uploads (``federation.aggregator``), as pure tensor math.
+"""Robust means of the clients' uploads (``federation.aggregator``), as pure tensor math. Why each
+rule and what it tolerates: docs/robustness.md.
 
 For the methods whose aggregate is a mean of uploads (``Method.mean_aggregate``):
 
 - ``mean``: the weighted mean (weights: example counts or 1, ``federation.weighting``).
 - ``median``: the coordinate-wise median; for an even count the mean of the two middle values
-  (as ``numpy.median``). Breaks down only when half of the uploads are hostile.
+  (as ``numpy.median``).
 - ``trimmed-mean``: per coordinate, drop the ``k = floor(trim_fraction * n)`` largest and the k
-  smallest values and average the rest (as ``scipy.stats.trim_mean``). Tolerates k hostile
-  uploads in a round.
+  smallest values and average the rest (as ``scipy.stats.trim_mean``).
 - ``norm-clip``: scale each client's whole update (upload minus what it was sent, L2 over all
-  tensors) down to at most a bound, then their plain mean. The bound is ``clip_norm`` or, at
-  0, the median of the round's update norms: with fewer than half of the round's clients
-  hostile that median lies among honest norms, so no update weighs more than a typical honest
-  one (clipped updates are averaged unweighted: a claimed example count cannot steer them),
-  and it follows the norms as they change with method, learning rate, local steps and
-  training progress (a fixed bound must be tuned to all of these: too small slows every
-  client, too large clips nothing). Honest updates above the median are clipped too: that is
-  its cost on a clean run.
+  tensors) down to at most a bound, then their plain mean (unweighted: a claimed example count
+  cannot steer it). The bound is ``clip_norm`` or, at 0, the median of the round's update norms
+  (among honest norms while fewer than half are hostile; it follows them as training changes).
 - ``filtered-median``: drop each upload whose L2 distance (over all tensors) from the
   coordinate-wise median exceeds ``filter_factor`` times the round's median distance, then the
-  coordinate-wise median of the rest. Against uploads far out of the honest spread (an update
-  scaled by -10) the median alone still moves: hostile uploads all on one side of every
-  coordinate shift its rank by one place each, at any magnitude. Dropping them first removes
-  that shift; the median of what is left still blunts hostile uploads that stay within the
-  spread (a sign flip of a small update). At least half of the uploads always remain (those at
-  or below the median distance), and the distance is to the median, which fewer than half of the
-  uploads cannot move far, so the filter needs no guess of how many clients attack.
+  coordinate-wise median of the rest. Hostile uploads all on one side shift the median one rank
+  each at any magnitude; dropping those far out of the honest spread removes that shift. At
+  least half of the uploads always remain, and no count of attackers has to be guessed.
 
 The medians and the trimmed mean are unweighted (one client, one vote): a weighted median
 would let a client's claimed example count buy influence back. They commute with a common
