@@ -1,64 +1,28 @@
 """LoRA-FAIR (Bian, Wang, Zhang, Xu; ICCV 2025): FedIT's averages plus a server-side correction of
-B, so that the product the clients start from points the way of the ideal update.
+B, so that the product the clients start from points the way of the ideal update. Options, the
+regulariser's scale and the metrics: docs/methods.md (FFA-LoRA and LoRA-FAIR).
 
 Per wrapped layer l, with p_k the example weights of the round's clients:
     A_bar = sum p_k A_k,   B_bar = sum p_k B_k,   dW = sum p_k B_k A_k   (the ideal update)
     dB*   = argmin_dB  sum_l { sum_j [1 - cos(dW[:, j], ((B_bar + dB) A_bar)[:, j])] / d_in
                                + lam * ||dB||_F^2 / ||B_bar||_F^2 }
-solved iteratively with autograd (L-BFGS by default; Adam or the reference code's SGD as options),
-and the server sends A_bar and B_bar + dB*; clients train both factors from there. The head is
-averaged as in FedIT.
+and the server sends A_bar and B_bar + dB*; the head is averaged as in FedIT. ``regulariser =
+"relative"`` (default) is the term above, so lam means the same at every scale of B;
+``"absolute"`` is the paper's literal lam ||dB||_F^2. ``solver = "lstsq"`` is the closed-form
+Frobenius variant dB = (dW - B_bar A_bar) A_bar^T (A_bar A_bar^T + lam' I)^-1: NOT the paper's.
 
-``solver = "lstsq"`` replaces the cosine objective by the Frobenius one, whose closed form is
-dB = (dW - B_bar A_bar) A_bar^T (A_bar A_bar^T + lam' I)^-1. It is NOT the paper's method.
+Solver: a sum of independent per-layer problems, so each layer's term is divided by its value at
+dB = 0 and the variables scaled so the gradient there has norm 1; every stopping rule then reads
+relative to the start, whatever the scale of B and however close the clients are (in B's own
+units, clients that roughly agree have a squared gradient below L-BFGS's absolute tolerance and
+nothing moves). Layers already pointing the way of dW (1 - cos < 1e-10) or stationary at dB = 0
+are left alone. L-BFGS with a strong-Wolfe line search by default (never ends above its start);
+Adam and the reference code's SGD return their best iterate.
 
-Scale. The cosine term depends only on the direction of each column of the product, so it is the
-same at any scale of B; the paper's regulariser is not: lam ||dB_l||^2 = lam ||B_bar_l||^2 rho^2
-for a relative change rho, so its weight grows with ||B_bar_l||^2 (for a 384 x 8 factor lam = 0.01
-acts like a relative 0.003 at B of RMS 1e-2 and like 31 at RMS 1: nothing early in training,
-everything later). Two choices:
-- ``regulariser = "relative"`` (default) penalises each layer's relative change,
-  lam * ||dB_l||^2 / ||B_bar_l||^2, so that lam means the same at every scale of B and every
-  layer size: lam = 0.01 costs 1e-4 per layer for a 10% change of that layer's B, against a
-  cosine term in [0, 2] per layer. Multiplying every B by c multiplies dB* by c. For ``lstsq`` the
-  Frobenius term is divided by ||dW_l||^2 as well, so lam' = lam ||dW_l||^2 / ||B_bar_l||^2.
-- ``regulariser = "absolute"`` is the paper's and the reference code's literal lam ||dB||_F^2.
-
-Solver. The problem is a sum of independent per-layer problems, so dividing each layer's term by
-a positive constant and rescaling its variables leaves the minimiser unchanged. Each layer's term
-is divided by its value at dB = 0 (the objective starts at 1 per layer; the mean over layers is
-minimised, so it starts at 1), and its variables are scaled so that the gradient at dB = 0 has
-norm 1 over all layers. Every stopping rule then reads relative to the start: ``tol`` is a change
-of the objective as a fraction of its starting value, whatever the scale of B and however close
-the clients are. (With the objective and dB in B's own units, clients that roughly agree, B of
-RMS 1e-2 and 20-50% drift, have a squared gradient below L-BFGS's absolute tolerance of 1e-6 and
-the old solver stopped before its first step: dB = 0, every round.) Layers whose product already
-points the way of the ideal update (1 - cos < 1e-10 per layer: beneath that the objective is
-float64 rounding) or are stationary at dB = 0 are left alone, so clients that agree change
-nothing.
-
-Observability. ``aggregate`` returns what the correction did as the round's metrics:
-    fair_correction_rel     ||dB|| / ||B_bar|| over all layers
-    fair_cos_before/after   mean over layers and columns of cos(dW[:, j], product[:, j]) for
-                            B_bar A_bar (FedIT's product of means) and (B_bar + dB) A_bar
-    fair_objective_before/after  the objective above at dB = 0 and at dB* (summed over layers)
-    fair_iterations         solver iterations, summed over groups of same-shaped layers
-    fair_layers_corrected   layers given a non-zero dB (of fair_layers)
-
-Implementation notes (where the reference code is followed or not):
-- lambda defaults to the paper's 0.01 (relative, see above); the reference code's ``lambda_reg``
-  = 1.0 is an option.
-- dB starts at 0 (the reference code draws it Xavier-uniform): 0 minimises the regulariser and,
-  when the clients agree (dW = B_bar A_bar), is already optimal, so agreement changes nothing.
-- As in the reference code the loss is summed over layers (same-shaped layers are solved in one
-  batch).
-- Solver: the reference code runs SGD (lr 0.01, <= 1000 steps, early stop). L-BFGS with a
-  strong-Wolfe line search minimises the same objective without a step size to tune and never
-  ends above where it began. Adam and SGD (options) run on the same normalised problem, return
-  their best iterate (Adam's normalised steps can end above the start near the optimum) and stop
-  on a zero gradient.
-- A_bar, B_bar and dW are formed in float64 from the uploads, so agreeing clients give
-  B_bar A_bar = dW to float64 rounding.
+Where the reference code is not followed: lam defaults to the paper's 0.01 (its ``lambda_reg`` =
+1.0 is an option); dB starts at 0, not Xavier-uniform (0 minimises the regulariser and is optimal
+when the clients agree). As there, the loss is summed over layers (same-shaped layers solved in
+one batch). A_bar, B_bar and dW are formed in float64, so agreeing clients give B_bar A_bar = dW.
 """
 
 from __future__ import annotations
