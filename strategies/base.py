@@ -1,9 +1,6 @@
-"""The method interface: a federated method is pure tensor math with a server half and a client
-half. No Flower and no config here: ``server``/``client`` drive rounds, ``fedpeft.core.wire``
-carries payloads, and a method sees only a small :class:`MethodContext`.
-
-Hooks (``aggregate`` is abstract; every other hook has a FedIT default):
-
+"""The method interface: pure tensor math with a server half and a client half; no Flower, no
+config (a method sees a small :class:`MethodContext`). Hooks (``aggregate`` is abstract; every
+other hook has a FedIT default):
 Server half
     ``init(template) -> state``                      the global state from a fresh adapter
     ``downlink(state, profile) -> payload``          what one client is sent
@@ -20,26 +17,11 @@ Client half
     ``personal_keys(keys) -> keys``                  what stays on the client (personalised)
 
 Class attributes: ``Options`` (a dataclass), ``default_lr``, ``mixed_ranks`` (clients may hold
-different LoRA ranks), ``mean_aggregate`` (the aggregate is a mean of the uploads over one
-downlink shared by all: robust aggregators and client-level DP apply), ``dp_refusal`` and
-``compression_refusal`` (why DP-SGD or lossy filters would be unsound; empty: they are fine)
-and ``timings`` (per-client seconds from ``client_metrics`` that the loop sums per round), so
-that nothing outside ``strategies/`` names a method.
-
-What a method may rely on (the server checks it before ``aggregate`` sees an upload): every
-upload has exactly the tensors of ``expected_upload``, finite, floating point, in the dtype it
-was sent; its scalars are the declared ones only, each a finite number within its
-:class:`Bound` (whole numbers as ``int``); its example count is a positive integer. Anything
-else is rejected for that client alone.
-
-Per-client data. One method instance serves the server half and every client of its process
-(the virtual clients of a simulation run back to back on one object), so a method keeps no
-per-client data on ``self``. What a client must remember between ``load`` and ``uplink`` of a
-round, or across rounds, goes into the ``ClientState`` both receive (a value only needed
-within the round is popped again by ``uplink``, so it is never persisted); what the server
-must remember of a client goes into the global state's scalars or tensors, written by
-``aggregate`` only. ``self`` may hold caches that are correct for any client (keyed by what
-they depend on, e.g. a global state by run and round) and bounded in size.
+different LoRA ranks), ``mean_aggregate`` (a mean of the uploads over one shared downlink: robust
+aggregators and client-level DP apply), ``dp_refusal`` / ``compression_refusal`` (why DP-SGD or
+lossy filters would be unsound; empty: fine) and ``timings`` (per-client seconds the loop sums),
+so that nothing outside ``strategies/`` names a method. What a method may rely on, and where
+per-client data lives: :class:`Method`.
 """
 
 from __future__ import annotations
@@ -166,7 +148,23 @@ class NoOptions:
 
 
 class Method(abc.ABC):
-    """Base class of the federated methods; the module docstring lists the hooks."""
+    """Base class of the federated methods; the module docstring lists the hooks.
+
+    What a method may rely on (the server checks it before ``aggregate`` sees an upload): every
+    upload has exactly the tensors of ``expected_upload``, finite, floating point, in the dtype it
+    was sent; its scalars are the declared ones only, each a finite number within its
+    :class:`Bound` (whole numbers as ``int``); its example count is a positive integer. Anything
+    else is rejected for that client alone.
+
+    Per-client data. One method instance serves the server half and every client of its process
+    (the virtual clients of a simulation run back to back on one object), so a method keeps no
+    per-client data on ``self``. What a client must remember between ``load`` and ``uplink`` of a
+    round, or across rounds, goes into the ``ClientState`` both receive (a value only needed
+    within the round is popped again by ``uplink``, so it is never persisted); what the server
+    must remember of a client goes into the global state's scalars or tensors, written by
+    ``aggregate`` only. ``self`` may hold caches that are correct for any client (keyed by what
+    they depend on, e.g. a global state by run and round) and bounded in size.
+    """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
