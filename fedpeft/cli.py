@@ -100,6 +100,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             num_supernodes=fed.clients, num_cpus_per_client=cfg.simulation.cpus_per_client,
             log_dir=out, stream=flower_line_filter(args.verbose),
             num_gpus_per_client=cfg.simulation.gpus_per_client,
+            ray_address=cfg.simulation.ray_address,
         )
     return finish_simulation(out, rc, started)
 

@@ -207,6 +207,11 @@ class SimulationConfig:
                                    "each actor across virtual clients (false: build them for "
                                    "every client round, as a naive ClientApp does; an ablation "
                                    "for simulations/benchmark.py)")
+    ray_address: str = option("", "Ray cluster the simulation joins: 'HOST:PORT' of its head "
+                              "node or 'auto' (the cluster this machine belongs to); '' = a "
+                              "private Ray started for the run on this machine. Every node "
+                              "needs fedpeft, the model and the data installed "
+                              "(docs/performance.md#ray-clusters)")
 
 
 @dataclass
@@ -537,6 +542,7 @@ def validate(cfg: FedConfig) -> None:
     if gpus and dev != "cuda":
         raise ConfigError(f"simulation.gpus_per_client = {gpus} needs train.device = 'cuda' (not "
                           f"{dev!r}): Ray gives each actor its GPU share as device 'cuda'")
+    validate_ray_address(cfg.simulation.ray_address)
     if cfg.train.accumulate > cfg.train.batch_size:
         raise ConfigError(f"train.accumulate = {cfg.train.accumulate} exceeds train.batch_size = "
                           f"{cfg.train.batch_size}: it splits one batch into that many pieces")
@@ -549,6 +555,17 @@ def validate(cfg: FedConfig) -> None:
     validate_robustness(cfg)
     validate_compression(cfg)
     validate_secagg(cfg)
+
+
+def validate_ray_address(address: str) -> None:
+    """'' (private Ray), 'auto', or HOST:PORT with a port in 1..65535."""
+    if address in ("", "auto"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(
+            c.isspace() or c in "/@" for c in host):
+        raise ConfigError(f"simulation.ray_address = {address!r}: expected HOST:PORT of a Ray "
+                          "head node (e.g. '10.0.0.5:6379'), 'auto', or '' for a private Ray")
 
 
 def validate_model_name(name: str) -> None:

@@ -48,8 +48,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 RUN_ID = re.compile(r"Successfully started run (\d+)")
 ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": "local",  # never join a cluster
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}  # where Ray runs: ray_env
 
 
 LOCK_FILE = ".lock"  # in a run folder: held by the run that writes there
@@ -336,10 +335,23 @@ def federation_config(supernodes: int, cpus_per_client: int, gpus_per_client: fl
     return text
 
 
+def ray_env(ray_address: str, home: Path) -> dict[str, str]:
+    """Where the simulation's Ray runs. '' (default): a private Ray for this run, on loopback,
+    its sockets and files in ``home`` (``RAY_ADDRESS=local`` never joins a cluster this machine
+    may belong to). Else join the cluster at ``ray_address`` ('HOST:PORT' of the head, or
+    'auto'): Ray's own files then live where the cluster keeps them, and Ray's multi-node
+    switch and temp folder stay as the user's environment sets them."""
+    if not ray_address:
+        return {"RAY_ADDRESS": "local", "RAY_TMPDIR": str(home),
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return {"RAY_ADDRESS": ray_address}
+
+
 def run_simulation_app(app_dir: Path, run_config: Mapping[str, RunValue], num_supernodes: int,
                        num_cpus_per_client: int = 1, log_dir: Path | None = None,
                        stream: Callable[[str], None] | None = None,
-                       timeout_s: float | None = None, num_gpus_per_client: float = 0.0) -> int:
+                       timeout_s: float | None = None, num_gpus_per_client: float = 0.0,
+                       ray_address: str = "") -> int:
     """Run the Flower app in ``app_dir`` in the simulation runtime and return its exit status.
 
     0 when the run finished ``completed``; :data:`EXIT_FAILED` when it did not (e.g. the
@@ -347,7 +359,8 @@ def run_simulation_app(app_dir: Path, run_config: Mapping[str, RunValue], num_su
     failure); :data:`EXIT_TIMEOUT` when the run outlived ``timeout_s``; else ``flwr run``'s code.
     Output lines (ServerApp stdout/stderr/logs, ClientApp output via Ray) go to ``stream`` without
     ANSI colours (default: this module's logger). ``log_dir`` gets ``superlink.log``/``run.log``.
-    Relative paths in the run config resolve against the current directory.
+    Relative paths in the run config resolve against the current directory. ``ray_address``:
+    see :func:`ray_env`.
     """
     emit = stream or _LOG.info
     # Under /tmp like Ray's default: Ray's AF_UNIX socket paths (<=107 bytes) live in RAY_TMPDIR.
@@ -355,8 +368,8 @@ def run_simulation_app(app_dir: Path, run_config: Mapping[str, RunValue], num_su
     home = Path(tempfile.mkdtemp(prefix="fedpeft-sim-", dir=tmp_root))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_")}
     bin_dir = str(Path(sys.executable).parent)  # Flower spawns its CLIs by name: venv first
-    env.update(ENV, FLWR_HOME=str(home), RAY_TMPDIR=str(home),
-               PATH=os.pathsep.join([bin_dir, env.get("PATH", "")]))
+    env.update(ENV, FLWR_HOME=str(home), PATH=os.pathsep.join([bin_dir, env.get("PATH", "")]),
+               **ray_env(ray_address, home))
     logs = log_dir or home
     trackers: list[Tracker] = []
     client: subprocess.Popen[str] | None = None
