@@ -52,12 +52,22 @@ def assigned_rank(cfg: FedConfig, partition_id: int) -> int:
 MAX_REPORTED_RANK = 4096
 
 
-def reported_rank(metrics: Mapping[str, Any]) -> int | None:
-    """The rank a client says it holds from now on (``next_rank`` in its reply), if sane."""
+def reported_rank(metrics: Mapping[str, Any], limit: int = MAX_REPORTED_RANK) -> int | None:
+    """The rank a client says it holds from now on (``next_rank`` in its reply), if sane: at
+    most ``limit`` (:func:`rank_limit`: a larger rank only adds bytes to its downlinks)."""
     value = metrics.get("next_rank")
-    if not isinstance(value, int | float) or not 1 <= value <= MAX_REPORTED_RANK:
+    if not isinstance(value, int | float) or not 1 <= value <= min(limit, MAX_REPORTED_RANK):
         return None  # absent, NaN or out of range
     return int(value) if value == int(value) else None
+
+
+def rank_limit(adapter: Mapping[str, Any]) -> int:
+    """The largest LoRA rank that means anything for an adapter (its tensors by key): the
+    smallest dimension of the layers it wraps; ``MAX_REPORTED_RANK`` without LoRA factors."""
+    dims = [min(int(t.shape[-1]), int(adapter[k.replace("lora_A", "lora_B")].shape[0]))
+            for k, t in adapter.items()
+            if k.endswith("lora_A.weight") and k.replace("lora_A", "lora_B") in adapter]
+    return min([*dims, MAX_REPORTED_RANK])
 
 
 @dataclass
