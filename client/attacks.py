@@ -30,6 +30,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedpeft.core.config import FedConfig, from_dict
+from fedpeft.core.keys import PARTITION, ROUND
 from fedpeft.core.payload import Tensors
 from fedpeft.core.tasks import Batchable, Task
 from fedpeft.core.wire import (
@@ -130,7 +131,7 @@ def inject_attacks(msg: Message, context: Context, call_next: ClientAppCallable)
             or not has_tensors(reply.content):
         return reply
     scalars = msg.content[SCALARS]
-    partition, server_round = int(scalars["fedpeft.partition"]), int(scalars["fedpeft.round"])
+    partition, server_round = int(scalars[PARTITION]), int(scalars[ROUND])
     if attack_for(cfg, partition) is None:
         return reply
     sent = unpack_record(msg.content)

@@ -27,6 +27,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedpeft.core.config import FAULT_KINDS, FedConfig, from_dict
+from fedpeft.core.keys import PARTITION, ROUND
 from fedpeft.core.sampling import sample_clients
 from fedpeft.core.wire import (
     SCALARS,
@@ -111,7 +112,7 @@ def inject_faults(msg: Message, context: Context, call_next: ClientAppCallable) 
     if not faults_enabled(cfg):
         return call_next(msg, context)
     scalars = msg.content[SCALARS]
-    partition, server_round = int(scalars["fedpeft.partition"]), int(scalars["fedpeft.round"])
+    partition, server_round = int(scalars[PARTITION]), int(scalars[ROUND])
     kind = fault_for(cfg, partition, server_round)
     if kind == "crash":
         raise InjectedFault(f"injected fault: client {partition} crashes in round {server_round}")

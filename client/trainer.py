@@ -1,7 +1,7 @@
 """One client's round, free of Flower: load the downlink, train locally, build the uplink.
 
-The ClientApp wraps this for Flower; the single-process reference loop in ``simulations/`` calls
-it directly, so both do exactly the same work.
+``client/step.py`` wraps it into a reply, for the ClientApp and the in-process transport alike,
+so both do exactly the same work.
 """
 
 from __future__ import annotations
@@ -17,6 +17,15 @@ from fedpeft.strategies import RANK_KEY, Method
 from fedpeft.strategies.base import learning_rate
 
 from fedpeft.core.config import FedConfig, client_holdout
+from fedpeft.core.keys import (
+    CLIENT_RANK,
+    CLIENT_S,
+    NEXT_RANK,
+    PARTITION_ID,
+    TRAIN_LOSS,
+    TRAIN_S,
+    TRAIN_TOKENS,
+)
 from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.privacy import Accountant, clip_update, dp_train
 from fedpeft.core.training import client_optimizer, resolve_device, train_steps
@@ -79,9 +88,9 @@ def client_round(
                                          device=device, client_state=client_state, ledger=ledger,
                                          extra_loss=spec.extra_loss)
         if dp_result is None:  # this client's privacy budget is spent: no training, no upload
-            return ClientResult(Payload(), 0, {**dp_metrics, "train_s": 0.0, "rank": float(rank),
-                                               "client_s": time.perf_counter() - start,
-                                               "partition_id": float(partition_id)},
+            return ClientResult(Payload(), 0, {**dp_metrics, TRAIN_S: 0.0, CLIENT_RANK: float(rank),
+                                               CLIENT_S: time.perf_counter() - start,
+                                               PARTITION_ID: float(partition_id)},
                                 workspace.base_fingerprint())
         result = dp_result
     else:
@@ -99,13 +108,13 @@ def client_round(
     if cfg.privacy.client_level == "client-fixed":  # Flower's client-side fixed clipping
         uplink = clip_update(uplink, downlink, cfg.privacy.client_clip)
     metrics = {
-        "train_loss": result.loss,
-        "train_s": result.seconds,
-        "train_tokens": float(result.tokens),
-        "client_s": time.perf_counter() - start,
-        "partition_id": float(partition_id),
-        "rank": float(rank),
-        "next_rank": float(client_state.values.get(RANK_KEY, rank)),
+        TRAIN_LOSS: result.loss,
+        TRAIN_S: result.seconds,
+        TRAIN_TOKENS: float(result.tokens),
+        CLIENT_S: time.perf_counter() - start,
+        PARTITION_ID: float(partition_id),
+        CLIENT_RANK: float(rank),
+        NEXT_RANK: float(client_state.values.get(RANK_KEY, rank)),
         **dp_metrics,
         **method.client_metrics(client_state),
     }

@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.core.config import ConfigError, FedConfig, from_dict, load_config
 from fedpeft.core.keys import (
     BASE_FINGERPRINT,
+    CLIENT_RANK,
     PARTITION,
     RANK,
     REPLY_INFO,
@@ -197,7 +198,7 @@ def _client_bytes(loop: RoundLoop, messages: list[Message], replies: list[Messag
         node = message.metadata.dst_node_id
         profile = loop.pending.get(node)
         out.append({"partition": profile.partition_id if profile else None,
-                    "rank": profile.rank if profile else None,
+                    CLIENT_RANK: profile.rank if profile else None,
                     "bytes_down": serialized_nbytes(message.content),
                     "bytes_up": up.get(node, 0)})
     return sorted(out, key=lambda c: (c["partition"] is None, c["partition"] or 0))

@@ -13,6 +13,7 @@ import numpy as np
 from fedpeft.strategies import ClientProfile, Method
 
 from fedpeft.core.config import FedConfig, parse_rank_mix
+from fedpeft.core.keys import NEXT_RANK
 from fedpeft.core.payload import Payload
 from fedpeft.core.training import autocast, resolve_device
 from fedpeft.core.workspace import Workspace
@@ -55,7 +56,7 @@ MAX_REPORTED_RANK = 4096
 def reported_rank(metrics: Mapping[str, Any], limit: int = MAX_REPORTED_RANK) -> int | None:
     """The rank a client says it holds from now on (``next_rank`` in its reply), if sane: at
     most ``limit`` (:func:`rank_limit`: a larger rank only adds bytes to its downlinks)."""
-    value = metrics.get("next_rank")
+    value = metrics.get(NEXT_RANK)
     if not isinstance(value, int | float) or not 1 <= value <= min(limit, MAX_REPORTED_RANK):
         return None  # absent, NaN or out of range
     return int(value) if value == int(value) else None

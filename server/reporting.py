@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedpeft.core.keys import EPSILON, TRAIN_S
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write then rename, so a reader never sees half a file."""
@@ -67,9 +69,9 @@ def round_line(row: dict, rounds: int) -> str:
     timings = row.get("method_timings") or []  # a method's own client seconds (Method.timings)
     if timings:
         own = " ".join(f"{name.removesuffix('_s')} {row.get(name, 0):.1f}s" for name in timings)
-        parts.append(f"train {row.get('train_s', 0):.1f}s {own} (summed over clients)")
-    if row.get("epsilon") is not None:
-        parts.append(f"eps {row['epsilon']:.2f}")
+        parts.append(f"train {row.get(TRAIN_S, 0):.1f}s {own} (summed over clients)")
+    if row.get(EPSILON) is not None:
+        parts.append(f"eps {row[EPSILON]:.2f}")
     if row.get("clients_failed") or row.get("clients_rejected"):
         parts.append(f"failed {row.get('clients_failed', 0)} rejected "
                      f"{row.get('clients_rejected', 0)}")
@@ -138,7 +140,7 @@ def results_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['round']} | {acc} | {loss} | {r.get('clients_ok', 0)}/"
             f"{r.get('clients_sampled', 0)} | {human_bytes(r.get('bytes_up', 0))} | "
-            f"{human_bytes(r.get('bytes_down', 0))} | {r.get('train_s', 0):.1f} |{own} "
+            f"{human_bytes(r.get('bytes_down', 0))} | {r.get(TRAIN_S, 0):.1f} |{own} "
             f"{r.get('wall_s', 0):.1f} |"
         )
     return "\n".join(lines)
@@ -147,7 +149,7 @@ def results_table(rows: list[dict]) -> str:
 def summarize(rows: list[dict], **fields: Any) -> dict:
     scored = [r for r in rows if r.get("accuracy") is not None]
     privacy = {key: max(r[key] for r in rows if r.get(key) is not None)  # DP runs only
-               for key in ("epsilon", "client_epsilon") if any(r.get(key) is not None
+               for key in (EPSILON, "client_epsilon") if any(r.get(key) is not None
                                                                for r in rows)}
     return {
         **privacy,

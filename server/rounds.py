@@ -2,10 +2,12 @@
 aggregate, evaluate, checkpoint.
 
 Two transports drive it: the Flower ServerApp (``server/app.py``: messages to SuperNodes, in
-simulation and deployment) and the single-process loop of ``simulations/plain_loop.py`` (clients
-called in this process). Both hand :class:`RoundLoop` the clients' replies as :class:`Reply`
-objects, so validation, aggregation, metrics rows, checkpoints and the final export are the same
-code whichever way the numbers travelled.
+simulation and deployment) and the in-process transport (``server/inprocess.py``: clients called
+in this process). Both hand :class:`RoundLoop` the clients' replies as :class:`Reply` objects, so
+validation, aggregation, metrics rows, checkpoints and the final export are the same code
+whichever way the numbers travelled. A reply is decided once (:meth:`RoundLoop.decide`: accepted,
+rejected, resized, budget spent or failed) and only then applied (:meth:`RoundLoop.apply`, the
+one place that changes what the server remembers of a client).
 """
 
 from __future__ import annotations
@@ -335,7 +337,7 @@ class RoundLoop:
         change when the federation restarts)."""
         partition = {node: i for i, node in enumerate(nodes)}
         out = {"ranks": {str(partition[n]): r for n, r in self.ranks.items() if n in partition},
-               "epsilon": self.epsilon}
+               EPSILON: self.epsilon}
         if self.client_dp is not None:
             out[DP_RELEASES] = self.client_dp.releases
         return out
@@ -343,7 +345,7 @@ class RoundLoop:
     def restore_state(self, data: dict, nodes: list[int]) -> None:
         self.ranks = {nodes[int(p)]: int(r) for p, r in data.get("ranks", {}).items()
                       if int(p) < len(nodes)}
-        self.epsilon = float(data.get("epsilon", 0.0))
+        self.epsilon = float(data.get(EPSILON, 0.0))
         if self.client_dp is not None:
             self.client_dp.releases = int(data.get(DP_RELEASES, 0))
 

@@ -43,6 +43,7 @@ from fedpeft.core.config import (
     parse_dataclass,
 )
 from fedpeft.core.filters import compression_refusal
+from fedpeft.core.keys import RANK
 from fedpeft.core.payload import ClientState, Payload, Scalar, Tensors
 
 from .aggregators import Aggregator
@@ -52,7 +53,7 @@ __all__ = ["ClientState", "Payload", "Scalar", "Tensors"]  # re-exported for the
 # ClientState.values key: the LoRA rank a client holds from now on, when a method changes it
 # (HetLoRA's rank pruning). The trainer reports it as the ``next_rank`` metric and the server
 # sends that rank next time; a node's ``--node-config rank=N`` caps it (client/app.py).
-RANK_KEY = "fedpeft.rank"
+RANK_KEY = RANK  # the downlink scalar's name, kept in the client's state
 
 # The learning rate of a method that names none (train.lr = 0 and no ``default_lr``).
 FALLBACK_LR = 0.002

@@ -41,6 +41,7 @@ import torch
 
 from fedpeft.core.adapters import AdapterModel, build_adapter_model
 from fedpeft.core.config import ModelConfig, option
+from fedpeft.core.keys import NEEDS_SYNC
 
 from .base import (
     Aggregate,
@@ -71,7 +72,6 @@ CACHE_ROUNDS = 4  # global states kept per process
 # weights 1e-4 measured worse than 5e-5 (noisier reconstructions).
 LORA_LR, FULL_LR = 0.002, 5e-5
 SHARED = -1  # basis id of a round's shared bases (every client projects on them)
-NEEDS_SYNC = "needs_sync"  # reply metric: 1 when the client held no usable global state
 LOST = "ferret.lost"  # ClientState value: this round's load found no usable global state
 BEFORE = "ferret.before"  # ClientState tensor from load to uplink: the targets before training
 

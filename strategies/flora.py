@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from fedpeft.core.adapters import AdapterModel
+from fedpeft.core.keys import NEEDS_SYNC
 
 from .base import (
     Aggregate,
@@ -59,7 +60,6 @@ from .lowrank import (
 DELTA = "flora.delta::"
 ROUND, SYNCED, FROM, SEED = "flora.round", "flora.synced", "flora.from", "flora.seed"
 LOST = "flora.lost"  # ClientState value: this round's load found no usable merged base
-NEEDS_SYNC = "needs_sync"  # reply metric: 1 when the client held no usable merged base
 
 
 def hist_key(t: int, factor: str, layer: str) -> str:

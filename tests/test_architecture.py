@@ -146,3 +146,32 @@ def test_nothing_outside_strategies_names_a_method(module: str) -> None:
         line = next(i for i, t in enumerate(lines, 1) if t.startswith("DEFAULT_METHOD = "))
         named.remove(f"line {line}: {DEFAULT_METHOD!r}")
     assert named == []
+
+
+def _wire_keys() -> dict[str, str]:
+    """value -> constant name of every string constant ``fedpeft/core/keys.py`` defines."""
+    tree = ast.parse(MODULES["fedpeft.core.keys"].read_text())
+    return {node.value.value: node.targets[0].id for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str) and isinstance(node.targets[0], ast.Name)}
+
+
+# Modules whose strings share a wire key's spelling in another namespace: the ledger file's own
+# "epsilon" field; the sweep table's "epsilon" column (a summary.json field).
+KEY_SPELLING_ELSEWHERE = {("fedpeft.core.ledger", "epsilon"), ("fedpeft.run.sweepreport", "epsilon")}
+
+
+def test_the_wire_keys_table_is_read() -> None:
+    keys = _wire_keys()
+    assert keys["num-examples"] == "NUM_EXAMPLES" and keys["fedpeft.round"] == "ROUND"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m != "fedpeft.core.keys"))
+def test_no_wire_key_is_typed_outside_keys_py(module: str) -> None:
+    """Every downlink scalar, reply metric and reply string is named by its constant in
+    ``fedpeft.core.keys``, so the two ends of the wire cannot drift apart."""
+    keys = _wire_keys()
+    typed = [f"line {line}: {text!r} (use keys.{keys[text]})"
+             for line, text in _string_constants(MODULES[module])
+             if text in keys and (module, text) not in KEY_SPELLING_ELSEWHERE]
+    assert typed == []

@@ -237,7 +237,7 @@ METHODS = [("fedit", ()), ("ffa-lora", ()), ("lora-fair", ()),
     "fedit", "ffa-lora", "lora-fair", "hetlora", "flexlora", "flora", "ferret", "dp-sgd"])
 def test_every_method_on_a_causal_lm(folders: dict[str, Path], files: dict[str, Path],
                                      method: str, extra: tuple[str, ...]) -> None:
-    from simulations.plain_loop import run_plain
+    from fedpeft.server.inprocess import run_plain
 
     rows = run_plain(None, tiny_run(folders["llama"], files["labels"],
                                     f'method.name="{method}"', *extra))
@@ -252,7 +252,7 @@ def test_every_method_on_a_causal_lm(folders: dict[str, Path], files: dict[str, 
 @pytest.mark.parametrize("method", ["fedit", "flora"])  # flora merges into Conv1D bases
 def test_gpt2_style_model(folders: dict[str, Path], files: dict[str, Path], method: str,
                           tmp_path: Path) -> None:
-    from simulations.plain_loop import run_plain
+    from fedpeft.server.inprocess import run_plain
 
     rows = run_plain(None, tiny_run(folders["gpt2"], files["chats"], f'method.name="{method}"',
                                     "train.lr=0.01"), out=tmp_path)
@@ -266,8 +266,9 @@ def test_chat_run_outputs_and_export_reload(folders: dict[str, Path], files: dic
                                             tmp_path: Path) -> None:
     """Chats split by user: loss and perplexity per round, samples.md, and the exported
     adapter reloaded with plain peft scores the server's last loss."""
+    from fedpeft.server.inprocess import run_plain
+
     from fedpeft.core.evaluation import evaluate_adapter_dir
-    from simulations.plain_loop import run_plain
 
     rows = run_plain(None, tiny_run(folders["llama"], files["chats"], "train.lr=0.01",
                                     'data.partitioner="natural"', 'data.partition_by="user"'),

@@ -28,12 +28,13 @@ IGNORE = -100
 def one_thread() -> object:
     """One torch thread for these tiny models: on a shared 2-core machine, two threads of
     matrices this small spend their time waiting for each other (a run takes 3x longer)."""
+    import fedpeft.server.inprocess
+
     import fedpeft.run.export
-    import simulations.plain_loop
 
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
-        for module in (simulations.plain_loop, fedpeft.run.export):
+        for module in (fedpeft.server.inprocess, fedpeft.run.export):
             patch.setattr(module, "default_threads", lambda: 1)
         yield
     torch.set_num_threads(threads)
@@ -58,7 +59,7 @@ RUNS = {  # name: (model, data, method, extra overrides)
 def runs(root: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One finished 2-round run (4 clients, 2 per round) per entry of RUNS, through the
     in-process round loop (the server code of every transport)."""
-    from simulations.plain_loop import run_plain
+    from fedpeft.server.inprocess import run_plain
 
     out = {}
     for name, (model, data, method, extra) in RUNS.items():

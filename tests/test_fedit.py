@@ -18,7 +18,8 @@ def test_fedit_is_example_weighted_mean_of_each_factor() -> None:
     clients = [{k: torch.randn(s) for k, s in zip(keys, shapes, strict=True)} for _ in range(5)]
     sizes = [10, 1, 30, 7, 2]
     state = method.init({k: torch.zeros(s) for k, s in zip(keys, shapes, strict=True)})
-    new = method.aggregate(state, [_upload(c, n) for c, n in zip(clients, sizes, strict=True)]).state
+    uploads = [_upload(c, n) for c, n in zip(clients, sizes, strict=True)]
+    new = method.aggregate(state, uploads).state
     for k in keys:
         expected = sum(n * c[k] for c, n in zip(clients, sizes, strict=True)) / sum(sizes)
         assert torch.allclose(new.tensors[k], expected, atol=1e-6)
@@ -32,7 +33,8 @@ def test_fedit_is_example_weighted_mean_of_each_factor() -> None:
 def test_plain_loop_runs_back_to_back_start_from_the_same_adapter() -> None:
     """Experiment scripts run several plain-loop runs in one process; the cached workspace model
     is trained by the first, so the second must not take its initial global adapter from it."""
-    from simulations.plain_loop import run_plain
+    from fedpeft.server.inprocess import run_plain
+
     from tests.helpers import TINY
 
     first = run_plain(None, [*TINY, 'method.name="fedit"'])

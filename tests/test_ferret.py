@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from fedpeft.client.trainer import client_round
+from fedpeft.server.inprocess import run_plain
 from fedpeft.server.validation import check_scalars
 from fedpeft.strategies import ClientProfile, Upload, build_method
 from fedpeft.strategies import ferret as fr
@@ -27,7 +28,6 @@ from fedpeft.core.config import ConfigError, load_config
 from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.wire import payload_to_records, serialized_nbytes
 from fedpeft.core.workspace import get_workspace
-from simulations.plain_loop import run_plain
 from tests.helpers import TINY
 
 FERRET = [*TINY, 'method.name="ferret"', 'method.target="full"', "method.block_size=4096",

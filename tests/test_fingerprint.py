@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedpeft.client import step as client_step_module
 from fedpeft.client import trainer
 from fedpeft.server import app as server_app
+from fedpeft.server import inprocess
 from fedpeft.server.reporting import MetricsLog
 from fedpeft.server.rounds import Reply, RoundLoop, new_loop, run_rounds
 from fedpeft.strategies import ClientProfile, build_method
@@ -31,7 +33,6 @@ from fedpeft.core.keys import BASE_FINGERPRINT, REPLY_INFO
 from fedpeft.core.models import MODELS, load_tokenizer
 from fedpeft.core.payload import Payload
 from fedpeft.core.workspace import get_workspace
-from simulations import plain_loop
 from tests.helpers import TINY, FakeGrid
 
 TINY_BERT = ModelConfig(name="tiny-bert")
@@ -175,10 +176,10 @@ def test_the_plain_loop_rejects_a_client_on_another_base_and_finishes(
         args = (*args[:2], other, *args[3:]) if partition_id == 1 else args
         return trainer.client_round(*args, partition_id=partition_id, **kwargs)
 
-    monkeypatch.setattr(plain_loop, "client_round", client_round)
+    monkeypatch.setattr(client_step_module, "client_round", client_round)
     caplog.set_level(logging.INFO)
     loop = new_loop(cfg, workspace, simulation=True)
-    transport = plain_loop.InProcessTransport(cfg, loop.method, workspace)
+    transport = inprocess.InProcessTransport(cfg, loop.method, workspace)
     summary = run_rounds(loop, transport, workspace, tmp_path / "run")
     rows = MetricsLog.read(tmp_path / "run" / "metrics.jsonl")
     assert [(r["clients_ok"], r["clients_rejected"], r["aggregated"]) for r in rows[1:]] == \

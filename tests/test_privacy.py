@@ -11,6 +11,7 @@ import pytest
 import torch
 from fedpeft.client.trainer import client_round
 from fedpeft.server.app import FedPeftStrategy
+from fedpeft.server.inprocess import run_plain
 from fedpeft.server.rounds import RoundLoop
 from fedpeft.server.validation import check_upload
 from fedpeft.strategies import METHODS, ClientProfile, Method, Payload, build_method
@@ -26,7 +27,6 @@ from fedpeft.core.payload import ClientState, update_norm
 from fedpeft.core.training import make_optimizer, train_steps
 from fedpeft.core.wire import load_client_state, payload_to_records, save_client_state
 from fedpeft.core.workspace import Workspace, get_workspace
-from simulations.plain_loop import run_plain
 from tests.helpers import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the (largest|smallest) alpha")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from simulations.plain_loop import run_plain
+from fedpeft.server.inprocess import run_plain
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import torch
+from fedpeft.client import step as client_step_module
+from fedpeft.server import inprocess
 from fedpeft.strategies import Upload
 from fedpeft.strategies import ferret as fr
 from fedpeft.strategies import flora as fl
@@ -15,7 +17,6 @@ from fedpeft.strategies.base import Aggregate
 
 from fedpeft.core.payload import Payload
 from fedpeft.core.sampling import sample_clients
-from simulations import plain_loop
 from tests.helpers import TINY
 
 LOST_CLIENT, LOST_ROUND, ROUNDS = 3, 3, 4
@@ -46,7 +47,7 @@ def test_a_client_that_lost_its_state_is_resynchronised_and_contributes_again(
     schedule = {r: sample_clients(6, 3, 0, r) for r in range(1, ROUNDS + 1)}
     assert all(LOST_CLIENT in schedule[r] for r in (2, 3, 4))  # seen, loses its state, back
     seen: dict[tuple[int, int], tuple[set[str], dict, dict]] = {}
-    real_round = plain_loop.client_round
+    real_round = client_step_module.client_round
 
     def client_round(cfg: Any, meth: Any, ws: Any, down: Payload, **kw: Any) -> Any:
         if hasattr(meth, "clear_cache"):  # every client rebuilds the global state on its own
@@ -70,9 +71,9 @@ def test_a_client_that_lost_its_state_is_resynchronised_and_contributes_again(
         states[int(new.state.scalars[fr.ROUND if method == "ferret" else fl.ROUND])] = new.state
         return new
 
-    monkeypatch.setattr(plain_loop, "client_round", client_round)
+    monkeypatch.setattr(client_step_module, "client_round", client_round)
     monkeypatch.setattr(cls, "aggregate", aggregate)
-    rows = plain_loop.run_plain(None, [*METHODS[method], f"federation.rounds={ROUNDS}"])
+    rows = inprocess.run_plain(None, [*METHODS[method], f"federation.rounds={ROUNDS}"])
 
     assert [r.get("aggregated") for r in rows[1:]] == [1] * ROUNDS  # the run went on
     # the metrics row counts the clients that asked for a resync

@@ -392,7 +392,8 @@ def test_the_client_mod_replaces_a_compressed_upload(monkeypatch: pytest.MonkeyP
 def test_attacks_reach_the_plain_loop() -> None:
     """The in-process transport applies the update attacks: with every client a sign-flipper
     the run differs from the clean one, and label-flip changes training itself."""
-    from simulations.plain_loop import run_plain
+    from fedpeft.server.inprocess import run_plain
+
     from tests.helpers import TINY
 
     clean = run_plain(None, [*TINY, "federation.rounds=1"])

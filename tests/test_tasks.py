@@ -109,7 +109,8 @@ def test_classification_refuses_chat_data(folders: dict[str, Path]) -> None:
 def test_default_plain_loop_curve_is_unchanged() -> None:
     """tiny-bert through the plain loop gives the curve the code gave before tasks existed
     (measured on the commit before the task split, same settings)."""
-    from simulations.plain_loop import run_plain
+    from fedpeft.server.inprocess import run_plain
+
     from tests.helpers import TINY
 
     rows = run_plain(None, list(TINY))

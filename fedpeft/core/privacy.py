@@ -41,7 +41,15 @@ import torch
 
 from fedpeft.core.adapters import AdapterModel
 from fedpeft.core.config import ConfigError, FedConfig, PrivacyConfig
-from fedpeft.core.keys import BUDGET_SPENT
+from fedpeft.core.keys import (
+    BUDGET_SPENT,
+    CLIENT_RANK,
+    CLIENT_S,
+    EPSILON,
+    NEXT_RANK,
+    PARTITION_ID,
+    TRAIN_S,
+)
 from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.training import Encoded, TrainResult, client_optimizer, micro_batches
 
@@ -170,8 +178,8 @@ class RunAccountant:
         return Spend(sigma, epsilon, True)
 
 
-REPLY_KEYS = ("epsilon", BUDGET_SPENT, "partition_id", "rank", "next_rank")
-SIZE_KEYS = ("train_s", "client_s")  # timings: they follow the number of sampled examples
+REPLY_KEYS = (EPSILON, BUDGET_SPENT, PARTITION_ID, CLIENT_RANK, NEXT_RANK)
+SIZE_KEYS = (TRAIN_S, CLIENT_S)  # timings: they follow the number of sampled examples
 
 
 def dp_reply(metrics: Mapping[str, float], *, private_size: bool, budget: float,
@@ -184,8 +192,8 @@ def dp_reply(metrics: Mapping[str, float], *, private_size: bool, budget: float,
     out = {k: float(v) for k, v in metrics.items() if k in keys}
     if not private_size:
         return out, None
-    if "epsilon" in out:
-        out["epsilon"] = float(budget)
+    if EPSILON in out:
+        out[EPSILON] = float(budget)
     return out, max(1, int(batch_size) * int(local_steps))
 
 
@@ -260,7 +268,7 @@ def dp_train(
     q = sample_rate(n, cfg.train.batch_size)
     accountant = ledger if ledger is not None else RunAccountant(client_state, priv)
     spend = accountant.spend(q, steps, planned_rounds(cfg) * steps)  # recorded before training
-    metrics = {"noise_multiplier": spend.sigma, "sample_rate": q, "epsilon": spend.epsilon}
+    metrics = {"noise_multiplier": spend.sigma, "sample_rate": q, EPSILON: spend.epsilon}
     if not spend.granted:
         return None, {**metrics, BUDGET_SPENT: 1.0}
     result = _dp_steps(adapter.model, data, params, optimizer=optimizer, sigma=spend.sigma, q=q,

@@ -23,6 +23,7 @@ from fedpeft.core.config import (
     ConfigError,
     PrivacyConfig,
 )
+from fedpeft.core.keys import NODE_EPSILON, NODE_RANK
 from fedpeft.core.ledger import (
     DEVICE_DELTA,
     check_device_delta,
@@ -179,13 +180,13 @@ def supernode_command(opts: ClientOptions, home: Path, runtime_port: int) -> lis
                                "threads": int(opts.threads), "text-column": opts.text_column,
                                "label-column": opts.label_column}
     if opts.rank is not None:
-        node["rank"] = int(opts.rank)
+        node[NODE_RANK] = int(opts.rank)
     if opts.batch_size is not None:
         node["batch-size"] = int(opts.batch_size)
     if opts.local_steps is not None:
         node["local-steps"] = int(opts.local_steps)
     if opts.epsilon is not None:
-        node["epsilon"] = float(opts.epsilon)
+        node[NODE_EPSILON] = float(opts.epsilon)
         node["ledger"] = str((opts.ledger or default_ledger_path()).resolve())
     node["delta"] = float(opts.delta)
     (home / "node.toml").write_text(tomli_w.dumps(node))
