@@ -42,14 +42,22 @@ from fedpeft.core.sampling import sample_clients
 from fedpeft.core.wire import transmit
 from fedpeft.core.workspace import Workspace
 
-from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    check_resumable,
+    check_state,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .client_dp import CLIENT_EPSILON, DP_RELEASES, ClientLevelDP
 from .federation import (
+    MAX_REPORTED_RANK,
     append_samples,
     client_profile,
     eval_due,
     eval_subset,
     evaluate_global,
+    rank_limit,
     reported_rank,
 )
 from .reporting import (
@@ -132,6 +140,7 @@ class RoundLoop:
         # no check); nodes that sent none were warned about once
         self.fingerprint = fingerprint
         self.unfingerprinted: set[int] = set()
+        self.rank_limit = MAX_REPORTED_RANK  # a reported next_rank above it is ignored
         # privacy.client_level: clip every accepted update, noise their mean
         self.client_dp = ClientLevelDP(cfg) if cfg.privacy.client_level != "off" else None
 
@@ -228,7 +237,7 @@ class RoundLoop:
         problem = problem or bad
         if problem is not None:
             return Outcome(REJECTED, reason=problem)
-        rank = reported_rank(metrics)
+        rank = reported_rank(metrics, self.rank_limit)
         if metrics.get(RANK_MISMATCH):
             if rank is None:
                 return Outcome(REJECTED, reason=f"{RANK_MISMATCH} without a usable {NEXT_RANK}")
@@ -364,8 +373,10 @@ def new_loop(cfg: FedConfig, workspace: Workspace, simulation: bool) -> RoundLoo
     fingerprint = workspace.base_fingerprint()
     log(INFO, "base model %s: fingerprint %s (every client's must match)", cfg.model.name,
         fingerprint)
-    return RoundLoop(cfg, method, method.init(pristine.state()), example_cap=cap,
+    loop = RoundLoop(cfg, method, method.init(pristine.state()), example_cap=cap,
                      fingerprint=fingerprint)
+    loop.rank_limit = rank_limit(pristine.state())
+    return loop
 
 
 def _sum(uploads: list[Upload], key: str) -> float:
@@ -435,6 +446,7 @@ def run_rounds(loop: RoundLoop, transport: Transport, workspace: Workspace, out:
     ckpt = load_checkpoint(out) if resume else None
     if ckpt is not None:
         check_resumable(ckpt, cfg, out)
+        check_state(ckpt.state, loop.state, method, cfg.model.rank, out)
     config_file, text = out / CONFIG_FILE, to_toml(cfg)
     if not config_file.is_file() or config_file.read_text() != text:  # the CLI wrote it already
         config_file.write_text(text)

@@ -158,7 +158,8 @@ def _wire_keys() -> dict[str, str]:
 
 # Modules whose strings share a wire key's spelling in another namespace: the ledger file's own
 # "epsilon" field; the sweep table's "epsilon" column (a summary.json field).
-KEY_SPELLING_ELSEWHERE = {("fedpeft.core.ledger", "epsilon"), ("fedpeft.run.sweepreport", "epsilon")}
+KEY_SPELLING_ELSEWHERE = {("fedpeft.core.ledger", "epsilon"),
+                          ("fedpeft.run.sweepreport", "epsilon")}
 
 
 def test_the_wire_keys_table_is_read() -> None:
@@ -175,3 +176,22 @@ def test_no_wire_key_is_typed_outside_keys_py(module: str) -> None:
              for line, text in _string_constants(MODULES[module])
              if text in keys and (module, text) not in KEY_SPELLING_ELSEWHERE]
     assert typed == []
+
+
+def test_the_method_base_has_no_side_channel_and_knows_no_aggregator() -> None:
+    """``strategies/base.py``: a method instance holds its options and context only (whatever
+    ``aggregate`` finds out travels in the returned ``Aggregate``), and no aggregator is named
+    there (robust rules live in ``strategies/aggregators.py``)."""
+    from fedpeft.core.config import AGGREGATORS
+
+    path = MODULES["fedpeft.strategies.base"]
+    tree = ast.parse(path.read_text())
+    method = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Method")
+    assigned = {t.attr for n in ast.walk(method) if isinstance(n, ast.Assign | ast.AnnAssign)
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)
+                and t.value.id == "self"}
+    assert assigned == {"options", "ctx"}
+    named = [text for _, text in _string_constants(path) if text in AGGREGATORS and text != "mean"]
+    assert named == []
+    assert "round_metrics" not in {n.name for n in method.body if isinstance(n, ast.FunctionDef)}
