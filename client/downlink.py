@@ -11,7 +11,10 @@ on full weights) says so with an optional ``downlink_floats(model)`` hook.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fedpeft.core.adapters import AdapterModel, lora_pairs
+from fedpeft.core.config import ConfigError
 from fedpeft.core.payload import VALUE_BYTES, Expected
 
 SLACK_BYTES = 64 << 10  # scalars' room and a few small tensors (seeds, ids) on top
@@ -30,3 +33,12 @@ def downlink_expected(method: object, model: AdapterModel) -> Expected:
     hook = getattr(method, "downlink_floats", None)
     floats = hook(model) if callable(hook) else downlink_floats(model)
     return Expected(max_bytes=VALUE_BYTES * int(floats) + SLACK_BYTES)
+
+
+def check_pinned_model(model_name: str, node_config: Mapping[str, object]) -> None:
+    """Refuse a run whose model is not the one this device pinned (``fedpeft client --model``):
+    a coordinator cannot make it load, or probe for, anything else."""
+    pinned = str(node_config.get("model", "") or "")
+    if pinned and model_name != pinned:
+        raise ConfigError(f"the run asks for model {model_name!r}; this device accepts "
+                          f"{pinned!r} only (fedpeft client --model)")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from fedpeft.core.config import ConfigError, FedConfig, from_dict
@@ -183,3 +184,31 @@ def _sections(config: dict[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"the checkpoint's saved config has [{bad[0]}] as a "
                               f"{type(config[bad[0]]).__name__}, not a table")
     return {k: dict(v) for k, v in config.items()}
+
+
+def check_state(saved: Payload, fresh: Payload, method: Any, rank: int, where: Path) -> None:
+    """Refuse a checkpoint's global state that the method could not have written: every tensor
+    of its initial state (``fresh``) present with the same shape and dtype, every tensor finite,
+    and the method able to build a downlink and the expected upload from it. A tampered or
+    foreign checkpoint is one clear error before the first round, not a crash mid-run or a run
+    that rejects every client."""
+    path = checkpoint_path(where)
+    for key, tensor in fresh.tensors.items():
+        got = saved.tensors.get(key)
+        if got is None or tuple(got.shape) != tuple(tensor.shape) or got.dtype != tensor.dtype:
+            held = "no such tensor" if got is None else f"{tuple(got.shape)} {got.dtype}"
+            raise CheckpointError(f"{path} does not fit method {method.name!r} on this model: "
+                                  f"{key!r} is {held}, expected {tuple(tensor.shape)} "
+                                  f"{tensor.dtype}")
+    for key, tensor in saved.tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path} is damaged: {key!r} holds NaN or Inf")
+    from fedpeft.strategies import ClientProfile  # the method's own view of the state
+
+    try:
+        profile = ClientProfile(0, rank)
+        method.downlink(saved, profile)
+        method.expected_upload(saved, profile)
+    except Exception as exc:  # whatever the tampering broke: one line, before any round
+        raise CheckpointError(f"{path} does not fit method {method.name!r}: "
+                              f"{type(exc).__name__}: {str(exc)[:200]}") from None

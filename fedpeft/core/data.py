@@ -224,8 +224,18 @@ def _messages(value: object, source: str, row: int) -> Chat:
     return chat
 
 
+def check_scalar_labels(df: pd.DataFrame, column: str, name: str) -> None:
+    """A label is one name or integer per row: a list or an object (JSON) is refused."""
+    nested = df[column].map(lambda v: isinstance(v, list | dict | tuple | set))
+    if bool(nested.any()):
+        row = int(nested.to_numpy().argmax()) + 1
+        raise ConfigError(f"{name}: column {column!r} holds a list or an object (row {row}); a "
+                          "label is one class name or integer per row")
+
+
 def _labelled(df: pd.DataFrame, cfg: DataConfig, path: Path) -> TextData:
     """Texts and labels; labels may be names or integers."""
+    check_scalar_labels(df, cfg.label_column, path.name)
     df = df.dropna(subset=[cfg.text_column, cfg.label_column])
     if df.empty:
         raise ConfigError(f"{path.name} has no rows with both a text and a label")

@@ -239,7 +239,11 @@ def model_folder(name: str) -> str | None:
 
 
 def folder_config(folder: str) -> dict:
-    return json.loads((Path(folder) / "config.json").read_text())
+    with loader_errors(folder):
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise ConfigError(f"model folder {folder}: config.json is not a JSON object")
+    return config
 
 
 def infer_task(cfg: ModelConfig) -> str:
@@ -261,13 +265,31 @@ def infer_task(cfg: ModelConfig) -> str:
                       "or 'causal-lm'")
 
 
+# A model folder is data, never code: no custom modelling code runs (a folder that needs it is
+# refused, never prompted for) and weights load from safetensors only (no pickle)
+SAFE_LOADING = {"trust_remote_code": False, "use_safetensors": True}
+
+
+@contextlib.contextmanager
+def loader_errors(folder: str) -> Iterator[None]:
+    """A folder transformers cannot load (no safetensors weights, custom code, a broken
+    config) is one ConfigError line, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ConfigError(f"model folder {folder} cannot be loaded: {first} (fedpeft loads "
+                          "safetensors weights only and never runs a model's own code)") from None
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer_from(folder: str) -> Any:
     """The folder's tokenizer; a causal LM without a pad token pads with its eos token."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with loader_errors(folder):
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -298,13 +320,13 @@ def build_base(cfg: ModelConfig, task: str, num_labels: int) -> torch.nn.Module:
     dtype = DTYPES[cfg.dtype]
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), loader_errors(str(folder)):
         torch.manual_seed(BASE_SEED)  # a new classifier head is identical everywhere
         if task == CAUSAL_LM:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **SAFE_LOADING)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                folder, num_labels=num_labels, dtype=dtype)
+                folder, num_labels=num_labels, dtype=dtype, **SAFE_LOADING)
             if model.config.pad_token_id is None:  # decoders classify at the last non-pad token
                 model.config.pad_token_id = load_tokenizer_from(folder).pad_token_id
     if cfg.gradient_checkpointing:

@@ -86,6 +86,36 @@ def _task_client(address: str, token: str) -> RuntimeHttpClient:
         retry_invoker=make_simple_http_retry_invoker())
 
 
+# What a coordinator learns when a task fails on this device: one of these codes, never the
+# exception's text (it can hold label values, file names, paths); the full text stays in the
+# device's own log. The innermost fedpeft module of the traceback picks the code.
+REASONS = (("fedpeft.core.packing", "downlink rejected"),
+           ("fedpeft.core.wire", "downlink rejected"),
+           ("fedpeft.client.downlink", "downlink rejected"),
+           ("fedpeft.core.data", "data error"), ("fedpeft.core.tasks", "data error"),
+           ("fedpeft.core.models", "model error"), ("fedpeft.core.adapters", "model error"),
+           ("fedpeft.core.fingerprint", "model error"), ("fedpeft.core.ledger", "privacy error"),
+           ("fedpeft.core.privacy", "privacy error"), ("fedpeft.core.training", "training error"))
+
+
+def reason_code(exc: BaseException) -> str:
+    """The fixed reason a coordinator is told for ``exc`` (see ``REASONS``)."""
+    if isinstance(exc, WrongAppError):
+        return "wrong app"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return "out of memory"
+    modules = []
+    tb = exc.__traceback__
+    while tb is not None:
+        modules.append(str(tb.tb_frame.f_globals.get("__name__", "")))
+        tb = tb.tb_next
+    for module in reversed(modules):
+        for prefix, code in REASONS:
+            if module.startswith(prefix):
+                return code
+    return "config error" if isinstance(exc, ConfigError) else "client error"
+
+
 def check_fab(fab: Fab, expected_ref: str) -> None:
     """Refuse a run whose app declares another ClientApp than ``expected_ref``."""
     try:
@@ -165,12 +195,13 @@ def run_task(address: str, token: str, get_app: Callable[[], ClientApp],
     except Exception as exc:  # reply with an error, as flwr-clientapp does, and keep serving
         code = (ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(exc, WrongAppError)
                 else ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
-        details = f"{type(exc)}:<'{exc}'>"
+        details = f"fedpeft device: {reason_code(exc)}"  # the coordinator learns this only
         if isinstance(exc, ConfigError):  # a user error (e.g. this device's data file): one line
-            details = f"fedpeft: {exc}"
-            log(ERROR, "fedpeft: error on this device: %s", exc)
+            log(ERROR, "fedpeft: error on this device (the coordinator is told %r): %s",
+                details, exc)
         else:
-            log(ERROR, "ClientApp raised an exception", exc_info=exc)
+            log(ERROR, "ClientApp raised an exception (the coordinator is told %r)", details,
+                exc_info=exc)
         if message is not None:
             reply = Message(Error(code=code, reason=details), reply_to=message)
     finally:
@@ -186,13 +217,16 @@ def run_task(address: str, token: str, get_app: Callable[[], ClientApp],
 
 
 def serve(address: str, secret: bytes | None, app_ref: str, *, keep_going: Callable[[], bool],
-          poll_s: float = 0.2, on_task: Callable[[bool, float], None] | None = None) -> None:
+          poll_s: float = 0.2, on_task: Callable[[bool, float], None] | None = None,
+          run_ref: str | None = None) -> None:
     """Run ClientApp tasks from the SuperNode at ``address`` until ``keep_going()`` is False.
 
-    ``app_ref`` (``module:attr``) is imported once, right away in the background, so the first
-    round does not pay for the imports either. ``on_task(ok, seconds)`` runs after each task.
+    ``app_ref`` (``module:attr``) is the ClientApp a run must name; ``run_ref`` the one this
+    device runs for it (default the same; a device: the same functions without simulation-only
+    mods). It is imported once, right away in the background, so the first round does not pay
+    for the imports either. ``on_task(ok, seconds)`` runs after each task.
     """
-    loader = AppLoader(app_ref)
+    loader = AppLoader(run_ref or app_ref)
     client = _acquire_client(address, secret)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     unreachable_since: float | None = None

@@ -57,6 +57,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_keygen(args: argparse.Namespace) -> int:
     from fedpeft.deploy.certs import make_device_key
 
+    if Path(args.dir).exists() and not Path(args.dir).is_dir():
+        print(f"fedpeft: error: {args.dir} is a file; keygen writes NAME.key and NAME.pub into "
+              "a folder", file=sys.stderr)
+        return EXIT_USAGE
     try:
         key, pub = make_device_key(Path(args.dir), args.name, force=args.force)
     except CertsError as exc:
@@ -72,6 +76,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     for flag, value in (("--timeout", args.timeout), ("--max-body-mb", args.max_body_mb)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{flag} {value}: expected a positive number")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: expected a TCP port, 1 to 65535")
+    if args.clients is not None and args.clients < 1:
+        raise ConfigError(f"--clients {args.clients}: expected a positive integer")
     opts = ServerOptions(
         config=args.config, overrides=list(args.overrides),
         certs=Path(args.certs) if args.certs else None, host=args.host, port=args.port,
@@ -98,12 +106,18 @@ def cmd_client(args: argparse.Namespace) -> int:
         max_wait_s=args.max_wait, isolation=args.isolation,
         allow_remote_code=args.allow_remote_code, text_column=args.text_column,
         label_column=args.label_column, batch_size=args.batch_size, local_steps=args.local_steps,
-        epsilon=args.epsilon, delta=args.delta, ledger=Path(args.ledger) if args.ledger else None)
+        epsilon=args.epsilon, delta=args.delta, ledger=Path(args.ledger) if args.ledger else None,
+        model=args.model)
     if opts.epsilon is not None and not 0 < opts.epsilon < math.inf:
         print(f"fedpeft: error: --epsilon {opts.epsilon}: expected a positive number",
               file=sys.stderr)
         return EXIT_USAGE
-    for flag, value in (("--batch-size", opts.batch_size), ("--local-steps", opts.local_steps)):
+    if opts.threads < 0:
+        print(f"fedpeft: error: --threads {opts.threads}: expected 0 (all cores) or a positive "
+              "integer", file=sys.stderr)
+        return EXIT_USAGE
+    for flag, value in (("--batch-size", opts.batch_size), ("--local-steps", opts.local_steps),
+                        ("--rank", opts.rank)):
         if value is not None and value < 1:
             print(f"fedpeft: error: {flag} {value}: expected a positive integer", file=sys.stderr)
             return EXIT_USAGE
@@ -204,6 +218,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           "$FLWR_HOME/fedpeft/privacy-ledger.json, ~/.flwr without FLWR_HOME); "
                           "one per dataset with its own budget")
     cli.add_argument("--rank", type=int, help="this device's LoRA rank (mixed-rank methods)")
+    cli.add_argument("--model", metavar="NAME",
+                     help="the only model.name this device accepts (a packaged name or a "
+                          "folder); a run asking for another is refused before anything loads")
     cli.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     cli.add_argument("--threads", type=int, default=0,
                      help="torch CPU threads (default: all cores of this machine)")

@@ -36,6 +36,7 @@ from fedpeft.deploy.certs import (
 )
 from fedpeft.deploy.processes import (
     CLIENTAPP,
+    DEVICE_CLIENTAPP,
     DeployError,
     Emit,
     flower_env,
@@ -72,6 +73,7 @@ class ClientOptions:
     epsilon: float | None = None  # this device's own lifetime DP-SGD budget (the ledger's)
     delta: float = DEVICE_DELTA  # this device's delta: a coordinator cannot make it larger
     ledger: Path | None = None  # the privacy ledger (default: fedpeft.core.ledger's)
+    model: str | None = None  # the only model.name this device accepts (None: any)
 
 
 _FATAL_HINTS = [  # (text in the SuperNode's log, what it means), least specific first
@@ -149,7 +151,7 @@ def _check_data_columns(data: Path, text: str, label: str) -> int:
     or else matches an instruction/chat schema (``fedpeft.core.data.CHAT_SCHEMAS``: a causal-LM
     run) whose rows are well formed. The labels are checked against the run's classes, which
     the coordinator sends, with the first task. Returns the number of rows."""
-    from fedpeft.core.data import CHAT_SCHEMAS, chats_of, read_user_file
+    from fedpeft.core.data import CHAT_SCHEMAS, chats_of, check_scalar_labels, read_user_file
 
     try:
         frame = read_user_file(data)
@@ -159,6 +161,10 @@ def _check_data_columns(data: Path, text: str, label: str) -> int:
         raise DeployError(f"--data {data}: no rows")
     missing = [c for c in (text, label) if c not in frame.columns]
     if not missing:
+        try:
+            check_scalar_labels(frame, label, data.name)
+        except ConfigError as exc:
+            raise DeployError(f"--data {data}: {exc}") from None
         return len(frame)
     try:
         chats = chats_of(frame, data.name)
@@ -189,6 +195,8 @@ def supernode_command(opts: ClientOptions, home: Path, runtime_port: int) -> lis
         node[NODE_EPSILON] = float(opts.epsilon)
         node["ledger"] = str((opts.ledger or default_ledger_path()).resolve())
     node["delta"] = float(opts.delta)
+    if opts.model:
+        node["model"] = opts.model
     (home / "node.toml").write_text(tomli_w.dumps(node))
     cmd = ["flower-supernode", "--superlink", opts.superlink, "--isolation", opts.isolation,
            "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config",
@@ -291,7 +299,7 @@ def run_client(opts: ClientOptions, emit: Emit = say, log_path: Path | None = No
             if opts.isolation == "process":
                 secret = (home / "superexec.secret").read_bytes()
                 serve(f"127.0.0.1:{port}", secret, CLIENTAPP, on_task=on_task,
-                      keep_going=lambda: alive(proc))
+                      keep_going=lambda: alive(proc), run_ref=DEVICE_CLIENTAPP)
             while alive(proc):  # subprocess isolation: the SuperNode runs the ClientApps
                 time.sleep(0.5)
             code = proc.poll()

@@ -25,6 +25,7 @@ CONNECTION = "fedpeft-deploy"
 DEFAULT_PORT = 9092
 SERVERAPP = "fedpeft.server.app:app"
 CLIENTAPP = "fedpeft.client.app:app"
+DEVICE_CLIENTAPP = "fedpeft.client.app:device_app"  # what a device runs: no injection mods
 EXIT_USAGE = 2
 DEPLOY_ROUND_TIMEOUT_S = 600.0  # a silent device costs a round this long, never the whole run
 MiB = 2**20
