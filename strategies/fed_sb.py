@@ -1,32 +1,30 @@
 """Fed-SB (Singhal, Ponkshe, et al.; arXiv 2502.15436) on LoRA-SB (arXiv 2411.19557): per wrapped
 layer dW = s B R A with A (r x d_in) and B (d_out x r) frozen and the same on every client, and only
-the r x r matrix R trained and exchanged. The average of R is exact:
-B (sum_k p_k R_k) A = sum_k p_k B R_k A, and an upload is L r^2 floats (+ the head), whatever the
-model's width.
+the r x r matrix R trained and exchanged: B (sum_k p_k R_k) A = sum_k p_k B R_k A (exact), and an
+upload is L r^2 floats (+ the head), whatever the model's width.
 
-Initialisation (LoRA-SB), the first aggregate. Its round is a gradient round: each sampled client
-computes, on the frozen base with the LoRA update at zero, the gradient of its batch-mean loss with
-respect to every wrapped weight W, summed over its ``train.local_steps`` batches, G_k, and uploads
-it (dense d_out x d_in per layer, once; nothing trains in that round). The server forms
-G = sum_k p_k G_k (the sign is taken after the sum, as in the centralised recipe, where the
-gradient is summed over the pooled data), the approximate first step of full fine-tuning with Adam,
-G_hat = -eta sign(G) (``method.init_lr`` = eta), and its truncated SVD G_hat ~ U_r S_r V_r^T:
-B = U_r, A = V_r^T, R = S_r / s, so that s B R A is the best rank-r approximation of G_hat. A and B
-have orthonormal columns / rows and never change again.
+Initialisation (LoRA-SB): the first aggregate's round is a gradient round. Each sampled client sums
+the gradient of its batch losses w.r.t. every wrapped W (frozen base, LoRA update zero, nothing
+trains) over ``train.local_steps`` batches and uploads it (dense, once). The server takes
+G = sum_k p_k G_k (sign after the sum, as in the centralised recipe), G_hat = -eta sign(G) (Adam's
+first step, eta = ``method.init_lr``) and its truncated SVD U_r S_r V_r^T: B = U_r, A = V_r^T,
+R = S_r / s, so s B R A is the best rank-r approximation of G_hat. A and B never change again.
 
-Training rounds. The downlink holds A, B, R and the head; a client loads A and B into peft's
-lora_A / lora_B (frozen) and trains R, a small r x r linear map applied after lora_A (a forward
-hook on lora_A: lora_B(R lora_A(x)) = B R A x), and the head. It uploads R and the head. The server
-averages them by examples. Server evaluation and the export fold R into B (lora_B = B R), so the
-exported adapter is plain peft and exact.
+Training rounds: a client trains R, an r x r linear map hooked after peft's lora_A (lora_B(R
+lora_A(x)) = B R A x, detached after the round), and the head, and uploads both with the
+fingerprint of the A and B it trained on. A and B are sent to a client once: it keeps them in its
+ClientState, and the server sends them again only to a client whose last upload did not confirm
+them (a lost state: that upload is left out of the mean). Evaluation and the export fold R into B
+(lora_B = B R): a plain, exact peft adapter.
 
-Refused: DP-SGD (R is not a peft adapter tensor, so the per-sample gradient hooks over the adapter
-do not cover it, and the gradient round would release raw gradients), robust aggregators and
-client-level DP (the gradient round's aggregate is not a mean of the downlink's tensors).
+Refused: DP-SGD (R is not a peft adapter tensor, which DP-SGD's per-sample hooks cover, and the
+gradient round would release raw gradients), robust aggregators and client-level DP (the gradient
+round's aggregate is not a mean of the downlink's tensors).
 """
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +37,7 @@ from fedpeft.core.config import option
 from .aggregators import robust_mean
 from .base import (
     Aggregate,
+    Bound,
     ClientProfile,
     ClientState,
     Export,
@@ -55,6 +54,10 @@ from .lowrank import adapter_layers, head_of, scale, weights_by_examples
 from .rolora import factor_keys
 
 STAGE = "fed_sb.stage"  # state and downlink scalar: 0 = gradient round pending, 1 = training
+FACTORS = "fed_sb.factors"  # state and downlink scalar: a fingerprint of the frozen A and B
+HOLDS = "fed_sb.holds"  # upload scalar: the fingerprint of the A and B the client trained on
+HELD = "fed_sb.held::"  # + LoRA key: a client's copy of A and B (ClientState)
+LOST = "fed_sb.lost"  # ClientState value: this round's client held no usable A and B
 CORE = "fed_sb.R::"  # + layer name: the trained r x r matrix
 GRAD = "fed_sb.grad::"  # + layer name: a client's summed gradient w.r.t. W (gradient round)
 _CHILD = "fed_sb_core"  # the r x r linear map's name under lora_A.<adapter>
@@ -114,9 +117,16 @@ class FedSB(Method):
         return Payload({k: v.clone() for k, v in template.items()}, {STAGE: 0})
 
     def downlink(self, state: Payload, profile: ClientProfile) -> Payload:
+        """Gradient round: nothing. Then R and the head, and A and B only to a client that did
+        not confirm holding them (its last upload's ``fed_sb.holds``)."""
         if int(state.scalars[STAGE]) == 0:
             return Payload({}, {STAGE: 0})
-        return Payload(dict(state.tensors), {STAGE: 1})
+        fingerprint = int(state.scalars[FACTORS])
+        held = int(state.scalars.get(client_key(profile), 0)) == fingerprint
+        lora = set(factor_keys(list(state.tensors), "A", "fed-sb")
+                   + factor_keys(list(state.tensors), "B", "fed-sb"))
+        tensors = {k: v for k, v in state.tensors.items() if not (held and k in lora)}
+        return Payload(tensors, {STAGE: 1, FACTORS: fingerprint})
 
     def expected_upload(self, state: Payload, profile: ClientProfile) -> UploadSpec:
         layers = adapter_layers(state.tensors)
@@ -125,15 +135,23 @@ class FedSB(Method):
         shapes = {CORE + layer.name: tuple(state.tensors[CORE + layer.name].shape)
                   for layer in layers}
         shapes.update({k: tuple(v.shape) for k, v in head_of(state.tensors).items()})
-        return UploadSpec(shapes)
+        return UploadSpec(shapes, {HOLDS: Bound(0, 2**48, required=True)})
 
     def aggregate(self, state: Payload, uploads: list[Upload]) -> Aggregate:
         if int(state.scalars[STAGE]) == 0:
             return Aggregate(self._initialise(state, uploads))
+        fingerprint = int(state.scalars[FACTORS])
+        scalars = dict(state.scalars)
+        for upload in uploads:  # who holds A and B now (the downlink leaves them out then)
+            scalars[client_key(upload.profile)] = int(upload.payload.scalars.get(HOLDS, 0))
+        usable = [u for u in uploads if int(u.payload.scalars.get(HOLDS, 0)) == fingerprint]
+        if not usable:
+            raise ValueError("fed-sb: every upload of the round came from a client without the "
+                             "frozen A and B (each is sent them next time)")
         keys = [k for k in self.expected_upload(state, ClientProfile(0, self.ctx.rank)).tensors]
-        robust = robust_mean(self.ctx.aggregator, uploads, keys, state.tensors)
-        return Aggregate(Payload({**state.tensors, **robust.tensors}, dict(state.scalars)),
-                         robust.metrics)
+        robust = robust_mean(self.ctx.aggregator, usable, keys, state.tensors)
+        return Aggregate(Payload({**state.tensors, **robust.tensors}, scalars),
+                         {**robust.metrics, "fed_sb_resent": float(len(uploads) - len(usable))})
 
     def _initialise(self, state: Payload, uploads: list[Upload]) -> Payload:
         """The LoRA-SB factors from the clients' gradients (see the module docstring)."""
@@ -147,7 +165,7 @@ class FedSB(Method):
             dtype = state.tensors[layer.a_key].dtype
             tensors[layer.b_key], tensors[layer.a_key] = b.to(dtype), a.to(dtype)
             tensors[CORE + layer.name] = r.to(dtype)
-        return Payload(tensors, {**state.scalars, STAGE: 1})
+        return Payload(tensors, {**state.scalars, STAGE: 1, FACTORS: fingerprint_of(tensors)})
 
     def load_global(self, model: AdapterModel, state: Payload) -> None:
         model.load(self.export(state).tensors)
@@ -169,7 +187,9 @@ class FedSB(Method):
         if stage == 0:
             self._capture_gradients(model, client_state)
         elif stage == 1:
-            model.load({k: v for k, v in payload.tensors.items() if not k.startswith(CORE)})
+            factors = held_factors(model, payload, client_state)
+            model.load({**{k: v for k, v in payload.tensors.items() if not k.startswith(CORE)},
+                        **factors})
             self._attach_cores(model, payload.tensors)
         else:
             raise ValueError(f"fed-sb downlink without a valid stage ({STAGE!r})")
@@ -239,5 +259,40 @@ class FedSB(Method):
         state = model.state()
         out = {CORE + layer: core for layer, core in detached["cores"].items()}
         out.update({k: state[k] for k in model.head_keys})
-        return Payload(out)
+        lost = client_state.values.pop(LOST, 0)
+        return Payload(out, {HOLDS: 0 if lost else int(client_state.values.get(FACTORS, 0))})
 
+
+def client_key(profile: ClientProfile) -> str:
+    """State scalar: the fingerprint of the A and B this client last said it holds."""
+    return f"fed_sb.client.{profile.node_id}:{profile.partition_id}"
+
+
+def fingerprint_of(tensors: Tensors) -> int:
+    """48 bits of a SHA-256 over the frozen A and B (in key order)."""
+    digest = hashlib.sha256()
+    for key in sorted(factor_keys(list(tensors), "A", "fed-sb")
+                      + factor_keys(list(tensors), "B", "fed-sb")):
+        digest.update(key.encode())
+        digest.update(tensors[key].detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:6], "little")
+
+
+def held_factors(model: AdapterModel, payload: Payload, client_state: ClientState) -> Tensors:
+    """A and B for this round: from the downlink (kept in the client state for later rounds)
+    or the client's copy. A client without a copy of the downlink's A and B (its state was lost)
+    trains on zero factors and says so (``fed_sb.holds`` = 0); the server leaves that upload
+    out and sends it A and B next time."""
+    lora = [k for k in model.params if k not in model.head_keys]
+    fingerprint = int(payload.scalars[FACTORS])
+    if all(k in payload.tensors for k in lora):
+        for key in [k for k in client_state.tensors if k.startswith(HELD)]:
+            del client_state.tensors[key]
+        client_state.tensors.update({HELD + k: payload.tensors[k].clone() for k in lora})
+        client_state.values[FACTORS] = fingerprint
+        return {}
+    if int(client_state.values.get(FACTORS, -1)) == fingerprint and all(
+            HELD + k in client_state.tensors for k in lora):
+        return {k: client_state.tensors[HELD + k] for k in lora}
+    client_state.values[LOST] = 1
+    return {k: torch.zeros_like(model.params[k], device="cpu") for k in lora}

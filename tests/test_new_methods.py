@@ -11,7 +11,7 @@ import pytest
 import torch
 from fedpeft.client.trainer import client_round
 from fedpeft.strategies import ClientProfile, Upload, build_method
-from fedpeft.strategies.fed_sb import CORE, GRAD, STAGE, lora_sb_init
+from fedpeft.strategies.fed_sb import CORE, FACTORS, GRAD, HOLDS, STAGE, lora_sb_init
 from fedpeft.strategies.fedex_lora import RES
 from fedpeft.strategies.fedsvd import refactor_full, refactor_qr
 from fedpeft.strategies.rolora import PHASE
@@ -62,9 +62,10 @@ def _uploads(method, state: Payload, sizes=SIZES) -> list[Upload]:
     uploads = []
     for i, n in enumerate(sizes):
         profile = ClientProfile(i, R)
-        keys = method.expected_upload(state, profile).tensors
+        spec = method.expected_upload(state, profile)
         sent = {**state.tensors, **method.downlink(state, profile).tensors}
-        uploads.append(Upload(profile, Payload(_near(sent, keys, 100 + i)), n))
+        scalars = {HOLDS: int(state.scalars[FACTORS])} if HOLDS in spec.scalars else {}
+        uploads.append(Upload(profile, Payload(_near(sent, spec.tensors, 100 + i), scalars), n))
     return uploads
 
 
@@ -361,6 +362,28 @@ def test_fed_sb_training_rounds_average_r_exactly_and_upload_r_squared() -> None
                               @ new.tensors[a_key].double(), atol=1e-6)
 
 
+def test_fed_sb_sends_a_and_b_once_per_client_and_resends_after_a_lost_state() -> None:
+    method = _method("fed-sb")
+    state, uploads = _fed_sb_state(method)
+    state = method.aggregate(state, uploads).state
+    lora = {k for a, b, _ in _pairs() for k in (a, b)}
+    first = method.downlink(state, ClientProfile(0, R))
+    assert lora <= set(first.tensors)  # never confirmed: A and B travel
+    uploads = _uploads(method, state)
+    lost = Upload(ClientProfile(9, R), Payload(dict(uploads[0].payload.tensors), {HOLDS: 0}), 50)
+    new = method.aggregate(state, [*uploads, lost])
+    assert new.metrics["fed_sb_resent"] == 1.0
+    without_lost = method.aggregate(state, uploads).state
+    for key in without_lost.tensors:  # the lost client's upload is left out of the mean
+        assert torch.equal(new.state.tensors[key], without_lost.tensors[key])
+    again = method.downlink(new.state, ClientProfile(0, R))
+    assert not lora & set(again.tensors)  # confirmed: R and the head only
+    assert set(again.tensors) == {CORE + layer for layer in SHAPES} | set(HEAD)
+    assert lora <= set(method.downlink(new.state, ClientProfile(9, R)).tensors)  # resent
+    with pytest.raises(ValueError, match="without the frozen A and B"):
+        method.aggregate(state, [lost])
+
+
 def test_fed_sb_client_rounds_on_tiny_bert() -> None:
     """Gradient round: W does not move and nothing trains; training round: only R and the head
     move, the hooked model computes what the folded export computes, and nothing is left
@@ -385,8 +408,9 @@ def test_fed_sb_client_rounds_on_tiny_bert() -> None:
         uploads.append(Upload(ClientProfile(pid, 8), res.payload, res.num_examples))
     state = method.aggregate(state, uploads).state
     down = records_to_payload(payload_to_records(method.downlink(state, ClientProfile(0, 8))))
+    kept = ClientState()
     res = client_round(cfg, method, workspace, down, partition_id=0, rank=8, server_round=2,
-                       client_state=ClientState())
+                       client_state=kept)
     assert not any(".lora_" in k for k in res.payload.tensors)
     assert any(not torch.equal(res.payload.tensors[k], state.tensors[k])
                for k in res.payload.tensors if k.startswith(CORE))
@@ -407,6 +431,19 @@ def test_fed_sb_client_rounds_on_tiny_bert() -> None:
     with torch.no_grad():
         folded = float(_loss(adapter.model, batch))
     assert hooked == pytest.approx(folded, rel=1e-5)
+    assert res.payload.scalars[HOLDS] == state.scalars[FACTORS]
+    later = method.aggregate(state, [Upload(ClientProfile(0, 8), res.payload, 10)]).state
+    short = records_to_payload(payload_to_records(method.downlink(later, ClientProfile(0, 8))))
+    assert not any(".lora_" in k for k in short.tensors)  # this client holds A and B now
+    again = client_round(cfg, method, workspace, short, partition_id=0, rank=8, server_round=3,
+                         client_state=kept)
+    assert again.payload.scalars[HOLDS] == state.scalars[FACTORS]
+    for key, value in adapter.state().items():  # it trained on its own copy of A and B
+        if ".lora_" in key:
+            assert torch.equal(value, state.tensors[key])
+    fresh = client_round(cfg, method, workspace, short, partition_id=0, rank=8, server_round=3,
+                         client_state=ClientState())  # lost its state: says so
+    assert fresh.payload.scalars[HOLDS] == 0
 
 
 # ---- what each method composes with --------------------------------------------------------
