@@ -318,9 +318,9 @@ class RoundLoop:
                                                self.global_tensors())
             else:
                 agg = self.method.aggregate(self.state, uploads)
-        except (ValueError, RuntimeError) as exc:  # validated uploads that still do not fit
-            log(ERROR, "round %d: aggregating %d valid uploads failed (%s); the global state is "
-                "kept as it was", rnd, len(uploads), exc)
+        except Exception as exc:  # the method failed on accepted uploads: said as such
+            log(ERROR, "round %d: the method failed on %d accepted uploads (%s: %s); the global "
+                "state is kept as it was", rnd, len(uploads), type(exc).__name__, exc)
             return None
         if not all_finite(agg.state.tensors):
             log(ERROR, "round %d: the aggregate of %d valid uploads is not finite; the global "
