@@ -69,6 +69,7 @@ class FedPeftStrategy(Strategy):
         # True when the clients get the config from Flower's run config (once per run);
         # otherwise (plain ``flwr run .``) every train message carries it
         self.config_in_run = config_in_run
+        self.evaluating: dict[int, ClientProfile] = {}  # node -> profile, this evaluation
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -107,11 +108,41 @@ class FedPeftStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return []  # evaluation runs on the server, on the held-out split
+        """Evaluate messages (the global model, as each client is sent it) to the clients the
+        round loop chose (``self.evaluating``; none unless eval.where includes the clients)."""
+        messages = []
+        for profile in self.evaluating.values():
+            extra = {ROUND: server_round, PARTITION: profile.partition_id, RANK: profile.rank}
+            content = payload_to_records(self.loop.downlink(profile), extra,
+                                         filters=self.loop.cfg.compression.down)
+            if not self.config_in_run:
+                content[CONFIG_RECORD] = config_record(self.loop.cfg)
+            messages.append(Message(content=content, dst_node_id=profile.node_id,
+                                    message_type=MessageType.EVALUATE,
+                                    group_id=f"{server_round}-eval"))
+        return messages
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:
+        """The round loop checks and aggregates the figures (``server/client_eval.py``)."""
         return None
+
+    def to_eval_replies(self, messages: Iterable[Message]) -> list[EvalReply]:
+        """Evaluate replies as the loop's :class:`EvalReply`: one per evaluating node; metrics
+        only (anything else in a reply is ignored), unchecked here."""
+        out: dict[int, EvalReply] = {}
+        for message in messages:
+            node = message.metadata.src_node_id
+            profile = self.evaluating.get(node)
+            if profile is None or node in out:
+                continue
+            if message.has_error():
+                out[node] = EvalReply(profile, error=str(message.error.reason))
+                continue
+            content = message.content
+            record = content.get(METRICS_RECORD) if METRICS_RECORD in content else None
+            out[node] = EvalReply(profile, dict(record) if record is not None else None)
+        return list(out.values())
 
     def summary(self) -> None:
         cfg = self.loop.cfg
@@ -181,6 +212,19 @@ class FlowerTransport:
                 "clients_timed_out": len(messages) - len(replies), **dict(stats),
                 "client_bytes": clients}
 
+    def evaluate(self, loop: RoundLoop, rnd: int,
+                 profiles: list[ClientProfile]) -> tuple[list[EvalReply], dict]:
+        self.strategy.evaluating = {p.node_id: p for p in profiles}
+        messages = list(self.strategy.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(),
+                                                         self.grid))
+        replies = send_and_receive(self.grid, messages, self.timeout_s)
+        self.strategy.aggregate_evaluate(rnd, replies)
+        traffic = {"eval_bytes_down": sum(serialized_nbytes(m.content) for m in messages),
+                   "eval_bytes_up": sum(serialized_nbytes(r.content) for r in replies
+                                        if r.has_content()),
+                   "clients_eval_timed_out": len(messages) - len(replies)}
+        return self.strategy.to_eval_replies(replies), traffic
+
     def extra_state(self) -> dict:
         return {}
 
@@ -238,7 +282,9 @@ def run_server(grid: Grid, cfg: FedConfig, out: Path, resume: bool = False,
     config; ``simulation``: the clients are virtual ones holding the config's partitions.
     Returns the summary."""
     set_torch_threads(default_threads())
-    workspace = get_workspace(cfg)
+    # a coordinator whose clients do all the evaluating reads no data (docs/evaluation.md)
+    data_free = cfg.eval.where == "clients" and not simulation
+    workspace = data_free_workspace(cfg) if data_free else get_workspace(cfg)
     loop = new_loop(cfg, workspace, simulation)
     strategy = FedPeftStrategy(loop, config_in_run)
     strategy.summary()

@@ -11,9 +11,11 @@ never stops the round.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import WARNING
+from typing import Any, Protocol
 
 import numpy as np
 from fedpeft.strategies import ClientProfile
@@ -22,7 +24,9 @@ from flwr.common.logger import log
 from fedpeft.core.config import FedConfig
 from fedpeft.core.data import holdout_size
 from fedpeft.core.keys import EVAL_ACCURACY, EVAL_LOSS, EVAL_SECONDS, NUM_EXAMPLES
+from fedpeft.core.sampling import sample_clients
 
+from .federation import client_profile
 from .validation import check_examples, check_metrics
 
 # A loss above this is not a held-out loss (cross-entropy of a uniform guess over a 150k-token
@@ -51,6 +55,38 @@ class ClientFigures:
     loss: float
     accuracy: float | None = None
     seconds: float = 0.0
+
+
+class EvalTransport(Protocol):
+    """What the phase needs of a transport: the nodes, and one evaluate exchange that returns
+    the replies and its byte counts (``eval_bytes_down``, ``eval_bytes_up``,
+    ``clients_eval_timed_out``)."""
+
+    def nodes(self) -> list[int]: ...
+
+    def evaluate(self, loop: Any, rnd: int,
+                 profiles: list[ClientProfile]) -> tuple[list[EvalReply], dict]: ...
+
+
+def evaluate_on_clients(loop: Any, transport: EvalTransport, rnd: int) -> dict:
+    """The evaluate-on-clients phase of round ``rnd`` (``loop``: the server's RoundLoop): send
+    the current global model to the cohort, check every reply, and return the row's figures."""
+    cfg = loop.cfg
+    start = time.perf_counter()
+    nodes = transport.nodes()
+    if rnd > 0 and loop.pending:  # the clients of the round's (last) training attempt
+        trained = [p.partition_id for p in loop.pending.values()]
+    else:  # round 0: the sample round 1 draws
+        fed = cfg.federation
+        trained = sample_clients(len(nodes), fed.clients_per_round, fed.seed, 1)
+    profiles = [client_profile(cfg, i, nodes[i], loop.ranks.get(nodes[i]))
+                for i in eval_cohort(cfg, len(nodes), trained)]
+    replies, traffic = transport.evaluate(loop, rnd, profiles)
+    caps = {p.partition_id: holdout_cap(cfg, loop.partition_sizes, p.partition_id)
+            for p in profiles}
+    row = collect_eval(rnd, replies, caps, loop.labelled)
+    return {**row, **traffic, "clients_eval_sampled": len(profiles),
+            "clients_eval_wall_s": time.perf_counter() - start}
 
 
 def eval_cohort(cfg: FedConfig, num_nodes: int, trained: list[int]) -> list[int]:

@@ -24,7 +24,7 @@ from fedpeft.strategies.base import Aggregate
 from flwr.common.logger import log  # Flower's logger: its lines reach the run's log and the CLI
 
 from fedpeft.core.adapters import build_adapter_model
-from fedpeft.core.config import FedConfig, to_toml
+from fedpeft.core.config import FedConfig, clients_evaluate, to_toml
 from fedpeft.core.data import partition_indices
 from fedpeft.core.keys import (
     BUDGET_SPENT,
@@ -50,6 +50,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .client_dp import CLIENT_EPSILON, DP_RELEASES, ClientLevelDP
+from .client_eval import EvalReply, evaluate_on_clients
 from .federation import (
     MAX_REPORTED_RANK,
     append_samples,
@@ -143,6 +144,11 @@ class RoundLoop:
         self.rank_limit = MAX_REPORTED_RANK  # a reported next_rank above it is ignored
         # privacy.client_level: clip every accepted update, noise their mean
         self.client_dp = ClientLevelDP(cfg) if cfg.privacy.client_level != "off" else None
+        # client-side evaluation (server/client_eval.py): every partition's size where the
+        # server knows them (simulation; bounds a client's claimed holdout), whether the task
+        # has classes (a reply must then carry an accuracy)
+        self.partition_sizes: list[int] | None = None
+        self.labelled = True
 
     # ---- downlink -----------------------------------------------------------------------
     def sample(self, rnd: int, attempt: int, nodes: list[int]) -> list[ClientProfile]:
@@ -245,10 +251,12 @@ class RoundLoop:
         epsilon = metrics.get(EPSILON)
         if metrics.get(BUDGET_SPENT):
             return Outcome(BUDGET, epsilon=epsilon)
-        if reply.problem is not None or reply.payload is None:
-            return Outcome(REJECTED, reason=reply.problem or "no tensors")
-        payload = reply.payload
         spec = self.method.expected_upload(self.state, profile)
+        payload = reply.payload
+        if payload is None and reply.problem is None and not spec.tensors:
+            payload = Payload()  # a method that uploads no tensors (local training)
+        if reply.problem is not None or payload is None:
+            return Outcome(REJECTED, reason=reply.problem or "no tensors")
         sent = self.downlink(profile).tensors
         problem = (check_upload(payload, spec.tensors, self.cfg.federation.max_update_norm, sent)
                    or check_examples(metrics))
@@ -366,7 +374,7 @@ def new_loop(cfg: FedConfig, workspace: Workspace, simulation: bool) -> RoundLoo
     partition, and a client's claimed example count is capped at its partition's size."""
     method = build_method(cfg, num_labels=workspace.num_labels)
     pristine = build_adapter_model(cfg.model, workspace.num_labels, cfg.model.rank)
-    cap = None
+    cap, sizes = None, []
     if simulation:
         sizes = [len(part) for part in partition_indices(cfg.data, cfg.federation.clients)]
         cap = sizes.__getitem__
@@ -375,7 +383,9 @@ def new_loop(cfg: FedConfig, workspace: Workspace, simulation: bool) -> RoundLoo
         fingerprint)
     loop = RoundLoop(cfg, method, method.init(pristine.state()), example_cap=cap,
                      fingerprint=fingerprint)
+    loop.partition_sizes = sizes if simulation else None
     loop.rank_limit = rank_limit(pristine.state())
+    loop.labelled = workspace.num_labels > 0
     return loop
 
 
@@ -395,6 +405,12 @@ class Transport(Protocol):
     def extra_state(self) -> dict: ...
 
     def restore_extra_state(self, data: dict) -> None: ...
+
+    def evaluate(self, loop: RoundLoop, rnd: int,
+                 profiles: list[ClientProfile]) -> tuple[list[EvalReply], dict]:
+        """Send ``profiles`` the global model for client-side evaluation; their replies and
+        the exchange's bytes (``server/client_eval.py``)."""
+        ...
 
 
 def train_round(loop: RoundLoop, transport: Transport, rnd: int) -> dict:
@@ -470,13 +486,14 @@ def run_rounds(loop: RoundLoop, transport: Transport, workspace: Workspace, out:
                      "clients_timed_out": 0}
         if rnd > 0:
             row.update(train_round(loop, transport, rnd))
-        if eval_due(cfg, rnd):
+        row.update(accuracy=None, loss=None)
+        if eval_due(cfg, rnd) and cfg.eval.where != "clients":
             ev = evaluate_global(cfg, method, loop.state, workspace, eval_subset(cfg, rnd))
             row.update(accuracy=ev.accuracy, loss=ev.loss, eval_examples=ev.examples,
                        eval_s=ev.seconds, **ev.extra)
             append_samples(out / "samples.md", rnd, ev.samples)
-        else:
-            row.update(accuracy=None, loss=None)
+        if eval_due(cfg, rnd) and clients_evaluate(cfg):
+            row.update(evaluate_on_clients(loop, transport, rnd))
         row["wall_s"] = time.perf_counter() - start
         metrics.append(row)
         log(INFO, "%s", round_line(row, fed.rounds))
@@ -516,6 +533,9 @@ def _export_report(loop: RoundLoop, workspace: Workspace, rows: list[dict],
     next to the global model's (a user who evaluates adapter/ must not be surprised)."""
     if note is None:
         return {"adapter_exact": True}
+    if loop.cfg.eval.where == "clients":  # the server holds no held-out split to score it on
+        log(WARNING, "adapter/ is not the whole global model: %s", note)
+        return {"adapter_exact": False, "adapter_note": note}
     ev = evaluate_global(loop.cfg, loop.method, loop.state, workspace, subset=0, export=True)
     final = next((r["accuracy"] for r in reversed(rows) if r.get("accuracy") is not None), None)
     log(WARNING, "adapter/ is not the whole global model: %s. It scores %s on the held-out "

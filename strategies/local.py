@@ -28,7 +28,7 @@ from .base import (
 OWN = "local/"  # ClientState.tensors prefix of the client's own adapter
 
 
-@register("local")
+@register("local-only")
 class Local(Method):
     """No federation: each client trains only its own adapter; nothing is uploaded or averaged."""
 
@@ -46,7 +46,7 @@ class Local(Method):
 
     def export(self, state: Payload) -> Export:
         return Export(dict(state.tensors), note=(
-            "local trains a separate adapter on every client and shares none: adapter/ is the "
+            "local-only trains a separate adapter on every client and shares none: adapter/ is the "
             "common initial adapter; a device keeps its own with `fedpeft client --save-adapter "
             "DIR`"))
 

@@ -87,9 +87,9 @@ def test_fedsa_client_keeps_b_and_head_and_sends_only_a() -> None:
 
 def test_fedsa_with_one_client_is_local_training() -> None:
     """One client, two rounds: FedSA-LoRA (A averaged over one client, B kept) gives the model
-    that `local` (nothing averaged) gives."""
+    that `local-only` (nothing averaged) gives."""
     models, template = {}, None
-    for name in ("fedsa-lora", "local"):
+    for name in ("fedsa-lora", "local-only"):
         cfg = load_config(None, [*TINY, *CLIENTS, f'method.name="{name}"', "train.lr=0.01"])
         ws = get_workspace(cfg)
         method = build_method(cfg, num_labels=ws.num_labels)
@@ -102,19 +102,19 @@ def test_fedsa_with_one_client_is_local_training() -> None:
         adapter = ws.adapter_model(cfg.model.rank)
         method.load(adapter, method.downlink(state, profile), own)
         models[name] = adapter.state()
-    assert all(torch.allclose(models["fedsa-lora"][k], models["local"][k], atol=1e-6)
-               for k in models["local"])
+    assert all(torch.allclose(models["fedsa-lora"][k], models["local-only"][k], atol=1e-6)
+               for k in models["local-only"])
 
 
 def test_local_uploads_nothing_and_keeps_its_adapter() -> None:
-    method = _method("local")
+    method = _method("local-only")
     state = method.init({k: torch.randn(s) for k, s in KEYS.items()})
     assert method.expected_upload(state, ClientProfile(0, 4)).tensors == {}
     assert method.aggregate(state, []).state is state
 
 
 def test_personalised_methods_need_client_side_evaluation() -> None:
-    for name in ("fedsa-lora", "local"):
+    for name in ("fedsa-lora", "local-only"):
         for where in ("server", "both"):
             with pytest.raises(ConfigError, match=r"eval\.where = 'clients'"):
                 build_method(load_config(None, [f'method.name="{name}"',

@@ -25,7 +25,7 @@ from fedpeft.core.data import (
     load_user_file,
 )
 from fedpeft.core.fingerprint import base_fingerprint
-from fedpeft.core.models import load_tokenizer
+from fedpeft.core.models import CAUSAL_LM, infer_task, load_tokenizer
 from fedpeft.core.tasks import Batchable, Task, task_class
 
 
@@ -155,6 +155,30 @@ def _local_workspace(model_json: str, data_json: str, path: str, mtime_ns: int) 
     empty = local.subset(np.arange(0, dtype=np.int64))
     task = task_class(model)(model, data, tokenizer, local.label_names)
     return LocalWorkspace(model, data, local, empty, tokenizer, task)
+
+
+@functools.lru_cache(maxsize=2)
+def _data_free_workspace(model_json: str, data_json: str) -> Workspace:
+    model, data = ModelConfig(**json.loads(model_json)), DataConfig(**json.loads(data_json))
+    labels = tuple(data.labels)
+    if not labels and infer_task(model) != CAUSAL_LM:
+        raise ConfigError(
+            "eval.where = 'clients': the coordinator reads no data, so a classification run "
+            "must declare its classes: data.labels = ['...', '...'] (in the order of the label "
+            "indices)")
+    chats = () if not labels else None  # no classes: a chat/instruction task
+    empty = TextData((), np.zeros(0, dtype=np.int64), labels, None, chats)
+    tokenizer = load_tokenizer(model.name)
+    task = task_class(model)(model, data, tokenizer, labels)
+    return Workspace(model, data, empty, empty, tokenizer, task)
+
+
+def data_free_workspace(cfg: FedConfig) -> Workspace:
+    """A coordinator's workspace when only the clients evaluate (``eval.where = 'clients'``, a
+    deployment): the model, the tokenizer and the task's classes (``data.labels``; none for a
+    chat task), and no examples at all: no data file is read."""
+    as_json = functools.partial(json.dumps, sort_keys=True)
+    return _data_free_workspace(as_json(asdict(cfg.model)), as_json(asdict(cfg.data)))
 
 
 def check_same_kind(local: TextData, data: DataConfig) -> None:

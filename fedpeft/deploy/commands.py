@@ -107,6 +107,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         allow_remote_code=args.allow_remote_code, text_column=args.text_column,
         label_column=args.label_column, batch_size=args.batch_size, local_steps=args.local_steps,
         epsilon=args.epsilon, delta=args.delta, ledger=Path(args.ledger) if args.ledger else None,
+        save_adapter=Path(args.save_adapter) if args.save_adapter else None,
         model=args.model)
     if opts.epsilon is not None and not 0 < opts.epsilon < math.inf:
         print(f"fedpeft: error: --epsilon {opts.epsilon}: expected a positive number",
@@ -217,6 +218,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="this device's privacy ledger, a JSON file it owns (default "
                           "$FLWR_HOME/fedpeft/privacy-ledger.json, ~/.flwr without FLWR_HOME); "
                           "one per dataset with its own budget")
+    cli.add_argument("--save-adapter", metavar="DIR",
+                     help="after every round it trains, write this device's own adapter (peft "
+                          "format; with a personalised method such as fedsa-lora, the shared "
+                          "part joined with its personal part) to DIR")
     cli.add_argument("--rank", type=int, help="this device's LoRA rank (mixed-rank methods)")
     cli.add_argument("--model", metavar="NAME",
                      help="the only model.name this device accepts (a packaged name or a "

@@ -94,6 +94,7 @@ def deployment_config(opts: ServerOptions, num_keys: int) -> FedConfig:
     ``federation.round_timeout_s`` = ``DEPLOY_ROUND_TIMEOUT_S`` unless the user set it."""
     from fedpeft.core.data import load_task_data
     from fedpeft.core.models import get_model_spec
+    from fedpeft.core.workspace import data_free_workspace
     from fedpeft.strategies import build_method
 
     clients = opts.clients or num_keys
@@ -112,6 +113,9 @@ def deployment_config(opts: ServerOptions, num_keys: int) -> FedConfig:
     cfg = load_config(opts.config, [*opts.overrides, *fed])
     build_method(cfg)
     get_model_spec(cfg.model.name).tokenizer()
+    if cfg.eval.where == "clients":  # the devices evaluate: the coordinator reads no data
+        data_free_workspace(cfg)  # refuses a classification run without data.labels
+        return cfg
     train, _ = load_task_data(cfg.data)  # the coordinator's held-out split for evaluation
     labels = json.dumps(list(train.label_names))
     return load_config(opts.config, [*opts.overrides, *fed, f"data.labels={labels}"])

@@ -74,6 +74,7 @@ class ClientOptions:
     delta: float = DEVICE_DELTA  # this device's delta: a coordinator cannot make it larger
     ledger: Path | None = None  # the privacy ledger (default: fedpeft.core.ledger's)
     model: str | None = None  # the only model.name this device accepts (None: any)
+    save_adapter: Path | None = None  # write the device's own adapter here after each round
 
 
 _FATAL_HINTS = [  # (text in the SuperNode's log, what it means), least specific first
@@ -197,6 +198,8 @@ def supernode_command(opts: ClientOptions, home: Path, runtime_port: int) -> lis
     node["delta"] = float(opts.delta)
     if opts.model:
         node["model"] = opts.model
+    if opts.save_adapter is not None:
+        node["save-adapter"] = str(opts.save_adapter.resolve())
     (home / "node.toml").write_text(tomli_w.dumps(node))
     cmd = ["flower-supernode", "--superlink", opts.superlink, "--isolation", opts.isolation,
            "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config",
