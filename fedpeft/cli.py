@@ -32,6 +32,7 @@ from fedpeft.run.session import (
     Progress,
     finish_simulation,
     flower_line_filter,
+    preflight,
     preflight_isolated,
     prepare_out,
 )
@@ -73,7 +74,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cfg, out, done = _resume_target(args)
     else:
         cfg, out = _load(args), Path(args.out or "runs/latest").resolve()
-    preflight_isolated(cfg)
+    # in-process engine: this process loads torch and the model anyway, so no forked check
+    (preflight if cfg.simulation.engine == "inprocess" else preflight_isolated)(cfg)
     precision = pin_precision(cfg)  # 'auto' resolved here: config.toml records what runs
     fed = cfg.federation
     if done >= fed.rounds:
@@ -88,6 +90,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     progress = Progress(out / METRICS_FILE, fed.rounds, lambda s: print(s, flush=True))
     progress.seen = done + 1  # a resumed run's earlier rounds were shown by the first run
+    if cfg.simulation.engine == "inprocess":  # the same loop in this process: no SuperLink/Ray
+        from fedpeft.run.inprocess import run_in_process
+
+        with progress:
+            rc = run_in_process(cfg, out, resume=bool(args.resume), verbose=args.verbose)
+        return finish_simulation(out, rc, started)
     run_config = {"config-file": str(config_file), "out-dir": str(out),
                   RUN_CONFIG_KEY: cfg.to_json(), SIMULATION_KEY: "1",
                   "resume": "1" if args.resume else ""}

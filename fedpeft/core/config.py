@@ -207,6 +207,12 @@ class SimulationConfig:
                                    "each actor across virtual clients (false: build them for "
                                    "every client round, as a naive ClientApp does; an ablation "
                                    "for simulations/benchmark.py)")
+    engine: str = option("flower", "what runs the virtual clients: 'flower' = Flower's "
+                         "simulation engine (SuperLink, Ray actors); 'inprocess' = the same "
+                         "round loop and client code called in the CLI's own process, one "
+                         "client after another (no Flower or Ray start-up: seconds for a "
+                         "smoke run; no [faults], no secure aggregation)",
+                         choices=("flower", "inprocess"))
     ray_address: str = option("", "Ray cluster the simulation joins: 'HOST:PORT' of its head "
                               "node or 'auto' (the cluster this machine belongs to); '' = a "
                               "private Ray started for the run on this machine. Every node "
@@ -545,6 +551,7 @@ def validate(cfg: FedConfig) -> None:
         raise ConfigError(f"simulation.gpus_per_client = {gpus} needs train.device = 'cuda' (not "
                           f"{dev!r}): Ray gives each actor its GPU share as device 'cuda'")
     validate_ray_address(cfg.simulation.ray_address)
+    validate_engine(cfg)
     if cfg.train.accumulate > cfg.train.batch_size:
         raise ConfigError(f"train.accumulate = {cfg.train.accumulate} exceeds train.batch_size = "
                           f"{cfg.train.batch_size}: it splits one batch into that many pieces")
@@ -568,6 +575,19 @@ def validate_ray_address(address: str) -> None:
             c.isspace() or c in "/@" for c in host):
         raise ConfigError(f"simulation.ray_address = {address!r}: expected HOST:PORT of a Ray "
                           "head node (e.g. '10.0.0.5:6379'), 'auto', or '' for a private Ray")
+
+
+def validate_engine(cfg: FedConfig) -> None:
+    """What the in-process engine cannot do: join a Ray cluster, inject [faults] (a ClientApp
+    mod), run SecAgg+ (Flower message stages)."""
+    if cfg.simulation.engine != "inprocess":
+        return
+    why = ("simulation.ray_address is set" if cfg.simulation.ray_address else
+           "[faults] is set" if cfg.faults != FaultsConfig() else
+           "secagg.enabled = true" if cfg.secagg.enabled else "")
+    if why:
+        raise ConfigError(f"simulation.engine = 'inprocess' but {why}: that needs "
+                          "simulation.engine = 'flower'")
 
 
 def validate_model_name(name: str) -> None:
