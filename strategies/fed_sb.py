@@ -25,7 +25,6 @@ round's aggregate is not a mean of the downlink's tensors).
 from __future__ import annotations
 
 import hashlib
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +41,6 @@ from .base import (
     ClientState,
     Export,
     Method,
-    MethodContext,
     Payload,
     Tensors,
     TrainSpec,
@@ -61,6 +59,7 @@ LOST = "fed_sb.lost"  # ClientState value: this round's client held no usable A 
 CORE = "fed_sb.R::"  # + layer name: the trained r x r matrix
 GRAD = "fed_sb.grad::"  # + layer name: a client's summed gradient w.r.t. W (gradient round)
 _CHILD = "fed_sb_core"  # the r x r linear map's name under lora_A.<adapter>
+_HANDLE = "_fed_sb_hook"  # attribute of a hooked module or parameter: its hook handle
 
 
 @dataclass
@@ -103,13 +102,6 @@ class FedSB(Method):
                   "so DP-SGD's per-sample gradient hooks do not cover it, and its LoRA-SB "
                   "initialisation uploads each client's raw loss gradient")
     mean_aggregate = False  # the gradient round uploads gradients, not the downlink's tensors
-
-    def __init__(self, options: FedSBOptions, ctx: MethodContext) -> None:
-        super().__init__(options, ctx)
-        # Per model object, what ``load`` attached for this round (the stage, R's modules and
-        # hook handles): detached again by ``uplink`` (or by the next ``load``).
-        self._attached: weakref.WeakKeyDictionary[AdapterModel, dict[str, Any]] = (
-            weakref.WeakKeyDictionary())
 
     # ---- server half -------------------------------------------------------------------
     def init(self, template: Tensors) -> Payload:
@@ -199,7 +191,6 @@ class FedSB(Method):
         its gradient to an accumulator and hands the optimizer zeros (W does not move)."""
         model.load({k: torch.zeros_like(p, device="cpu") for k, p in model.params.items()
                     if ".lora_B." in k}, strict=False)
-        handles = []
         for layer in model.pairs:
             name = base_param(model, layer)[0]
             param = model.model.get_parameter(name)
@@ -211,12 +202,10 @@ class FedSB(Method):
                 acc.add_(grad.detach().float())
                 return torch.zeros_like(grad)
 
-            handles.append(param.register_hook(hook))
-        self._attached[model] = {"stage": 0, "handles": handles}
+            setattr(param, _HANDLE, param.register_hook(hook))
 
     def _attach_cores(self, model: AdapterModel, tensors: Tensors) -> None:
         """Training round: R as a trainable r x r linear map after each lora_A."""
-        handles, modules = [], []
         for layer in model.pairs:
             core = tensors[CORE + layer]
             module = lora_a_module(model, layer)
@@ -226,25 +215,32 @@ class FedSB(Method):
             with torch.no_grad():
                 linear.weight.copy_(core)
             module.add_module(_CHILD, linear)
-            handles.append(module.register_forward_hook(
+            setattr(module, _HANDLE, module.register_forward_hook(
                 lambda mod, inputs, out: getattr(mod, _CHILD)(out)))
-            modules.append((layer, module))
-        self._attached[model] = {"stage": 1, "handles": handles, "modules": modules}
 
     def _detach(self, model: AdapterModel) -> dict[str, Any]:
-        """Remove what ``load`` attached to ``model``; returns R per layer (training round)."""
-        attached = self._attached.pop(model, None) or {}
-        for handle in attached.get("handles", []):
-            handle.remove()
-        cores = {}
-        for layer, module in attached.get("modules", []):
-            cores[layer] = getattr(module, _CHILD).weight.detach().to("cpu").clone()
-            delattr(module, _CHILD)
-        return {"stage": attached.get("stage"), "cores": cores}
+        """Remove what ``load`` attached to ``model`` (the hooks and R's maps, each kept on the
+        object it hooks); returns the stage found (None: nothing) and R per layer."""
+        stage, cores = None, {}
+        for layer in model.pairs:
+            param = model.model.get_parameter(base_param(model, layer)[0])
+            if hasattr(param, _HANDLE):
+                getattr(param, _HANDLE).remove()
+                delattr(param, _HANDLE)
+                stage = 0
+            module = lora_a_module(model, layer)
+            if hasattr(module, _HANDLE):
+                getattr(module, _HANDLE).remove()
+                delattr(module, _HANDLE)
+            if hasattr(module, _CHILD):
+                cores[layer] = getattr(module, _CHILD).weight.detach().to("cpu").clone()
+                delattr(module, _CHILD)
+                stage = 1
+        return {"stage": stage, "cores": cores}
 
     def train_spec(self, model: AdapterModel) -> TrainSpec:
         """Gradient round: no adapter tensor trains; training round: the head (and R)."""
-        if self._attached[model]["stage"] == 0:
+        if not hasattr(lora_a_module(model, next(iter(model.pairs))), _CHILD):
             return TrainSpec(keys=set())
         return TrainSpec(keys=set(model.head_keys))
 

@@ -25,8 +25,6 @@ docs/results.md has the runs at this default.
 
 from __future__ import annotations
 
-import weakref
-
 from fedpeft.core.adapters import AdapterModel, lora_pairs
 from fedpeft.core.config import ConfigError
 
@@ -76,12 +74,6 @@ class RoLoRA(Method):
     default_lr = 0.01
     mean_aggregate = False  # uploads are half the downlink's keys (client-level DP pairs them)
 
-    def __init__(self, options: object, ctx: object) -> None:
-        super().__init__(options, ctx)  # type: ignore[arg-type]
-        # The phase of the downlink a model was loaded with, for ``train_spec`` (which sees only
-        # the model). It is the round's global phase, the same for every client of that round.
-        self._loaded: weakref.WeakKeyDictionary[AdapterModel, str] = weakref.WeakKeyDictionary()
-
     # ---- server half -------------------------------------------------------------------
     def init(self, template: Tensors) -> Payload:
         factor_keys(list(template), "A")  # refuses an adapter without LoRA layers
@@ -110,10 +102,11 @@ class RoLoRA(Method):
         if phase not in PHASES:
             raise ValueError(f"rolora downlink without a valid phase ({PHASE!r} = {phase!r})")
         model.load(payload.tensors)
-        self._loaded[model] = str(phase)
+        model.set_trainable(set(trained_keys(list(model.params), str(phase))))
 
     def train_spec(self, model: AdapterModel) -> TrainSpec:
-        return TrainSpec(keys=set(trained_keys(list(model.params), self._loaded[model])))
+        """What ``load`` made trainable: the phase's factor and the head."""
+        return TrainSpec(keys=set(model.trainable_keys()))
 
     def uplink(self, model: AdapterModel, payload: Payload, client_state: ClientState) -> Payload:
         keys = trained_keys(list(model.params), str(payload.scalars[PHASE]))

@@ -567,14 +567,22 @@ def test_flower_simulation_runs_each_method(name: str, tmp_path) -> None:
     """`fedpeft simulate` (SuperLink + Flower simulation), the deployment's code path."""
     import json
 
+    from fedpeft.server.reporting import MetricsLog
+
     from fedpeft.cli import main
 
+    rounds = 4 if name == "fed-sb" else 2  # fed-sb: clients sampled again hold A and B
     args = ["simulate", "--method", name, "--out", str(tmp_path)]
-    for item in TINY:
+    for item in [*TINY, f"federation.rounds={rounds}"]:
         args += ["--set", item]
     assert main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["method"] == name and summary["rounds"] == 2
+    assert summary["method"] == name and summary["rounds"] == rounds
+    rows = MetricsLog.read(tmp_path / "metrics.jsonl")
+    if name == "fed-sb":  # A and B survived in the clients' Flower state between rounds
+        assert all(r.get("fed_sb_resent", 0) == 0 for r in rows[2:])
+        per_client = [c["bytes_down"] for r in rows[2:] for c in r["client_bytes"]]
+        assert min(per_client) < max(per_client) / 2  # some clients got R and the head only
     assert summary["final_accuracy"] is not None
     assert summary["adapter_exact"] is (name != "fedex-lora")
     assert summary.get("rounds_not_aggregated", 0) == 0
