@@ -132,9 +132,10 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast for ``precision`` 'bf16' (or 'auto' resolved to it,
     ``fedpeft.core.precision``): the matmuls of the frozen base and of the LoRA layers run in
-    bfloat16, while the parameters (LoRA factors, head), their gradients, the optimizer state
-    and the loss stay float32 (autocast keeps softmax, layer norm and cross-entropy in float32).
-    'fp32': nothing."""
+    bfloat16 and so do the activations between them (CPU autocast leaves layer norm, softmax
+    and GELU on their bfloat16 inputs; their kernels accumulate in float32), while the
+    parameters (LoRA factors, head), their gradients, the optimizer state and the loss stay
+    float32 (cross-entropy runs in float32). 'fp32': nothing."""
     if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
