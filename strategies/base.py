@@ -381,6 +381,9 @@ def method_help() -> str:
         lines.append(f"    default lr {cls.default_lr:g} (when train.lr = 0)")
         problem = secagg_problem(cls)
         lines.append(f"    secure aggregation: {'no: ' + problem if problem else 'yes'}")
+        if cls.personalized:
+            lines.append("    personalised: part of each client's model never leaves it; scored "
+                         "on the clients only (eval.where = 'clients', docs/evaluation.md)")
         for f in dataclasses.fields(cls.Options):
             default = (f.default_factory() if f.default is dataclasses.MISSING  # type: ignore[misc]
                        else f.default)

@@ -50,7 +50,8 @@ def b_keys(keys: list[str]) -> list[str]:
 
 @register("fedsa-lora")
 class FedSALoRA(Method):
-    """Personalised: average only A (Ā = Σ p_k A_k); B and the head stay on each client."""
+    """FedSA-LoRA (Guo et al., ICLR 2025): clients train A, B and the head and send only A;
+    the server averages A (Ā = Σ p_k A_k); B and the head stay on each client."""
 
     default_lr = 0.002
     personalized = True
