@@ -138,3 +138,33 @@ def test_evaluation_under_bf16_scores_like_fp32() -> None:
     assert scores["bf16"].examples == scores["fp32"].examples
     assert abs(scores["bf16"].loss - scores["fp32"].loss) < 0.02 * abs(scores["fp32"].loss) + 1e-3
     assert abs(scores["bf16"].accuracy - scores["fp32"].accuracy) <= 0.05
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_client_round_follows_precision_except_under_dp_sgd(dp: bool) -> None:
+    """A client round under train.precision = 'bf16' trains in bfloat16, but DP-SGD's stays
+    float32: under autocast Opacus' per-example gradients (and their clipped sum) come out in
+    bfloat16."""
+    from fedpeft.client.trainer import client_round
+    from fedpeft.strategies import ClientProfile, build_method
+
+    from fedpeft.core.payload import ClientState
+
+    extra = ['train.precision="bf16"', *(["privacy.enabled=true", "privacy.epsilon=8"] if dp
+                                         else [])]
+    cfg = load_config(None, [*TINY, *extra])
+    method = build_method(cfg)
+    workspace = get_workspace(cfg)
+    state = method.init(workspace.adapter_model(cfg.model.rank).state())
+    down = method.downlink(state, ClientProfile(0, cfg.model.rank))
+    adapter = workspace.adapter_model(cfg.model.rank)
+    results = []
+
+    def run() -> None:
+        results.append(client_round(cfg, method, workspace, down, partition_id=0,
+                                    rank=cfg.model.rank, server_round=1,
+                                    client_state=ClientState()))
+
+    assert _linear_dtypes(adapter.model, run) == {torch.float32 if dp else torch.bfloat16}
+    assert results[0].payload.tensors
+    assert all(t.dtype == torch.float32 for t in results[0].payload.tensors.values())
