@@ -285,6 +285,7 @@ def test_chat_run_outputs_and_export_reload(folders: dict[str, Path], files: dic
 
 
 @pytest.mark.parametrize("model", ["llama", "bert"])
+@pytest.mark.slow
 def test_real_flower_simulation_with_a_model_folder(folders: dict[str, Path],
                                                     files: dict[str, Path], model: str,
                                                     tmp_path: Path) -> None:

@@ -336,6 +336,7 @@ def _simulate_args(out: Path, *sets: str) -> list[str]:
     return args
 
 
+@pytest.mark.slow
 def test_faults_in_a_flower_simulation(tmp_path: Path) -> None:
     """Eight clients, all sampled; round 1 clean (it also warms the actors up), in round 2 six
     of them misbehave in six ways. The run completes, aggregates the two good replies, and
@@ -391,6 +392,7 @@ def _sigkill_tree_at_round(proc: subprocess.Popen[bytes], out: Path, rnd: int,
         shutil.rmtree(home, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_and_resume_gives_the_same_adapter(tmp_path: Path) -> None:
     """FedIT: a run SIGKILLed (with all its processes) right after round 1's checkpoint and then
     resumed ends bit-identical to an uninterrupted run, which runs meanwhile."""

@@ -26,6 +26,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_metrics_files(tiny_run: Path) -> None:
     rows = MetricsLog.read(tiny_run / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -45,6 +46,7 @@ def test_metrics_files(tiny_run: Path) -> None:
     assert (tiny_run / "report.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_uplink_is_the_adapter_only(tiny_run: Path) -> None:
     """Per client, the uplink is the adapter's float32 bytes plus Flower's small headers."""
     rows = MetricsLog.read(tiny_run / "metrics.jsonl")
@@ -54,6 +56,7 @@ def test_uplink_is_the_adapter_only(tiny_run: Path) -> None:
     assert adapter_bytes < per_client < adapter_bytes + 8_000  # ~26 arrays + a metrics record
 
 
+@pytest.mark.slow
 def test_global_adapter_changed_and_reloads_with_peft(tiny_run: Path) -> None:
     """The export is plain peft: `fedpeft evaluate` loads it with PeftModel.from_pretrained."""
     from fedpeft.core.adapters import build_adapter_model

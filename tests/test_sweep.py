@@ -343,6 +343,7 @@ def _stop_group_at_round(proc: subprocess.Popen[bytes], folder: Path, rnd: int,
         os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_stopped_sweep_continues_to_the_same_numbers(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """A sweep stopped (its process group signalled) after round 1 of its cell and run again
