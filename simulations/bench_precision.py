@@ -35,10 +35,12 @@ CPU = torch.device("cpu")
 RESULTS = Path(__file__).parent / "results" / "precision"
 
 
-def one_arm(workspace, cfg, data, test, precision: str, steps: int, seed: int) -> dict:
-    """``steps`` training steps from a fresh adapter, then one pass over ``test``."""
+def one_arm(workspace, cfg, data, test, precision: str, steps: int, seed: int,
+            start: dict) -> dict:
+    """``steps`` training steps from the adapter state ``start``, then one pass over ``test``."""
     adapter = workspace.adapter_model(cfg.model.rank)
     adapter.reset_base()
+    adapter.load({k: v.clone() for k, v in start.items()})  # the shared model: undo the last arm
     adapter.set_trainable(list(adapter.params))
     optimizer = client_optimizer(adapter, cfg.train, cfg.train.lr or 1e-3)
     cpu = time.process_time()
@@ -72,13 +74,15 @@ def main() -> None:
     workspace = get_workspace(cfg)
     data = workspace.partition(args.partition, cfg.federation.clients)
     test = workspace.test_set(args.eval_examples)
-    one_arm(workspace, cfg, data, test, "fp32", 1, 99)  # warm-up: allocator, oneDNN kernels
-    one_arm(workspace, cfg, data, test, "bf16", 1, 99)
+    start = {k: v.detach().clone() for k, v in workspace.adapter_model(cfg.model.rank).state()
+             .items()}
+    one_arm(workspace, cfg, data, test, "fp32", 1, 99, start)  # warm-up: allocator, kernels
+    one_arm(workspace, cfg, data, test, "bf16", 1, 99, start)
     runs: dict[str, list[dict]] = {"fp32": [], "bf16": []}
     for rep in range(args.repeats):
         order = ("fp32", "bf16") if rep % 2 == 0 else ("bf16", "fp32")
         for precision in order:
-            row = one_arm(workspace, cfg, data, test, precision, args.steps, rep)
+            row = one_arm(workspace, cfg, data, test, precision, args.steps, rep, start)
             runs[precision].append(row)
             print(f"repeat {rep} {precision}: {row['step_s']:.3f} s/step ({row['step_cpu_s']:.3f}"
                   f" CPU s), eval {row['eval_s']:.2f} s, train loss {row['train_loss']:.4f}, "
