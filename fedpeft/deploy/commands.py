@@ -23,6 +23,7 @@ from fedpeft.deploy.coordinator import ServerOptions, run_server
 from fedpeft.deploy.device import ClientOptions, run_client
 from fedpeft.deploy.processes import (
     DEFAULT_PORT,
+    DEPLOY_MAX_UPDATE_NORM,
     DEPLOY_ROUND_TIMEOUT_S,
     EXIT_USAGE,
     DeployError,
@@ -164,8 +165,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Coordinator of a real deployment. Unless the config sets "
                     "federation.round_timeout_s, a round waits at most "
                     f"{DEPLOY_ROUND_TIMEOUT_S:g} s for its devices (a silent device costs one "
-                    "round, never the run; set it to 0 to wait forever). [faults] (fault "
-                    "injection) is refused: it is for `fedpeft simulate` only.")
+                    "round, never the run; set it to 0 to wait forever). Devices are not "
+                    "trusted: unless the config sets them, federation.max_examples_per_client = "
+                    "train.local_steps x train.batch_size and federation.max_update_norm = "
+                    f"{DEPLOY_MAX_UPDATE_NORM:g} (0 turns a bound off). [faults] and [attacks] "
+                    "are refused: they are for `fedpeft simulate` only.")
     srv.add_argument("config", nargs="?", help="TOML config (default: the built-in experiment)")
     srv.add_argument("--certs", help="folder from `fedpeft certs` (ca.crt, server.crt/.key)")
     srv.add_argument("--host", default="0.0.0.0", help="address devices connect to "
