@@ -225,3 +225,14 @@ def test_sweep_reports_the_clients_figures_over_seeds() -> None:
     assert row["clients_accuracy"] == pytest.approx((0.8, 0.1))
     text = markdown("t", "i", [row], ["method"], None, [])
     assert "clients p10" in text and "| 0.800 ± 0.100 | 0.600 ± 0.100 | 0.500 ± 0.100 |" in text
+
+
+def test_a_coordinator_without_data_needs_only_the_classes(tmp_path) -> None:
+    from fedpeft.core.workspace import data_free_workspace
+
+    missing = tmp_path / "absent.csv"
+    sets = [*TINY, *CLIENTS, 'data.dataset="file"', f'data.path="{missing}"']
+    with pytest.raises(ConfigError, match=r"data\.labels"):
+        data_free_workspace(load_config(None, sets))
+    ws = data_free_workspace(load_config(None, [*sets, 'data.labels=["no", "yes"]']))
+    assert ws.num_labels == 2 and len(ws.train) == len(ws.test) == 0 and not missing.exists()
