@@ -347,10 +347,11 @@ def test_a_bomb_is_rejected_within_a_small_multiple_of_the_expected_upload(
     peak = _peak(lambda: out.update(stats=strategy.aggregate_train(1, [hostile, *honest])[1]))
     stats = out["stats"]
     assert (stats["clients_ok"], stats["clients_rejected"], stats["aggregated"]) == (2, 1, 1)
-    # the bomb is ~1 MB on the wire and declares up to 2**63 bytes: decoding it (and aggregating
-    # the two honest uploads) stays within a few expected uploads plus the interpreter's change
+    # the bomb is ~1 MB on the wire and inflates to ~1 GB, the N1 manifest declares 2**63 bytes:
+    # handling it costs a few expected uploads plus a fixed ~100 KB (zlib's window and one
+    # 16 KiB input chunk, the manifest's JSON, log lines), never what the sender declared
     assert serialized_nbytes(content) > 500_000 or craft is n1
-    assert peak < 8 * expected + (2 << 20), (peak, expected)
+    assert peak < 4 * expected + (160 << 10), (peak, expected)
 
 
 # --- the device's downlink decoder ---
@@ -398,6 +399,6 @@ def test_a_downlink_bomb_costs_the_device_a_small_multiple_of_its_budget(craft) 
         with pytest.raises(PackError):
             records_to_payload(content, expected=expected)
 
-    assert _peak(decode) < 2 * budget + (1 << 20)
+    assert _peak(decode) < 2 * budget + (160 << 10)
     assert budget < 64 << 20  # tiny-bert: the bomb's 1 GiB is far beyond it
     assert Expected(max_bytes=budget).limit == budget

@@ -43,6 +43,7 @@ VERSION = 1
 RAW, ABS, DELTA = "raw", "abs", "delta"
 MAX_MANIFEST_BYTES = 4 << 20  # decompressed JSON; an entry is ~100 bytes (40k tensors)
 MAX_NDIM = 16
+INFLATE_CHUNK = 16 << 10  # compressed bytes fed to zlib at a time
 DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
     torch.int16, torch.int8, torch.uint8, torch.bool)}
@@ -167,18 +168,23 @@ def unpack(buffer: bytes, manifest: bytes, *, reference: Tensors | None = None,
 
 def _inflate(blob: bytes, expected: int) -> bytes:
     """Inflate a deflated buffer, never past one byte more than the (checked) manifest
-    describes."""
+    describes. The input is fed in views of ``INFLATE_CHUNK`` bytes, so neither the output nor
+    zlib's unconsumed input ever holds more than the expected size plus one chunk."""
     inflate = zlib.decompressobj()
+    view, out, fed = memoryview(blob), bytearray(), 0
     try:
-        out = inflate.decompress(blob, expected + 1)
-    except (zlib.error, OverflowError) as exc:
+        while fed < len(view) and not inflate.eof:
+            chunk = view[fed:fed + INFLATE_CHUNK]
+            fed += len(chunk)
+            out += inflate.decompress(chunk, expected + 1 - len(out))
+            if len(out) > expected or inflate.unconsumed_tail:
+                raise PackError(f"packed payload: the deflated buffer holds more than the "
+                                f"{expected} bytes the manifest describes")
+    except zlib.error as exc:
         raise PackError(f"packed payload: the deflated buffer is unreadable ({exc})") from None
-    if len(out) > expected or inflate.unconsumed_tail:
-        raise PackError(f"packed payload: the deflated buffer holds more than the {expected} "
-                        "bytes the manifest describes")
-    if not inflate.eof or inflate.unused_data:
+    if not inflate.eof or inflate.unused_data or fed < len(view):
         raise PackError("packed payload: the deflated buffer is truncated or has trailing bytes")
-    return out
+    return bytes(out)
 
 
 def _decode_item(item: _Item, parts: list[np.ndarray], reference: Tensors) -> torch.Tensor:
