@@ -402,3 +402,15 @@ def test_a_downlink_bomb_costs_the_device_a_small_multiple_of_its_budget(craft) 
     assert _peak(decode) < 2 * budget + (160 << 10)
     assert budget < 64 << 20  # tiny-bert: the bomb's 1 GiB is far beyond it
     assert Expected(max_bytes=budget).limit == budget
+
+
+@pytest.mark.parametrize("craft", [n1, bomb], ids=["N1-2**63", "N3-bomb"])
+def test_the_device_clientapp_refuses_a_bomb_and_tells_only_a_code(craft) -> None:
+    from fedpeft.deploy.clientexec import reason_code
+
+    message, _, _ = _downlink("fedit")
+    craft(message.content, random.Random(0))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(PackError) as info:
+        client_app.device_app(message, context)
+    assert reason_code(info.value) == "downlink rejected"
