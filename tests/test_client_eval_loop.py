@@ -105,3 +105,25 @@ def test_plain_loop_and_flower_simulation_give_the_same_client_figures(tmp_path:
             assert fc["accuracy"] == pytest.approx(pc["accuracy"], abs=1e-9)
             assert fc["loss"] == pytest.approx(pc["loss"], rel=1e-5)
         assert f["accuracy"] == pytest.approx(p["accuracy"], abs=1e-9)
+
+
+def test_causal_lm_clients_report_loss_and_perplexity(tmp_path: Path) -> None:
+    import json
+
+    from fedpeft.server.inprocess import run_plain
+
+    from tests.helpers import tiny_run
+    from tests.tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "llama")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {i} plus one?"},
+        {"role": "assistant", "content": f"It is {i + 1}."}]}) + "\n" for i in range(60)))
+    for method in ("fedit", "fedsa-lora"):  # fedsa-lora on a model without a head: B only
+        rows = run_plain(None, tiny_run(model, chats, 'eval.where="clients"',
+                                        f'method.name="{method}"', "train.lr=0.01"))
+        for row in rows:
+            assert row["clients_evaluated"] == 2 and "clients_accuracy" not in row, method
+            assert row["clients_perplexity"] >= 1 and row["clients_loss"] > 0
+            assert row["clients_perplexity_max"] >= row["clients_perplexity_p90"]
