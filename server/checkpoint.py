@@ -186,19 +186,21 @@ def _sections(config: dict[str, Any]) -> dict[str, Any]:
     return {k: dict(v) for k, v in config.items()}
 
 
-def check_state(saved: Payload, fresh: Payload, method: Any, rank: int, where: Path) -> None:
+def check_state(saved: Payload, fresh: Payload, method: Any, rank: int, where: Path,
+                model: Any = None) -> None:
     """Refuse a checkpoint's global state that the method could not have written: every tensor
-    of its initial state (``fresh``) present with the same shape and dtype, every tensor finite,
-    and the method able to build a downlink and the expected upload from it. A tampered or
-    foreign checkpoint is one clear error before the first round, not a crash mid-run or a run
-    that rejects every client."""
+    of its initial state (``fresh``) present with the same dtype and number of dimensions (a
+    method's state may grow, e.g. FlexLoRA's rank), every tensor finite, and the method able to
+    build a downlink and the expected upload from it and, given ``model`` (the server's
+    evaluation model), to load it as the global model. A tampered or foreign checkpoint is one
+    clear error before the first round, not a crash mid-run or a run that rejects every client."""
     path = checkpoint_path(where)
     for key, tensor in fresh.tensors.items():
         got = saved.tensors.get(key)
-        if got is None or tuple(got.shape) != tuple(tensor.shape) or got.dtype != tensor.dtype:
+        if got is None or got.ndim != tensor.ndim or got.dtype != tensor.dtype:
             held = "no such tensor" if got is None else f"{tuple(got.shape)} {got.dtype}"
             raise CheckpointError(f"{path} does not fit method {method.name!r} on this model: "
-                                  f"{key!r} is {held}, expected {tuple(tensor.shape)} "
+                                  f"{key!r} is {held}, expected {tensor.ndim} dimensions "
                                   f"{tensor.dtype}")
     for key, tensor in saved.tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -209,6 +211,8 @@ def check_state(saved: Payload, fresh: Payload, method: Any, rank: int, where: P
         profile = ClientProfile(0, rank)
         method.downlink(saved, profile)
         method.expected_upload(saved, profile)
+        if model is not None:
+            method.load_global(model, saved)
     except Exception as exc:  # whatever the tampering broke: one line, before any round
         raise CheckpointError(f"{path} does not fit method {method.name!r}: "
                               f"{type(exc).__name__}: {str(exc)[:200]}") from None

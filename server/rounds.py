@@ -462,7 +462,9 @@ def run_rounds(loop: RoundLoop, transport: Transport, workspace: Workspace, out:
     ckpt = load_checkpoint(out) if resume else None
     if ckpt is not None:
         check_resumable(ckpt, cfg, out)
-        check_state(ckpt.state, loop.state, method, cfg.model.rank, out)
+        check_state(ckpt.state, loop.state, method, cfg.model.rank, out,
+                    workspace.adapter_model(cfg.model.rank) if cfg.eval.where != "clients"
+                    else None)
     config_file, text = out / CONFIG_FILE, to_toml(cfg)
     if not config_file.is_file() or config_file.read_text() != text:  # the CLI wrote it already
         config_file.write_text(text)

@@ -153,9 +153,10 @@ def test_a_model_folder_with_custom_code_or_pickled_weights_is_one_line(tmp_path
 @pytest.mark.parametrize("name", ["fedit", "flora", "ferret"])
 def test_a_tampered_checkpoint_is_one_clear_error(name: str, tamper: str, tmp_path: Path) -> None:
     cfg = load_config(None, [*TINY, f'method.name="{name}"'])
-    loop = new_loop(cfg, get_workspace(cfg), simulation=False)
-    fresh = loop.state
-    check_state(fresh, fresh, loop.method, cfg.model.rank, tmp_path)  # its own state fits
+    workspace = get_workspace(cfg)
+    loop = new_loop(cfg, workspace, simulation=False)
+    fresh, model = loop.state, workspace.adapter_model(cfg.model.rank)
+    check_state(fresh, fresh, loop.method, cfg.model.rank, tmp_path, model)  # its own fits
     tensors, scalars = dict(fresh.tensors), dict(fresh.scalars)
     key = random.Random(0).choice(sorted(k for k, v in tensors.items() if v.numel()))
     if tamper == "shape":
@@ -169,7 +170,8 @@ def test_a_tampered_checkpoint_is_one_clear_error(name: str, tamper: str, tmp_pa
     else:
         pytest.skip(f"{name}'s state has no scalars")
     with pytest.raises(CheckpointError, match=r"does not fit|damaged"):
-        check_state(Payload(tensors, scalars), fresh, loop.method, cfg.model.rank, tmp_path)
+        check_state(Payload(tensors, scalars), fresh, loop.method, cfg.model.rank, tmp_path,
+                    model)
 
 
 # --- the command line ---
