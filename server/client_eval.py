@@ -100,17 +100,34 @@ def eval_cohort(cfg: FedConfig, num_nodes: int, trained: list[int]) -> list[int]
     return sorted(rng.choice(num_nodes, size=min(k, num_nodes), replace=False).tolist())
 
 
-def holdout_cap(cfg: FedConfig, partition_sizes: list[int] | None, partition_id: int) -> int | None:
-    """The most held-out examples a client may claim: its real holdout in simulation (the server
+@dataclass(frozen=True)
+class CountBound:
+    """What a client's claimed holdout size is held to: ``exact`` (simulation: its real holdout)
+    rejects a larger claim; otherwise (``federation.max_examples_per_client``) a larger claim
+    weighs as ``limit``, as a training reply's example count does."""
+
+    limit: int
+    exact: bool
+
+
+def holdout_cap(cfg: FedConfig, partition_sizes: list[int] | None,
+                partition_id: int) -> CountBound | None:
+    """The bound on a client's claimed holdout size: its real holdout in simulation (the server
     knows every partition), else ``federation.max_examples_per_client`` (None: no cap)."""
     if partition_sizes is not None and 0 <= partition_id < len(partition_sizes):
-        return holdout_size(partition_sizes[partition_id], cfg.eval.client_holdout)
+        return CountBound(holdout_size(partition_sizes[partition_id], cfg.eval.client_holdout),
+                          exact=True)
     cap = cfg.federation.max_examples_per_client
-    return cap if cap > 0 else None
+    return CountBound(cap, exact=False) if cap > 0 else None
 
 
-def check_eval_reply(reply: EvalReply, cap: int | None, labelled: bool) -> ClientFigures | str:
-    """The reply's figures, or the reason it is rejected."""
+# A claimed holdout larger than this is absurd, whatever the bound (a weight of ten million)
+MAX_EVAL_EXAMPLES = 10**7
+
+
+def check_eval_reply(reply: EvalReply, cap: CountBound | None,
+                     labelled: bool) -> ClientFigures | str:
+    """The reply's figures (its weight bounded by ``cap``), or the reason it is rejected."""
     if reply.problem is not None:
         return reply.problem
     metrics, problem = check_metrics(reply.metrics)
@@ -120,8 +137,9 @@ def check_eval_reply(reply: EvalReply, cap: int | None, labelled: bool) -> Clien
     if problem is not None:
         return problem
     count = int(metrics[NUM_EXAMPLES])
-    if cap is not None and count > cap:
-        return f"{NUM_EXAMPLES} = {count} exceeds the {cap} held-out examples it can have"
+    if count > MAX_EVAL_EXAMPLES or (cap is not None and cap.exact and count > cap.limit):
+        limit = cap.limit if cap is not None and cap.exact else MAX_EVAL_EXAMPLES
+        return f"{NUM_EXAMPLES} = {count} exceeds the {limit} held-out examples it can have"
     loss = metrics.get(EVAL_LOSS)
     if loss is None or not 0 <= loss <= MAX_LOSS:
         return f"{EVAL_LOSS} = {loss!r}: expected a loss in [0, {MAX_LOSS:g}]"
@@ -132,12 +150,13 @@ def check_eval_reply(reply: EvalReply, cap: int | None, labelled: bool) -> Clien
         if abs(accuracy * count - round(accuracy * count)) > 1e-6 * count:
             return (f"{EVAL_ACCURACY} = {accuracy!r} is no whole number of the {count} "
                     "examples it claims")
-    return ClientFigures(reply.profile.partition_id, count, loss,
+    weight = min(count, cap.limit) if cap is not None else count
+    return ClientFigures(reply.profile.partition_id, weight, loss,
                          accuracy if labelled else None, max(0.0, metrics.get(EVAL_SECONDS, 0.0)))
 
 
-def collect_eval(rnd: int, replies: Iterable[EvalReply], caps: Mapping[int, int | None],
-                 labelled: bool) -> dict:
+def collect_eval(rnd: int, replies: Iterable[EvalReply],
+                 caps: Mapping[int, CountBound | None], labelled: bool) -> dict:
     """Validate the round's evaluation replies (``caps``: partition id -> its count bound) and
     aggregate the good ones into the row's ``clients_*`` figures; counts of the others."""
     good: list[ClientFigures] = []

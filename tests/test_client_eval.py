@@ -11,6 +11,7 @@ import torch
 from fedpeft.client.evaluator import client_evaluate
 from fedpeft.server.client_eval import (
     ClientFigures,
+    CountBound,
     EvalReply,
     check_eval_reply,
     client_figures,
@@ -122,7 +123,8 @@ def _reply(pid: int, **metrics: object) -> EvalReply:
 
 def test_eval_reply_checks() -> None:
     good = {NUM_EXAMPLES: 20, EVAL_LOSS: 0.6, EVAL_ACCURACY: 0.65}
-    assert isinstance(check_eval_reply(_reply(0, **good), 20, True), ClientFigures)
+    exact = CountBound(20, exact=True)
+    assert isinstance(check_eval_reply(_reply(0, **good), exact, True), ClientFigures)
     bad = {
         "list": {**good, EVAL_LOSS: [0.1, 0.2]},
         "nan": {**good, EVAL_ACCURACY: math.nan},
@@ -138,14 +140,20 @@ def test_eval_reply_checks() -> None:
         "string": {**good, EVAL_LOSS: "0.6"},
     }
     for why, metrics in bad.items():
-        assert isinstance(check_eval_reply(_reply(0, **metrics), 20, True), str), why
-    assert isinstance(check_eval_reply(EvalReply(ClientProfile(0, 4), None), 20, True), str)
+        assert isinstance(check_eval_reply(_reply(0, **metrics), exact, True), str), why
+    assert isinstance(check_eval_reply(EvalReply(ClientProfile(0, 4), None), exact, True), str)
+    # a deployment's cap (federation.max_examples_per_client) bounds the weight; absurd: rejected
+    capped = check_eval_reply(_reply(0, **{**good, NUM_EXAMPLES: 40}), CountBound(20, False), True)
+    assert isinstance(capped, ClientFigures) and capped.examples == 20
+    assert isinstance(check_eval_reply(_reply(0, **{**good, NUM_EXAMPLES: 10**9}),
+                                       CountBound(20, False), True), str)
 
 
 def test_holdout_cap_is_the_real_holdout_in_simulation() -> None:
     cfg = load_config(None, [*TINY, *CLIENTS, "federation.max_examples_per_client=500"])
-    assert holdout_cap(cfg, [50, 9], 0) == 10 and holdout_cap(cfg, [50, 9], 1) == 2
-    assert holdout_cap(cfg, None, 0) == 500  # a deployment: the federation's cap
+    assert holdout_cap(cfg, [50, 9], 0) == CountBound(10, True)
+    assert holdout_cap(cfg, [50, 9], 1) == CountBound(2, True)
+    assert holdout_cap(cfg, None, 0) == CountBound(500, False)  # a deployment: the federation's
     assert holdout_cap(load_config(None, [*TINY, *CLIENTS]), None, 0) is None
 
 
@@ -158,7 +166,7 @@ def test_collect_eval_aggregates_good_replies_and_counts_the_rest() -> None:
                for i, (n, lo, a) in enumerate(zip(counts, losses, accs, strict=True))]
     replies.append(_reply(7, **{NUM_EXAMPLES: 10**6, EVAL_LOSS: 0.1, EVAL_ACCURACY: 1.0}))
     replies.append(EvalReply(ClientProfile(8, 4), error="crashed"))
-    caps = {i: 40 for i in range(9)}
+    caps = {i: CountBound(40, exact=True) for i in range(9)}
     row = collect_eval(3, replies[::-1], caps, labelled=True)  # arrival order must not matter
     w = counts / counts.sum()
     assert row["clients_evaluated"] == 7
