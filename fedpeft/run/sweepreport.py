@@ -236,4 +236,7 @@ def cell_line(rec: dict[str, Any] | None, rc: int, seconds: float, target: float
     return (f"finished in {seconds:.0f} s: final acc {fmt((rec['final_accuracy'], None))} "
             f"(best {fmt((rec['best_accuracy'], None))}), uplink {human_bytes(rec['bytes_up'])}, "
             f"downlink {human_bytes(rec['bytes_down'])}"
-            + (f", {target:g} reached in round {reached}" if reached is not None else ""))
+            + (f", {target:g} reached in round {reached}" if reached is not None else "")
+            + (f", clients acc {rec['clients_accuracy']:.3f} (p10 "
+               f"{fmt((rec.get('clients_accuracy_p10'), None))})"
+               if rec.get("clients_accuracy") is not None else ""))
