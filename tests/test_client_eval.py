@@ -244,3 +244,12 @@ def test_a_coordinator_without_data_needs_only_the_classes(tmp_path) -> None:
         data_free_workspace(load_config(None, sets))
     ws = data_free_workspace(load_config(None, [*sets, 'data.labels=["no", "yes"]']))
     assert ws.num_labels == 2 and len(ws.train) == len(ws.test) == 0 and not missing.exists()
+
+
+def test_sweep_curves_use_the_clients_accuracy_where_the_server_scored_nothing() -> None:
+    from fedpeft.run.sweepreport import curve
+
+    recs = [{"rows": [{"round": r, "accuracy": None, "clients_accuracy": a, "bytes_up": 5}
+                      for r, a in ((0, 0.5), (6, acc))]} for acc in (0.7, 0.9)]
+    c = curve(recs)
+    assert c["round"] == [0, 6] and c["mean"] == pytest.approx([0.5, 0.8])

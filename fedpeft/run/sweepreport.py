@@ -159,17 +159,26 @@ def markdown(title: str, intro: str, table: Sequence[dict[str, Any]], keys: Sequ
     return "\n".join(lines) + "\n"
 
 
+def score_key(records: Sequence[dict[str, Any]]) -> str:
+    """The curves' accuracy: the server's, or the clients' where only the clients scored."""
+    rows = [r for rec in records for r in rec["rows"]]
+    if any(r.get("accuracy") is not None for r in rows):
+        return "accuracy"
+    return "clients_accuracy" if any(r.get("clients_accuracy") is not None for r in rows) \
+        else "accuracy"
+
+
 def curve(records: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
     """Per round evaluated in every record: round, accuracy mean and std (0 for one record),
     mean cumulative uplink bytes up to and including the round."""
     accs, ups = [], []
+    key = score_key(records)
     for rec in records:
         total, cum = 0, {}
         for row in rec["rows"]:
             total += row.get("bytes_up", 0)
             cum[row["round"]] = total
-        accs.append({r["round"]: r["accuracy"] for r in rec["rows"]
-                     if r.get("accuracy") is not None})
+        accs.append({r["round"]: r[key] for r in rec["rows"] if r.get(key) is not None})
         ups.append(cum)
     rounds = sorted(set.intersection(*(set(a) for a in accs))) if accs else []
     out: dict[str, list[float]] = {"round": [], "mean": [], "std": [], "up": []}
@@ -213,9 +222,11 @@ def plot_curves(table: Sequence[dict[str, Any]], keys: Sequence[str], path: Path
     ends = [c["up"][-1] for _, c in curves if c["up"] and c["up"][-1] > 0]
     if ends and max(ends) / min(ends) > 50:
         by_bytes.set_xscale("log")  # round 0 (no bytes yet) is off this scale
-    by_round.set(xlabel="round", ylabel="test accuracy", title="Accuracy per round")
+    key = score_key([rec for row in table for rec in row["records"]])
+    ylabel = "test accuracy" if key == "accuracy" else "clients' accuracy (own held-out rows)"
+    by_round.set(xlabel="round", ylabel=ylabel, title="Accuracy per round")
     by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
-    by_bytes.set(xlabel="cumulative uplink MB (all clients)", ylabel="test accuracy",
+    by_bytes.set(xlabel="cumulative uplink MB (all clients)", ylabel=ylabel,
                  title="Accuracy per uplink byte")
     for ax in (by_round, by_bytes):
         ax.grid(True, alpha=0.3)
