@@ -42,8 +42,8 @@ from tests.helpers import TINY
 pytestmark = pytest.mark.usefixtures("in_process")
 
 HONEST = 2  # the first two sampled nodes run the real ClientApp
-NODES = 104  # hostile replies per round: NODES - HONEST
-ROUNDS = 33  # 3 methods x 33 rounds x 102 hostile replies > 10,000
+NODES = 206  # hostile replies per round: NODES - HONEST
+ROUNDS = 17  # 3 methods x 17 rounds x 204 hostile replies > 10,000
 METHODS = {
     "fedit": [],
     "flora": [],
@@ -180,10 +180,12 @@ def edit_manifest(content: RecordDict, rng: random.Random) -> None:
     _packed(content, content[PACKED]["data"].data, zlib.compress(json.dumps(doc).encode()))
 
 
+JUNK = [b"", b"x" * 99, zlib.compress(b"[" * 100_000), zlib.compress(b"{}" * 10**6),
+        zlib.compress(b"\x00" * (8 << 20))]  # built once: deep, long, huge manifests
+
+
 def junk_manifest(content: RecordDict, rng: random.Random) -> None:
-    blob = rng.choice([b"", b"x" * 99, zlib.compress(b"[" * 100_000), zlib.compress(b"{}" * 10**6),
-                       zlib.compress(b"\x00" * (8 << 20)), bytes(rng.randrange(256)
-                                                                for _ in range(64))])
+    blob = rng.choice([*JUNK, bytes(rng.randrange(256) for _ in range(64))])
     _packed(content, content[PACKED]["data"].data, blob)
 
 
