@@ -1,7 +1,7 @@
 """Hostile replies through the server's real reply path (``FedPeftStrategy.aggregate_train``: decode
 against the method's expected upload, validate, aggregate) for FedIT, FLoRA and Ferret, and hostile
 downlinks through the device's decoder. Two honest clients (the real ClientApp, training tiny-bert)
-reply every round beside about a hundred hostile ones: nothing raises, the round is aggregated,
+reply every round beside 204 hostile ones: nothing raises, the round is aggregated,
 the global state stays finite, and decoding a bomb costs a small multiple of the expected upload
 in memory, never what the sender declares."""
 
