@@ -99,7 +99,7 @@ def evaluate_global(cfg: FedConfig, method: Method, state: Payload, workspace: W
         adapter.load(method.export(state).tensors)
     else:
         method.load_global(adapter, state)
-    with autocast(cfg.train.precision, device):  # train.precision: evaluation too
+    with autocast(cfg.train.precision, device, adapter.model):  # train.precision: eval too
         ev = workspace.task.evaluate(adapter.model, workspace.test_set(subset),
                                      cfg.eval.batch_size, device)
         samples = [] if export else workspace.task.samples(adapter.model, workspace.test_data(),

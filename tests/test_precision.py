@@ -3,6 +3,7 @@ evaluation, and that parameters, gradients and optimizer state stay float32."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,45 @@ def test_client_round_follows_precision_except_under_dp_sgd(dp: bool) -> None:
     assert _linear_dtypes(adapter.model, run) == {torch.float32 if dp else torch.bfloat16}
     assert results[0].payload.tensors
     assert all(t.dtype == torch.float32 for t in results[0].payload.tensors.values())
+
+
+def test_frozen_weights_held_in_bf16_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holding the frozen Linear weights in bfloat16 for a block gives bit-identical results to
+    autocast's own per-call cast, restores the float32 weights after, and remakes a copy when
+    its float32 weight changed (a base merge)."""
+    from fedpeft.core import training
+
+    cfg, workspace, adapter = _adapter()
+    data = workspace.partition(0, cfg.federation.clients)
+    start = adapter.state()
+    frozen = [m for m in adapter.model.modules()
+              if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    assert frozen
+
+    def run() -> tuple[dict, float]:
+        adapter.load({k: v.clone() for k, v in start.items()})
+        optimizer = client_optimizer(adapter, cfg.train, 1e-2)
+        torch.manual_seed(0)
+        train_steps(adapter.model, data, steps=2, batch_size=8, optimizer=optimizer,
+                    rng=np.random.default_rng(0), device=CPU, precision="bf16")
+        with autocast("bf16", CPU, adapter.model):
+            loss = workspace.task.evaluate(adapter.model, workspace.test_set(50), 32, CPU).loss
+        return adapter.state(), loss
+
+    held, held_loss = run()
+    assert all(m.weight.dtype == torch.float32 for m in frozen)  # restored
+    monkeypatch.setattr(training, "bf16_frozen_weights", lambda model: contextlib.nullcontext())
+    plain, plain_loss = run()
+    assert held_loss == plain_loss
+    assert all(torch.equal(held[k], plain[k]) for k in held)
+    monkeypatch.undo()
+    weight = frozen[0].weight
+    with training.bf16_frozen_weights(adapter.model):
+        first = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(2.0)  # the float32 base changes in place
+    with training.bf16_frozen_weights(adapter.model):
+        assert weight.dtype == torch.bfloat16
+        assert torch.equal(weight.detach(), (first.float() * 2).to(torch.bfloat16))
+    with torch.no_grad():
+        weight.div_(2.0)

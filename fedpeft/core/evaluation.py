@@ -25,7 +25,7 @@ def evaluate_adapter_dir(adapter_dir: Path, config: str | None = None) -> dict:
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     device = resolve_device(cfg.train.device)
     model.to(device)
-    with autocast(cfg.train.precision, device):  # as the server evaluated it (config.toml)
+    with autocast(cfg.train.precision, device, model):  # as the server evaluated it
         ev = workspace.task.evaluate(model, workspace.test_set(0), cfg.eval.batch_size, device)
     return {"adapter": str(adapter_dir), "model": cfg.model.name, "accuracy": ev.accuracy,
             "loss": ev.loss, **ev.extra, "examples": len(workspace.test)}
