@@ -97,7 +97,11 @@ class FedSB(Method):
     exact average, uplink independent of width."""
 
     Options = FedSBOptions
-    default_lr = 0.01
+    # Only r^2 numbers per layer train, so an Adam step moves W by ~ s lr r per layer, several
+    # times less than a B-only step; at 0.01 the default experiment (14 training rounds after the
+    # gradient round) was still learning at its end. 0.02 is FFA-LoRA's rate, which its head and
+    # factor take well (docs/results.md).
+    default_lr = 0.02
     dp_refusal = ("Fed-SB trains an r x r matrix R per layer that is not a peft adapter tensor, "
                   "so DP-SGD's per-sample gradient hooks do not cover it, and its LoRA-SB "
                   "initialisation uploads each client's raw loss gradient")
