@@ -34,6 +34,7 @@ from .attacks import inject_attacks
 from .downlink import check_pinned_model, downlink_expected
 from .evaluator import client_evaluate
 from .faults import inject_faults
+from .secagg import register as register_secagg
 from .step import client_step, node_workspace
 
 # [faults] and [attacks] config: injected misbehaviour (tests, robustness experiments)
@@ -109,3 +110,5 @@ def evaluate(msg: Message, context: Context) -> Message:
 device_app = ClientApp()
 device_app.train()(train)
 device_app.evaluate()(evaluate)
+register_secagg(app, _setup)  # train.secagg_* stages ([secagg] enabled)
+register_secagg(device_app, _setup)

@@ -55,6 +55,7 @@ from fedpeft.core.workspace import default_threads, get_workspace, set_torch_thr
 
 from .reporting import write_json_atomic
 from .rounds import Reply, RoundLoop, new_loop, run_rounds
+from .secagg import SecAggPhase
 
 app = ServerApp()
 
@@ -200,6 +201,10 @@ class FlowerTransport:
         return sorted(self.grid.get_node_ids())
 
     def train(self, loop: RoundLoop, rnd: int, attempt: int) -> dict:
+        if loop.cfg.secagg.enabled:  # four stages instead of one train message (server/secagg.py)
+            config = None if self.strategy.config_in_run else config_record(loop.cfg)
+            return SecAggPhase(self.grid, send_and_receive, self.timeout_s,
+                               config).train(loop, rnd, attempt)
         self.strategy.attempt = attempt
         messages = list(self.strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(),
                                                       self.grid))

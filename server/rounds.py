@@ -39,6 +39,7 @@ from fedpeft.core.payload import Payload
 from fedpeft.core.precision import precisions
 from fedpeft.core.runfiles import CONFIG_FILE, ERROR_FILE, METRICS_FILE, SUMMARY_FILE
 from fedpeft.core.sampling import sample_clients
+from fedpeft.core.secagg.report import secagg_summary
 from fedpeft.core.wire import transmit
 from fedpeft.core.workspace import Workspace
 
@@ -522,6 +523,7 @@ def finish_run(loop: RoundLoop, workspace: Workspace, out: Path, rows: list[dict
                         clients_timed_out=sum(r.get("clients_timed_out", 0) for r in rows),
                         rounds_not_aggregated=sum(1 for r in rows if r.get("aggregated") == 0),
                         resumed_after=resumed_after, base_fingerprint=loop.fingerprint,
+                        **secagg_summary(cfg.secagg),
                         **precisions(cfg), **export)
     write_json_atomic(out / SUMMARY_FILE, summary)
     plot_report(rows, out / "report.png", f"{method.name} on {cfg.model.name}")

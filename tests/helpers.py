@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 from fedpeft.client import app as client_app
 from flwr.app import Context, Error, Message, RecordDict
@@ -58,6 +59,7 @@ class FakeGrid:
         self.nodes = list(nodes)
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
                                     run_config={}) for n in self.nodes}
+        self.run = SimpleNamespace(run_id=1)  # Grid.run: the run the contexts belong to
         self.silent, self.gone = set(silent), set(gone)
         self.kill_at, self.reverse = kill_at, reverse
         self.pushes = 0

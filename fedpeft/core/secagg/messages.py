@@ -15,13 +15,15 @@ from typing import Any, ClassVar, TypeVar
 
 from .primitives import GCM_NONCE_BYTES, GCM_TAG_BYTES, KEY_BYTES, SHARE_BYTES
 
-MAX_ID = 2**63 - 1  # ids travel as Flower ConfigRecord ints (sint64)
+MAX_ID = 2**64 - 1  # Flower node ids are uint64 (a ConfigRecord carries them as such)
 INSTANCE_BYTES = 16
 # The plaintext of one encrypted share pair: src, dst, instance, self-mask share, mask-key share.
 SHARE_PLAINTEXT = 8 + 8 + INSTANCE_BYTES + 2 * SHARE_BYTES
 CIPHERTEXT_BYTES = GCM_NONCE_BYTES + SHARE_PLAINTEXT + GCM_TAG_BYTES
 
 STAGES = ("setup", "share_keys", "masked_input", "unmask")
+SECAGG_RECORD = "fedpeft.secagg"  # the Flower ConfigRecord holding a message's fields
+LAYOUT_KEY = "secagg_layout"  # masked-input request scalar: the digest of the vector layout
 
 
 class MessageError(ValueError):

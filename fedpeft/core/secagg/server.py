@@ -211,13 +211,15 @@ class SecAggServer:
     def _prune(self) -> None:
         """Before masking, a client with fewer than t live share holders is dropped (nothing
         depends on it yet); abort if fewer than t clients remain."""
+        answered = len(self.live)
         while True:
             weak = {u for u in self.live if len(self.graph[u] & self.live) + 1 < self.t}
             if not weak:
                 break
             self.live -= weak
         if len(self.live) < self.t:
-            self.abort(f"{len(self.live)} clients left, threshold {self.t}")
+            pruned = f" ({answered} answered)" if answered != len(self.live) else ""
+            self.abort(f"{len(self.live)} clients left{pruned}, threshold {self.t}")
 
     def _prune_shared(self) -> None:
         self._prune()

@@ -1,0 +1,148 @@
+"""Secure aggregation as the train phase of a round (``[secagg] enabled``; SecAgg+ in
+``fedpeft.core.secagg``, docs/secure-aggregation.md).
+
+Instead of one train message per client, an attempt runs four request/reply stages over the
+Flower Grid (message types ``train.secagg_setup``, ``..._share_keys``, ``..._masked_input``,
+``..._unmask``), each waited on with ``federation.round_timeout_s``. Only the masked-input request
+carries the downlink and starts local training; its reply is the masked vector and nothing else
+(no metrics, no example count). The server ends with the example-weighted mean of the survivors'
+clipped updates, and the method aggregates one upload holding it. Too few survivors at any stage:
+no partial result, the attempt counts as not aggregated (retried or skipped by the loop).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from logging import INFO, WARNING
+from typing import Any
+
+from fedpeft.strategies import ClientProfile, Upload
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+
+from fedpeft.core.config import FedConfig
+from fedpeft.core.keys import CLIENT_RANK, PARTITION, RANK, ROUND
+from fedpeft.core.payload import Payload
+from fedpeft.core.secagg import STAGES, SecAggParams, SecAggServer, run_instance
+from fedpeft.core.secagg.layout import layout_digest, layout_size, unflatten_update
+from fedpeft.core.secagg.messages import LAYOUT_KEY, SECAGG_RECORD
+from fedpeft.core.wire import CONFIG_RECORD, SCALARS, payload_to_records, serialized_nbytes
+
+from .rounds import RoundLoop
+from .validation import all_finite
+
+STAGE_TYPES = {s: f"{MessageType.TRAIN}.secagg_{s}" for s in STAGES}
+
+SendReceive = Callable[[Any, list[Message], float | None], list[Message]]
+
+
+def secagg_params(cfg: FedConfig) -> SecAggParams:
+    sa = cfg.secagg
+    return SecAggParams(threshold=sa.threshold, neighbours=sa.neighbours, clip=sa.clip_range,
+                        bits=sa.bits, max_weight=sa.max_weight)
+
+
+class SecAggPhase:
+    """One attempt of a round through SecAgg+ over a Flower Grid."""
+
+    def __init__(self, grid: Any, send: SendReceive, timeout_s: float | None,
+                 config: ConfigRecord | None) -> None:
+        self.grid, self.send, self.timeout_s, self.config = grid, send, timeout_s, config
+
+    def train(self, loop: RoundLoop, rnd: int, attempt: int) -> dict:
+        profiles = loop.sample(rnd, attempt, sorted(self.grid.get_node_ids()))
+        by_node = {p.node_id: p for p in profiles}
+        first = min(profiles, key=lambda p: p.partition_id)
+        shapes = dict(loop.method.expected_upload(loop.state, first).tensors)
+        run_id = int(getattr(getattr(self.grid, "run", None), "run_id", 0) or 0)
+        server = SecAggServer(secagg_params(loop.cfg), run_id, rnd, list(by_node),
+                              layout_size(shapes))
+        down = dict.fromkeys(by_node, 0)
+        up = dict.fromkeys(by_node, 0)
+        digest = layout_digest(shapes)
+
+        def exchange(stage: str, requests: dict[int, dict]) -> dict[int, dict | None]:
+            msgs = [self._message(loop, rnd, stage, by_node[u], fields, digest)
+                    for u, fields in requests.items()]
+            for m in msgs:
+                down[m.metadata.dst_node_id] += serialized_nbytes(m.content)
+            return self._replies(self.send(self.grid, msgs, self.timeout_s), requests, up)
+
+        start = time.perf_counter()
+        outcome = run_instance(server, exchange)
+        stats = {**outcome.row(), "secagg_s": time.perf_counter() - start}
+        for node, why in outcome.rejected.items():
+            log(WARNING, "round %d: secagg: client %d's reply not used (%s)", rnd,
+                by_node[node].partition_id, why)
+        aggregated = False
+        if outcome.aborted is not None:
+            log(WARNING, "round %d: %s; no partial result is used", rnd, outcome.aborted)
+        elif outcome.result is not None:
+            aggregated = self._aggregate(loop, rnd, first, shapes, outcome.result)
+            stats["secagg_error_bound"] = outcome.result.error_bound
+        survivors = outcome.result.survivors if outcome.result is not None else 0
+        rejected = len(outcome.rejected) if not aggregated else len(
+            set(outcome.rejected) - server.u3)
+        ok = survivors if aggregated else 0
+        return {**stats, "bytes_down": sum(down.values()), "bytes_up": sum(up.values()),
+                "clients_sampled": len(profiles), "clients_ok": ok,
+                "clients_rejected": rejected,
+                "clients_failed": len(profiles) - ok - rejected, "clients_timed_out": 0,
+                "aggregated": int(aggregated),
+                "client_bytes": [{"partition": by_node[n].partition_id,
+                                  CLIENT_RANK: by_node[n].rank, "bytes_down": down[n],
+                                  "bytes_up": up[n]}
+                                 for n in sorted(by_node, key=lambda n: by_node[n].partition_id)]}
+
+    def _message(self, loop: RoundLoop, rnd: int, stage: str, profile: ClientProfile,
+                 fields: dict, digest: str) -> Message:
+        extra = {ROUND: rnd, PARTITION: profile.partition_id, RANK: profile.rank}
+        if stage == "masked_input":  # the downlink travels here, and training starts
+            content = payload_to_records(loop.downlink(profile), {**extra, LAYOUT_KEY: digest},
+                                         filters=loop.cfg.compression.down)
+        else:
+            content = RecordDict({SCALARS: ConfigRecord(extra)})
+        content[SECAGG_RECORD] = ConfigRecord(fields)
+        if self.config is not None:
+            content[CONFIG_RECORD] = self.config
+        return Message(content=content, dst_node_id=profile.node_id,
+                       message_type=STAGE_TYPES[stage], group_id=str(rnd))
+
+    @staticmethod
+    def _replies(replies: list[Message], requests: dict[int, dict],
+                 up: dict[int, int]) -> dict[int, dict | None]:
+        """One record per asked node; an error reply or a reply without the record counts as
+        no reply (a dropout at this stage)."""
+        out: dict[int, dict | None] = {}
+        for r in replies:
+            node = r.metadata.src_node_id
+            if node not in requests or node in out:
+                continue
+            if r.has_error():
+                out[node] = None
+                continue
+            up[node] += serialized_nbytes(r.content)
+            record = r.content.get(SECAGG_RECORD) if SECAGG_RECORD in r.content else None
+            out[node] = dict(record) if isinstance(record, ConfigRecord) else None
+        return out
+
+    @staticmethod
+    def _aggregate(loop: RoundLoop, rnd: int, first: ClientProfile, shapes: dict,
+                   result: Any) -> bool:
+        """The method's aggregate of one upload: the survivors' weighted mean."""
+        if result.survivors < loop.cfg.federation.min_replies:
+            log(WARNING, "round %d: secagg summed %d clients < federation.min_replies = %d; not "
+                "aggregated", rnd, result.survivors, loop.cfg.federation.min_replies)
+            return False
+        reference = loop.received(first).tensors
+        mean = unflatten_update(result.mean, reference, shapes)
+        upload = Upload(first, Payload(mean), result.total_weight, {})
+        agg = loop.method.aggregate(loop.state, [upload])
+        if not all_finite(agg.state.tensors):
+            log(WARNING, "round %d: the secure aggregate is not finite; state kept", rnd)
+            return False
+        loop.state = agg.state
+        log(INFO, "round %d: secagg summed %d clients (weight %d)", rnd, result.survivors,
+            result.total_weight)
+        return True
