@@ -201,13 +201,14 @@ def test_frozen_weights_held_in_bf16_change_nothing(monkeypatch: pytest.MonkeyPa
     assert held_loss == plain_loss
     assert all(torch.equal(held[k], plain[k]) for k in held)
     monkeypatch.undo()
-    weight = frozen[0].weight
+    layer, weight = frozen[0], frozen[0].weight
     with training.bf16_frozen_weights(adapter.model):
-        first = weight.detach().clone()
+        first = layer.weight.detach().clone()
+        assert first.dtype == torch.bfloat16 and weight.dtype == torch.float32
+    assert layer.weight is weight
     with torch.no_grad():
         weight.mul_(2.0)  # the float32 base changes in place
     with training.bf16_frozen_weights(adapter.model):
-        assert weight.dtype == torch.bfloat16
-        assert torch.equal(weight.detach(), (first.float() * 2).to(torch.bfloat16))
+        assert torch.equal(layer.weight.detach(), (first.float() * 2).to(torch.bfloat16))
     with torch.no_grad():
         weight.div_(2.0)

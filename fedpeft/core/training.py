@@ -164,35 +164,35 @@ BF16_COPY = "_fedpeft_bf16_weight"  # a module attribute: (source version, sourc
 
 @contextlib.contextmanager
 def bf16_frozen_weights(model: torch.nn.Module) -> Iterator[None]:
-    """Inside the block, every frozen float32 ``nn.Linear`` weight of ``model`` is a bfloat16
-    copy: autocast would round it to bfloat16 on every call anyway (it caches casts only of
-    tensors that require grad), so the results are the same while the per-step cast of the
-    whole base is saved (SmolLM2: about 15% of a step). The copies are kept on the module and
-    remade when the float32 weight was written in place (``copy_`` in a method's base merge or
-    ``reset_base``: its version changes) or replaced: the base
-    costs 1.5x its float32 memory in the Linear layers. Weights tied to an embedding (a causal
-    LM's output layer) are left alone, since the embedding would change too."""
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    swapped: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    """Inside the block, every frozen float32 ``nn.Linear`` of ``model`` computes with a
+    bfloat16 copy of its weight: autocast would round the weight to bfloat16 on every call
+    anyway (it caches casts only of tensors that require grad), so the results are the same
+    bit for bit while the per-call cast of the whole base is saved (SmolLM2: its output layer
+    alone is 49,152 x 576). Each layer gets the copy as its own parameter for the block, so a
+    weight tied to an embedding (a causal LM's output layer) leaves the embedding float32. The
+    copies are kept on the modules and remade when the float32 weight was written in place
+    (``copy_`` in a method's base merge or ``reset_base``: its version changes) or replaced;
+    they cost half the float32 size of the Linear layers."""
+    swapped: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
     try:
         for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if (not isinstance(module, torch.nn.Linear) or not isinstance(weight, torch.Tensor)
-                    or weight.requires_grad or weight.dtype != torch.float32
-                    or id(weight) in tied):
+            weight = module.weight if isinstance(module, torch.nn.Linear) else None
+            if (not isinstance(weight, torch.nn.Parameter) or weight.requires_grad
+                    or weight.dtype != torch.float32):
                 continue
-            source = weight.data
-            key = (weight._version, weight.data_ptr())  # in-place writes (copy_) bump the version
+            key = (weight._version, weight.data_ptr())  # in-place writes bump the version
             cached = module.__dict__.get(BF16_COPY)
             if cached is None or cached[:2] != key:
-                cached = (*key, source.to(torch.bfloat16))
+                copy = torch.nn.Parameter(weight.detach().to(torch.bfloat16),
+                                          requires_grad=False)
+                cached = (*key, copy)
                 module.__dict__[BF16_COPY] = cached
-            weight.data = cached[2]
-            swapped.append((weight, source))
+            module.weight = cached[2]
+            swapped.append((module, weight))
         yield
     finally:
-        for weight, source in swapped:
-            weight.data = source
+        for module, weight in swapped:
+            module.weight = weight
 
 
 def resolve_device(name: str) -> torch.device:
