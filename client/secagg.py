@@ -10,11 +10,11 @@ answers with an error and the server counts this client as dropped at that stage
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from fedpeft.strategies import Method
+from fedpeft.strategies import ClientState, Method
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -80,16 +80,25 @@ def load_client(context: Context) -> SecAggClient:
 
 def train_upload(cfg: FedConfig, method: Method, msg: Message,
                  context: Context) -> tuple[np.ndarray, float]:
-    """Train as in a plain round; the update against the downlink and its weight."""
+    """Train as in a plain round (the method's client state kept in ``Context.state``)."""
     state = load_client_state(context.state)
-    scalars = message_scalars(msg.content)
 
     def decode(model: Any) -> Any:
         return records_to_payload(msg.content, expected=downlink_expected(method, model))
 
-    reply = client_step(cfg, method, scalars, decode, state, context.node_config,
-                        context.run_id)
-    save_client_state(context.state, state)
+    try:
+        return masked_upload(cfg, method, message_scalars(msg.content), decode, state,
+                             context.node_config, context.run_id)
+    finally:
+        save_client_state(context.state, state)
+
+
+def masked_upload(cfg: FedConfig, method: Method, scalars: Mapping[str, Any],
+                  decode: Callable[[Any], Any], state: ClientState,
+                  node_config: Mapping[str, object], run_id: object) -> tuple[np.ndarray, float]:
+    """The client step of any transport; the update against the downlink as decoded, over the
+    server's layout, and its weight (1 under uniform weighting, else the example count)."""
+    reply = client_step(cfg, method, scalars, decode, state, node_config, run_id)
     if reply.payload is None:
         raise SecAggRefusal("masked_input", "nothing to upload this round (a spent privacy "
                                             "budget or another LoRA rank)")

@@ -26,6 +26,7 @@ from fedpeft.core.workspace import Workspace, default_threads, get_workspace, se
 from .client_eval import EvalReply
 from .reporting import MetricsLog
 from .rounds import Reply, RoundLoop, new_loop, run_rounds
+from .secagg import InProcessSecAgg
 
 
 class InProcessTransport:
@@ -34,11 +35,14 @@ class InProcessTransport:
     def __init__(self, cfg: FedConfig, method: Method, workspace: Workspace) -> None:
         self.cfg, self.method, self.workspace = cfg, method, workspace
         self.states: dict[int, ClientState] = {}
+        self.secagg = InProcessSecAgg(cfg, method, self.states)  # [secagg] enabled
 
     def nodes(self) -> list[int]:
         return list(range(self.cfg.federation.clients))
 
     def train(self, loop: RoundLoop, rnd: int, attempt: int) -> dict:
+        if self.cfg.secagg.enabled:  # four protocol stages instead of one call (server/secagg.py)
+            return self.secagg.train(loop, rnd, attempt, self.nodes())
         replies, clients = [], []
         for profile in loop.sample(rnd, attempt, self.nodes()):
             reply, bytes_down, bytes_up = self.train_one(loop, rnd, profile)

@@ -14,20 +14,36 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
-from fedpeft.strategies import ClientProfile, Upload
+from fedpeft.client.secagg import masked_upload
+from fedpeft.strategies import ClientProfile, ClientState, Method, Upload
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
 from fedpeft.core.config import FedConfig
 from fedpeft.core.keys import CLIENT_RANK, PARTITION, RANK, ROUND
 from fedpeft.core.payload import Payload
-from fedpeft.core.secagg import STAGES, SecAggParams, SecAggServer, run_instance
+from fedpeft.core.secagg import (
+    STAGES,
+    SecAggClient,
+    SecAggParams,
+    SecAggRefusal,
+    SecAggServer,
+    respond,
+    run_instance,
+)
 from fedpeft.core.secagg.layout import layout_digest, layout_size, unflatten_update
-from fedpeft.core.secagg.messages import LAYOUT_KEY, SECAGG_RECORD
-from fedpeft.core.wire import CONFIG_RECORD, SCALARS, payload_to_records, serialized_nbytes
+from fedpeft.core.secagg.messages import LAYOUT_KEY, SECAGG_RECORD, field_bytes
+from fedpeft.core.wire import (
+    CONFIG_RECORD,
+    SCALARS,
+    payload_to_records,
+    serialized_nbytes,
+    transmit,
+)
 
 from .rounds import RoundLoop
 from .validation import all_finite
@@ -43,63 +59,88 @@ def secagg_params(cfg: FedConfig) -> SecAggParams:
                         bits=sa.bits, max_weight=sa.max_weight)
 
 
+@dataclass
+class Outbox:
+    """One stage's requests for a transport to deliver: node -> (profile, protocol fields);
+    ``digest``: the vector layout's, sent with the downlink; byte counters to add to."""
+
+    stage: str
+    rnd: int
+    requests: dict[int, tuple[ClientProfile, dict]]
+    digest: str
+    down: dict[int, int]
+    up: dict[int, int]
+
+
+Deliver = Callable[[RoundLoop, Outbox], dict[int, "dict | None"]]
+
+
+def secure_train(loop: RoundLoop, rnd: int, attempt: int, nodes: list[int], run_id: int,
+                 deliver: Deliver) -> dict:
+    """One attempt of a round through SecAgg+; ``deliver`` carries each stage's requests and
+    returns the replies' fields (None or absent: no usable reply). The round's stats."""
+    profiles = loop.sample(rnd, attempt, nodes)
+    by_node = {p.node_id: p for p in profiles}
+    first = min(profiles, key=lambda p: p.partition_id)
+    shapes = dict(loop.method.expected_upload(loop.state, first).tensors)
+    server = SecAggServer(secagg_params(loop.cfg), run_id, rnd, list(by_node),
+                          layout_size(shapes))
+    down, up = dict.fromkeys(by_node, 0), dict.fromkeys(by_node, 0)
+    digest = layout_digest(shapes)
+
+    def exchange(stage: str, requests: dict[int, dict]) -> dict[int, dict | None]:
+        box = Outbox(stage, rnd, {u: (by_node[u], f) for u, f in requests.items()}, digest,
+                     down, up)
+        return {u: r for u, r in deliver(loop, box).items() if u in requests}
+
+    start = time.perf_counter()
+    outcome = run_instance(server, exchange)
+    stats = {**outcome.row(), "secagg_s": time.perf_counter() - start}
+    for node, why in outcome.rejected.items():
+        log(WARNING, "round %d: secagg: client %d's reply not used (%s)", rnd,
+            by_node[node].partition_id, why)
+    aggregated = False
+    if outcome.aborted is not None:
+        log(WARNING, "round %d: %s; no partial result is used", rnd, outcome.aborted)
+    elif outcome.result is not None:
+        aggregated = _aggregate(loop, rnd, first, shapes, outcome.result)
+        stats["secagg_error_bound"] = outcome.result.error_bound
+    ok = outcome.result.survivors if aggregated and outcome.result is not None else 0
+    rejected = len(set(outcome.rejected) - (server.u3 if aggregated else set()))
+    return {**stats, "bytes_down": sum(down.values()), "bytes_up": sum(up.values()),
+            "clients_sampled": len(profiles), "clients_ok": ok, "clients_rejected": rejected,
+            "clients_failed": len(profiles) - ok - rejected, "clients_timed_out": 0,
+            "aggregated": int(aggregated),
+            "client_bytes": [{"partition": by_node[n].partition_id, CLIENT_RANK: by_node[n].rank,
+                              "bytes_down": down[n], "bytes_up": up[n]}
+                             for n in sorted(by_node, key=lambda n: by_node[n].partition_id)]}
+
+
 class SecAggPhase:
-    """One attempt of a round through SecAgg+ over a Flower Grid."""
+    """The Flower transport's SecAgg+ round: one Message per request over the Grid."""
 
     def __init__(self, grid: Any, send: SendReceive, timeout_s: float | None,
                  config: ConfigRecord | None) -> None:
         self.grid, self.send, self.timeout_s, self.config = grid, send, timeout_s, config
 
     def train(self, loop: RoundLoop, rnd: int, attempt: int) -> dict:
-        profiles = loop.sample(rnd, attempt, sorted(self.grid.get_node_ids()))
-        by_node = {p.node_id: p for p in profiles}
-        first = min(profiles, key=lambda p: p.partition_id)
-        shapes = dict(loop.method.expected_upload(loop.state, first).tensors)
         run_id = int(getattr(getattr(self.grid, "run", None), "run_id", 0) or 0)
-        server = SecAggServer(secagg_params(loop.cfg), run_id, rnd, list(by_node),
-                              layout_size(shapes))
-        down = dict.fromkeys(by_node, 0)
-        up = dict.fromkeys(by_node, 0)
-        digest = layout_digest(shapes)
+        return secure_train(loop, rnd, attempt, sorted(self.grid.get_node_ids()), run_id,
+                            self.deliver)
 
-        def exchange(stage: str, requests: dict[int, dict]) -> dict[int, dict | None]:
-            msgs = [self._message(loop, rnd, stage, by_node[u], fields, digest)
-                    for u, fields in requests.items()]
-            for m in msgs:
-                down[m.metadata.dst_node_id] += serialized_nbytes(m.content)
-            return self._replies(self.send(self.grid, msgs, self.timeout_s), requests, up)
+    def deliver(self, loop: RoundLoop, box: Outbox) -> dict[int, dict | None]:
+        msgs = [self._message(loop, box, profile, fields)
+                for profile, fields in box.requests.values()]
+        for m in msgs:
+            box.down[m.metadata.dst_node_id] += serialized_nbytes(m.content)
+        return self._replies(self.send(self.grid, msgs, self.timeout_s), box)
 
-        start = time.perf_counter()
-        outcome = run_instance(server, exchange)
-        stats = {**outcome.row(), "secagg_s": time.perf_counter() - start}
-        for node, why in outcome.rejected.items():
-            log(WARNING, "round %d: secagg: client %d's reply not used (%s)", rnd,
-                by_node[node].partition_id, why)
-        aggregated = False
-        if outcome.aborted is not None:
-            log(WARNING, "round %d: %s; no partial result is used", rnd, outcome.aborted)
-        elif outcome.result is not None:
-            aggregated = self._aggregate(loop, rnd, first, shapes, outcome.result)
-            stats["secagg_error_bound"] = outcome.result.error_bound
-        survivors = outcome.result.survivors if outcome.result is not None else 0
-        rejected = len(outcome.rejected) if not aggregated else len(
-            set(outcome.rejected) - server.u3)
-        ok = survivors if aggregated else 0
-        return {**stats, "bytes_down": sum(down.values()), "bytes_up": sum(up.values()),
-                "clients_sampled": len(profiles), "clients_ok": ok,
-                "clients_rejected": rejected,
-                "clients_failed": len(profiles) - ok - rejected, "clients_timed_out": 0,
-                "aggregated": int(aggregated),
-                "client_bytes": [{"partition": by_node[n].partition_id,
-                                  CLIENT_RANK: by_node[n].rank, "bytes_down": down[n],
-                                  "bytes_up": up[n]}
-                                 for n in sorted(by_node, key=lambda n: by_node[n].partition_id)]}
-
-    def _message(self, loop: RoundLoop, rnd: int, stage: str, profile: ClientProfile,
-                 fields: dict, digest: str) -> Message:
-        extra = {ROUND: rnd, PARTITION: profile.partition_id, RANK: profile.rank}
-        if stage == "masked_input":  # the downlink travels here, and training starts
-            content = payload_to_records(loop.downlink(profile), {**extra, LAYOUT_KEY: digest},
+    def _message(self, loop: RoundLoop, box: Outbox, profile: ClientProfile,
+                 fields: dict) -> Message:
+        extra = {ROUND: box.rnd, PARTITION: profile.partition_id, RANK: profile.rank}
+        if box.stage == "masked_input":  # the downlink travels here, and training starts
+            content = payload_to_records(loop.downlink(profile),
+                                         {**extra, LAYOUT_KEY: box.digest},
                                          filters=loop.cfg.compression.down)
         else:
             content = RecordDict({SCALARS: ConfigRecord(extra)})
@@ -107,42 +148,77 @@ class SecAggPhase:
         if self.config is not None:
             content[CONFIG_RECORD] = self.config
         return Message(content=content, dst_node_id=profile.node_id,
-                       message_type=STAGE_TYPES[stage], group_id=str(rnd))
+                       message_type=STAGE_TYPES[box.stage], group_id=str(box.rnd))
 
     @staticmethod
-    def _replies(replies: list[Message], requests: dict[int, dict],
-                 up: dict[int, int]) -> dict[int, dict | None]:
+    def _replies(replies: list[Message], box: Outbox) -> dict[int, dict | None]:
         """One record per asked node; an error reply or a reply without the record counts as
         no reply (a dropout at this stage)."""
         out: dict[int, dict | None] = {}
         for r in replies:
             node = r.metadata.src_node_id
-            if node not in requests or node in out:
+            if node not in box.requests or node in out:
                 continue
             if r.has_error():
                 out[node] = None
                 continue
-            up[node] += serialized_nbytes(r.content)
-            record = r.content.get(SECAGG_RECORD) if SECAGG_RECORD in r.content else None
+            box.up[node] += serialized_nbytes(r.content)
+            record = r.content.get(SECAGG_RECORD)
             out[node] = dict(record) if isinstance(record, ConfigRecord) else None
         return out
 
-    @staticmethod
-    def _aggregate(loop: RoundLoop, rnd: int, first: ClientProfile, shapes: dict,
-                   result: Any) -> bool:
-        """The method's aggregate of one upload: the survivors' weighted mean."""
-        if result.survivors < loop.cfg.federation.min_replies:
-            log(WARNING, "round %d: secagg summed %d clients < federation.min_replies = %d; not "
-                "aggregated", rnd, result.survivors, loop.cfg.federation.min_replies)
-            return False
-        reference = loop.received(first).tensors
-        mean = unflatten_update(result.mean, reference, shapes)
-        upload = Upload(first, Payload(mean), result.total_weight, {})
-        agg = loop.method.aggregate(loop.state, [upload])
-        if not all_finite(agg.state.tensors):
-            log(WARNING, "round %d: the secure aggregate is not finite; state kept", rnd)
-            return False
-        loop.state = agg.state
-        log(INFO, "round %d: secagg summed %d clients (weight %d)", rnd, result.survivors,
-            result.total_weight)
-        return True
+
+class InProcessSecAgg:
+    """The in-process transport's SecAgg+ round: each client's protocol state and method state
+    kept here, its handler called directly; bytes are the protocol fields' and the downlink's."""
+
+    def __init__(self, cfg: FedConfig, method: Method, states: dict[int, ClientState]) -> None:
+        self.cfg, self.method, self.states = cfg, method, states
+        self.clients: dict[int, SecAggClient] = {}
+
+    def train(self, loop: RoundLoop, rnd: int, attempt: int, nodes: list[int]) -> dict:
+        return secure_train(loop, rnd, attempt, nodes, 0, self.deliver)
+
+    def deliver(self, loop: RoundLoop, box: Outbox) -> dict[int, dict | None]:
+        out: dict[int, dict | None] = {}
+        for node, (profile, fields) in box.requests.items():
+            client = self.clients.setdefault(profile.partition_id, SecAggClient(node, 0))
+            box.down[node] += field_bytes(fields)
+            try:
+                out[node] = respond(client, box.stage, fields,
+                                    lambda p=profile: self._upload(loop, box, p))
+            except (SecAggRefusal, ValueError, RuntimeError) as exc:
+                log(WARNING, "round %d: secagg: client %d: %s", box.rnd, profile.partition_id,
+                    exc)
+                out[node] = None
+                continue
+            box.up[node] += field_bytes(out[node])
+        return out
+
+    def _upload(self, loop: RoundLoop, box: Outbox, profile: ClientProfile) -> tuple:
+        down, nbytes = transmit(loop.downlink(profile), filters=self.cfg.compression.down)
+        box.down[profile.node_id] += nbytes
+        scalars = {**down.scalars, ROUND: box.rnd, PARTITION: profile.partition_id,
+                   RANK: profile.rank, LAYOUT_KEY: box.digest}
+        state = self.states.setdefault(profile.partition_id, ClientState())
+        return masked_upload(self.cfg, self.method, scalars, lambda model: down, state, {}, "")
+
+
+def _aggregate(loop: RoundLoop, rnd: int, first: ClientProfile, shapes: dict,
+               result: Any) -> bool:
+    """The method's aggregate of one upload: the survivors' weighted mean."""
+    if result.survivors < loop.cfg.federation.min_replies:
+        log(WARNING, "round %d: secagg summed %d clients < federation.min_replies = %d; not "
+            "aggregated", rnd, result.survivors, loop.cfg.federation.min_replies)
+        return False
+    reference = loop.received(first).tensors
+    mean = unflatten_update(result.mean, reference, shapes)
+    upload = Upload(first, Payload(mean), result.total_weight, {})
+    agg = loop.method.aggregate(loop.state, [upload])
+    if not all_finite(agg.state.tensors):
+        log(WARNING, "round %d: the secure aggregate is not finite; state kept", rnd)
+        return False
+    loop.state = agg.state
+    log(INFO, "round %d: secagg summed %d clients (weight %d)", rnd, result.survivors,
+        result.total_weight)
+    return True

@@ -211,7 +211,7 @@ class SimulationConfig:
                          "simulation engine (SuperLink, Ray actors); 'inprocess' = the same "
                          "round loop and client code called in the CLI's own process, one "
                          "client after another (no Flower or Ray start-up: seconds for a "
-                         "smoke run; no [faults], no secure aggregation)",
+                         "smoke run; no [faults])",
                          choices=("flower", "inprocess"))
     ray_address: str = option("", "Ray cluster the simulation joins: 'HOST:PORT' of its head "
                               "node or 'auto' (the cluster this machine belongs to); '' = a "
@@ -579,12 +579,11 @@ def validate_ray_address(address: str) -> None:
 
 def validate_engine(cfg: FedConfig) -> None:
     """What the in-process engine cannot do: join a Ray cluster, inject [faults] (a ClientApp
-    mod), run SecAgg+ (Flower message stages)."""
+    mod)."""
     if cfg.simulation.engine != "inprocess":
         return
     why = ("simulation.ray_address is set" if cfg.simulation.ray_address else
-           "[faults] is set" if cfg.faults != FaultsConfig() else
-           "secagg.enabled = true" if cfg.secagg.enabled else "")
+           "[faults] is set" if cfg.faults != FaultsConfig() else "")
     if why:
         raise ConfigError(f"simulation.engine = 'inprocess' but {why}: that needs "
                           "simulation.engine = 'flower'")
