@@ -586,3 +586,30 @@ def test_flower_simulation_runs_each_method(name: str, tmp_path) -> None:
     assert summary["final_accuracy"] is not None
     assert summary["adapter_exact"] is (name != "fedex-lora")
     assert summary.get("rounds_not_aggregated", 0) == 0
+
+
+@pytest.mark.parametrize("name", ["fedex-lora", "fed-sb"])
+def test_merged_export_scores_the_servers_last_loss(name: str, tmp_path) -> None:
+    """`fedpeft export --merged`: FedEx-LoRA's from checkpoint/ (residuals in the base; adapter/
+    is a truncated SVD), Fed-SB's from adapter/ (R folded into B); plain transformers then scores
+    the server's final held-out loss."""
+    import json
+
+    from fedpeft.server.inprocess import run_plain
+    from transformers import AutoModelForSequenceClassification
+
+    from fedpeft.cli import main
+
+    run = tmp_path / "run"
+    rows = run_plain(None, [*TINY, f'method.name="{name}"', "federation.rounds=3",
+                            'train.precision="fp32"'], out=run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["adapter_exact"] is (name == "fed-sb")
+    assert main(["export", str(run), "--merged", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    data = get_workspace(load_config(run / "config.toml")).test_set(0)
+    with torch.no_grad():
+        losses = [float(torch.nn.functional.cross_entropy(
+            merged(input_ids=torch.tensor([ids])).logits.float(), torch.tensor([int(label)])))
+            for ids, label in zip(data.ids, data.labels, strict=True)]
+    assert float(np.mean(losses)) == pytest.approx(rows[-1]["loss"], abs=1e-4)
