@@ -28,6 +28,7 @@ from fedpeft.core.keys import CLIENT_RANK, PARTITION, RANK, ROUND
 from fedpeft.core.payload import Payload
 from fedpeft.core.secagg import (
     STAGES,
+    RoundAborted,
     SecAggClient,
     SecAggParams,
     SecAggRefusal,
@@ -83,8 +84,14 @@ def secure_train(loop: RoundLoop, rnd: int, attempt: int, nodes: list[int], run_
     by_node = {p.node_id: p for p in profiles}
     first = min(profiles, key=lambda p: p.partition_id)
     shapes = dict(loop.method.expected_upload(loop.state, first).tensors)
-    server = SecAggServer(secagg_params(loop.cfg), run_id, rnd, list(by_node),
-                          layout_size(shapes))
+    try:
+        server = SecAggServer(secagg_params(loop.cfg), run_id, rnd, list(by_node),
+                              layout_size(shapes))
+    except RoundAborted as exc:  # too few clients sampled for the threshold
+        log(WARNING, "round %d: %s; no partial result is used", rnd, exc)
+        return {"secagg": True, "secagg_aborted_stage": exc.stage, "aggregated": 0,
+                "clients_sampled": len(profiles), "clients_ok": 0, "clients_failed": 0,
+                "clients_rejected": 0, "clients_timed_out": 0, "bytes_down": 0, "bytes_up": 0}
     down, up = dict.fromkeys(by_node, 0), dict.fromkeys(by_node, 0)
     digest = layout_digest(shapes)
 
