@@ -3,7 +3,8 @@ that makes the aggregate exact, folded into the frozen base weights.
 
 Per wrapped layer and aggregate (p_k by examples, s = alpha / r):
     A_bar = sum_k p_k A_k,   B_bar = sum_k p_k B_k
-    dW_res = s (sum_k p_k B_k A_k - B_bar A_bar)        (rank <= (K + 1) r for K clients)
+    dW_res = s sum_{k<K} p_k (B_k - B_bar)(A_k - A_K)   (= s (sum_k p_k B_k A_k - B_bar A_bar):
+                                                        rank <= (K - 1) r for K clients)
     W0 <- W0 + dW_res
 so that W0_new + s B_bar A_bar = W0_old + s sum_k p_k B_k A_k: the global model is the exact
 weighted mean of the clients' models. Clients take (A_bar, B_bar) and train both from there.
@@ -14,7 +15,7 @@ State and downlink. The server keeps the sum of every round's residual per layer
 sets its base to W0 + that sum (rebuilt on every ``load``, never accumulated in place, since one
 model object serves many virtual clients) and keeps no state of its own. The residual travels
 dense: L d_out d_in floats per client and round, against the adapter's L r (d_in + d_out). In
-factored form one round's residual needs (K + 1) r (d_in + d_out) floats per layer, and a client
+factored form one round's residual needs (K - 1) r (d_in + d_out) floats per layer, and a client
 that missed m rounds needs m of them, or the dense sum once that is smaller; with 10 of 100 clients
 per round (the default experiment) almost every sampled client missed several rounds, so the
 dense sum is the smaller message (docs/methods.md gives the figures).

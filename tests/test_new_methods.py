@@ -258,6 +258,10 @@ def test_fedex_global_model_is_the_exact_weighted_mean_over_two_rounds() -> None
             assert torch.allclose(whole, exact, atol=1e-7)
             assert torch.allclose(new.tensors[a_key].double(), _mean(uploads, a_key), atol=1e-7)
             assert torch.allclose(new.tensors[b_key].double(), _mean(uploads, b_key), atol=1e-7)
+            this_round = new.tensors[RES + layer].double() - state.tensors[RES + layer].double()
+            rank = int(torch.linalg.matrix_rank(this_round, rtol=1e-4))  # float32 state
+            # sum_{k<K} p_k (B_k - B_bar)(A_k - A_K): rank <= (K - 1) r, below full rank here
+            assert rank <= (len(SIZES) - 1) * R < min(SHAPES[layer])
             fedit_gap = float((s * _mean(uploads, b_key) @ _mean(uploads, a_key)
                                + state.tensors[RES + layer].double() - exact).norm())
             assert fedit_gap > 1e-4 * float(exact.norm())  # FedIT alone would not be exact
