@@ -51,8 +51,14 @@ from fedpeft.core.wire import (
     records_to_payload,
     serialized_nbytes,
 )
-from fedpeft.core.workspace import default_threads, get_workspace, set_torch_threads
+from fedpeft.core.workspace import (
+    data_free_workspace,
+    default_threads,
+    get_workspace,
+    set_torch_threads,
+)
 
+from .client_eval import EvalReply
 from .reporting import write_json_atomic
 from .rounds import Reply, RoundLoop, new_loop, run_rounds
 from .secagg import SecAggPhase
