@@ -14,11 +14,9 @@ State and downlink. The server keeps the sum of every round's residual per layer
 ``residue.T`` only works for square layers) and sends it with A_bar, B_bar and the head; a client
 sets its base to W0 + that sum (rebuilt on every ``load``, never accumulated in place, since one
 model object serves many virtual clients) and keeps no state of its own. The residual travels
-dense: L d_out d_in floats per client and round, against the adapter's L r (d_in + d_out). In
-factored form one round's residual needs (K - 1) r (d_in + d_out) floats per layer, and a client
-that missed m rounds needs m of them, or the dense sum once that is smaller; with 10 of 100 clients
-per round (the default experiment) almost every sampled client missed several rounds, so the
-dense sum is the smaller message (docs/methods.md gives the figures).
+dense, L d_out d_in floats per client and round; factored, a client would need (K - 1) r
+(d_in + d_out) per layer for each round it missed: more in total on the default experiment
+(simulations/fedex_downlink.py; the figures in docs/results.md).
 
 Uplink: A, B and the head (FedIT's). The aggregate is not a mean of the uploads (it holds their
 products): robust aggregators and client-level DP are refused. The export is the rank-r truncated
