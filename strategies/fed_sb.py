@@ -106,6 +106,8 @@ class FedSB(Method):
                   "so DP-SGD's per-sample gradient hooks do not cover it, and its LoRA-SB "
                   "initialisation uploads each client's raw loss gradient")
     mean_aggregate = False  # the gradient round uploads gradients, not the downlink's tensors
+    secagg_refusal = ("the server keeps, per client, whether it holds the frozen A and B (sent "
+                      "once), from a scalar in each upload that a secure sum would not reveal")
 
     # ---- server half -------------------------------------------------------------------
     def init(self, template: Tensors) -> Payload:

@@ -78,6 +78,9 @@ class FedExLoRA(Method):
     travels down."""
 
     default_lr = 0.002  # FedIT's: clients train A and B as in FedIT
+    secagg_refusal = ("its residual needs the mean of the clients' products B_k A_k, which the "
+                      "sum of their factors does not give (each client would have to upload its "
+                      "dense d_out x d_in products as well)")
 
     # ---- server half -------------------------------------------------------------------
     def init(self, template: Tensors) -> Payload:

@@ -463,6 +463,8 @@ def test_compression_robust_aggregation_and_dp_are_allowed_or_refused_with_a_rea
     with pytest.raises(ConfigError, match="client_level"):
         build_method(load_config(None, [f'method.name="{name}"',
                                         'privacy.client_level="server-fixed"']))
+    with pytest.raises(ConfigError, match=r"secagg\.enabled"):
+        build_method(load_config(None, [f'method.name="{name}"', "secagg.enabled=true"]))
     dp = [f'method.name="{name}"', "privacy.enabled=true"]
     if name == "fed-sb":
         with pytest.raises(ConfigError, match="not a peft adapter tensor"):
