@@ -7,7 +7,6 @@ transport only decodes the downlink and encodes the reply.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 from collections.abc import Callable, Mapping
@@ -19,7 +18,13 @@ from fedpeft.strategies import RANK_KEY, ClientState, Method
 from fedpeft.strategies.base import check_privacy
 
 from fedpeft.core.adapters import AdapterModel
-from fedpeft.core.config import ConfigError, FedConfig, validate_privacy
+from fedpeft.core.config import (
+    ConfigError,
+    FedConfig,
+    parse_override,
+    validate_privacy,
+    with_values,
+)
 from fedpeft.core.keys import (
     BUDGET_SPENT,
     EPSILON,
@@ -169,25 +174,42 @@ def node_workspace(cfg: FedConfig,
     if not path:
         return cfg, get_workspace(cfg)
     set_torch_threads(int(str(node_config.get("threads", 0) or 0)) or default_threads())
-    device = str(node_config.get("device", "") or cfg.train.device)
-    if device != cfg.train.device:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
-    profile = {key.replace("-", "_"): int(str(node_config[key]))
-               for key in ("batch-size", "local-steps") if node_config.get(key)}
-    if profile:  # the device's own training profile
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **profile))
-    eps, delta = node_config.get(NODE_EPSILON), node_config.get("delta")
-    privacy, note = device_privacy(cfg.privacy, float(str(eps)) if eps else None,
-                                   float(str(delta)) if delta else None)
+    cfg = node_overrides(cfg, node_config)
+    return cfg, get_local_workspace(cfg, str(path))
+
+
+def node_overrides(cfg: FedConfig, node_config: Mapping[str, object]) -> FedConfig:
+    """The run's config with this device's own settings (device, training profile, column
+    names, privacy budget and delta), checked like ``--set``: a bad one is a ConfigError."""
+    values: dict[str, Any] = {}
+    if node_config.get("device"):
+        values["train.device"] = str(node_config["device"])
+    for key in ("batch-size", "local-steps"):  # the device's own training profile
+        if node_config.get(key):
+            path = "train." + key.replace("-", "_")
+            values[path] = parse_override(f"{path}={node_config[key]}")[1]
+    for role in ("text", "label"):  # the device's own file, its own column names
+        if node_config.get(f"{role}-column"):
+            values[f"data.{role}_column"] = str(node_config[f"{role}-column"])
+    privacy, note = device_privacy(cfg.privacy, node_number(node_config, NODE_EPSILON),
+                                   node_number(node_config, "delta"))
     if privacy != cfg.privacy:  # the device's own budget (on even if the run's is off) and delta
-        cfg = dataclasses.replace(cfg, privacy=privacy)
+        values.update({f"privacy.{key}": value for key, value in vars(privacy).items()
+                       if value != getattr(cfg.privacy, key)})
     if note:
         say_once(f"fedpeft: {note}")
-    columns = {f"{role}_column": str(node_config[f"{role}-column"])
-               for role in ("text", "label") if node_config.get(f"{role}-column")}
-    if columns:  # the device's own file, its own column names
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **columns))
-    return cfg, get_local_workspace(cfg, str(path))
+    return with_values(cfg, values, "this node's config") if values else cfg
+
+
+def node_number(node_config: Mapping[str, object], key: str) -> float | None:
+    """A number from the node config (None when absent); anything else is a ConfigError."""
+    raw = node_config.get(key)
+    if not raw:
+        return None
+    try:
+        return float(str(raw))
+    except ValueError:
+        raise ConfigError(f"this node's config: {key} = {raw!r}: expected a number") from None
 
 
 def own_rank(node_rank: object, state: ClientState) -> int | None:

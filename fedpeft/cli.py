@@ -76,7 +76,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cfg, out = _load(args), Path(args.out or "runs/latest").resolve()
     # in-process engine: this process loads torch and the model anyway, so no forked check
     (preflight if cfg.simulation.engine == "inprocess" else preflight_isolated)(cfg)
-    precision = pin_precision(cfg)  # 'auto' resolved here: config.toml records what runs
+    cfg, precision = pin_precision(cfg)  # 'auto' resolved here: config.toml records what runs
     fed = cfg.federation
     if done >= fed.rounds:
         print(f"fedpeft: {out} finished all {fed.rounds} rounds; nothing to resume")

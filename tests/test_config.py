@@ -103,3 +103,29 @@ def test_gpu_share_reaches_flower_and_needs_cuda(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"train\.device = 'cuda'.*CUDA is not available"):
         check_model_and_device(cfg)
+
+
+def test_sections_are_frozen_and_changed_only_through_the_checks() -> None:
+    """A section cannot be changed in place; ``with_values`` returns a checked copy and refuses
+    what ``--set`` refuses (bounds, NaN, cross-key rules, unknown keys), naming its source."""
+    import dataclasses
+    import math
+
+    from fedpeft.core.config import with_values
+
+    cfg = load_config(None, ['model.name="tiny-bert"'])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 0.5  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train = cfg.train  # type: ignore[misc]
+    changed = with_values(cfg, {"train.lr": 0.5, "federation.clients": 12}, "a test")
+    assert (changed.train.lr, changed.federation.clients) == (0.5, 12)
+    assert cfg.train.lr != 0.5 and changed.model == cfg.model
+    for values, match in (({"train.lr": math.nan}, "not a finite number"),
+                          ({"train.batch_size": 0}, "out of range"),
+                          ({"federation.clients_per_round": 10_000}, "exceeds federation.clients"),
+                          ({"train.bogus": 1}, "unknown key train.bogus"),
+                          ({"nosection": 1}, "is not a section.key")):
+        with pytest.raises(ConfigError, match=match) as err:
+            with_values(cfg, values, "a test")
+        assert str(err.value).startswith("a test: ")

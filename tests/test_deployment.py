@@ -541,6 +541,25 @@ def test_node_data_wins_over_the_server_partition(tmp_path: Path) -> None:
     assert sim_cfg is cfg
 
 
+def test_a_bad_node_override_is_one_config_error(tmp_path: Path) -> None:
+    """A node's own settings pass the checks of ``--set``: a bad one is a ConfigError naming the
+    node's config and the key, not a crash or an unchecked config."""
+    from fedpeft.client.step import node_overrides
+
+    from fedpeft.core.config import ConfigError, load_config
+
+    cfg = load_config(None, ['model.name="tiny-bert"'])
+    assert node_overrides(cfg, {"batch-size": "4", "epsilon": "3"}).train.batch_size == 4
+    for node, match in (({"batch-size": "0"}, r"train\.batch_size = 0 is out of range"),
+                        ({"local-steps": "many"}, r"train\.local_steps = 'many': expected an int"),
+                        ({"device": "gpu"}, r"train\.device = 'gpu'"),
+                        ({"epsilon": "nan"}, r"privacy\.epsilon = nan is not a finite"),
+                        ({"epsilon": "lots"}, r"epsilon = 'lots': expected a number")):
+        with pytest.raises(ConfigError, match=match) as err:
+            node_overrides(cfg, node)
+        assert "this node's config" in str(err.value)
+
+
 def test_device_data_is_checked_before_connecting_and_own_columns_win(
         tmp_path: Path, capsys) -> None:
     """A file without its columns stops `fedpeft client` with one line before it connects; the

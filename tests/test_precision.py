@@ -60,8 +60,9 @@ def test_auto_is_fp32_without_native_bf16(plain_cpu: None) -> None:
 def test_cli_pins_auto_and_refuses_emulated_bf16(plain_cpu: None) -> None:
     cfg = load_config(None, TINY)
     assert cfg.train.precision == "auto"
-    line = pin_precision(cfg)
-    assert cfg.train.precision == "fp32" and "fp32 (auto" in line
+    pinned, line = pin_precision(cfg)
+    assert pinned.train.precision == "fp32" and "fp32 (auto" in line
+    assert cfg.train.precision == "auto"  # frozen: the caller's config is not changed
     forced = load_config(None, [*TINY, 'train.precision="bf16"'])
     with pytest.raises(ConfigError, match=r"train\.precision = 'bf16'.*no native bfloat16"):
         pin_precision(forced)
@@ -69,11 +70,12 @@ def test_cli_pins_auto_and_refuses_emulated_bf16(plain_cpu: None) -> None:
 
 def test_pin_and_summary_fields(bf16_cpu: None) -> None:
     cfg = load_config(None, TINY)
-    assert "bf16 (auto: native" in pin_precision(cfg) and cfg.train.precision == "bf16"
+    pinned, line = pin_precision(cfg)
+    assert "bf16 (auto: native" in line and pinned.train.precision == "bf16"
     assert load_config(None, [*TINY, 'train.precision="bf16"']).train.precision == "bf16"
-    assert precisions(cfg) == {"precision": "bf16", "train_precision": "bf16"}
+    assert precisions(pinned) == {"precision": "bf16", "train_precision": "bf16"}
     dp = load_config(None, [*TINY, "privacy.enabled=true"])
-    line = pin_precision(dp)
+    _, line = pin_precision(dp)
     assert "DP-SGD training float32" in line
     assert precisions(dp) == {"precision": "bf16", "train_precision": "fp32"}
     with pytest.raises(ConfigError, match=r"train\.precision"):

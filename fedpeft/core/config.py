@@ -44,7 +44,7 @@ def option(default: Any, help: str = "", **meta: Any) -> Any:
 REGISTRY_MODELS = ("minilm-l6", "tiny-bert", "smollm2-135m")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = option("minilm-l6", "registry model (minilm-l6, smollm2-135m, tiny-bert), a local "
                        "Hugging Face model folder, or a hub id in the local Hugging Face cache")
@@ -70,7 +70,7 @@ class ModelConfig:
                           "for (BERT-style encoders)", choices=("auto", "mean"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = option("rotten-tomatoes", "dataset source",
                           choices=("rotten-tomatoes", "chatterbot", "file"))
@@ -104,7 +104,7 @@ AGGREGATORS = ("mean", "median", "trimmed-mean", "norm-clip", "filtered-median")
 EVAL_WHERE = ("server", "clients", "both")  # eval.where
 
 
-@dataclass
+@dataclass(frozen=True)
 class FederationConfig:
     clients: int = option(100, "number of (virtual) clients", min=1)
     rounds: int = option(15, "federated rounds", min=1)
@@ -147,7 +147,7 @@ class FederationConfig:
                                   min=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     local_steps: int = option(5, "optimizer steps per client per round", min=1)
     batch_size: int = option(16, "examples per step", min=1)
@@ -173,7 +173,7 @@ class TrainConfig:
                             choices=("auto", "bf16", "fp32"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     every: int = option(1, "evaluate the global adapter every N rounds (the last round always)",
                       min=1)
@@ -195,7 +195,7 @@ class EvalConfig:
                                     min=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SimulationConfig:
     cpus_per_client: int = option(1, "CPU cores per virtual client (actors = cores / this)", min=1)
     gpus_per_client: float = option(0.0, "GPU share per virtual client, fractional (0.25: four "
@@ -220,7 +220,7 @@ class SimulationConfig:
                               "(docs/performance.md#ray-clusters)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrivacyConfig:
     enabled: bool = option(False, "sample-level DP-SGD (Opacus) on every client's trainable "
                            "adapter tensors")
@@ -248,7 +248,7 @@ class PrivacyConfig:
                                 gt=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FaultsConfig:
     """Fault injection for tests (client/faults.py): chosen clients misbehave in their replies.
     A client is chosen by partition id (the lists) or by seed (the fractions of all clients)."""
@@ -282,7 +282,7 @@ FAULT_KINDS = ("crash", "hang", "nan", "wrong_shape", "oversized", "explode")
 ATTACK_KINDS = ("none", "sign-flip", "scaled", "noise", "label-flip")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttacksConfig:
     """Attack injection for robustness experiments (client/attacks.py): a share of the clients,
     drawn once by ``federation.seed``, is malicious for the whole run and attacks whenever it
@@ -296,7 +296,7 @@ class AttacksConfig:
     scale: float = option(-10.0, "the scaled attack's factor on the update")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompressionConfig:
     """Filters on what crosses the wire (fedpeft.core.filters), in order, per direction; every
     message is packed into one array either way. Accepted: fp16, bf16, int8[:BLOCK],
@@ -309,7 +309,7 @@ class CompressionConfig:
                              "quantisation and deflate only; empty = packed only)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SecAggConfig:
     """Secure aggregation (SecAgg+, Bell et al. 2020; docs/secure-aggregation.md): the server
     learns the weighted mean of the surviving clients' clipped updates and nothing about any one
@@ -331,13 +331,13 @@ class SecAggConfig:
                              "the server cannot check a count it never sees", min=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MethodConfig:
     name: str = option(DEFAULT_METHOD, "federated method (see `fedpeft methods`)")
     options: dict[str, Any] = option({}, "the method's own options")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FedConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -508,6 +508,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a TOML file (or the defaults), apply ``--set`` overrides and validate."""
     raw = read_toml(path, "config file") if path else {}
     return from_dict(apply_overrides(raw, overrides or []))
+
+
+def with_values(cfg: FedConfig, values: typing.Mapping[str, Any], source: str) -> FedConfig:
+    """A copy of the (frozen) ``cfg`` with ``{"section.key": value}`` applied, through the same
+    checks as ``--set`` (types, bounds, cross-key rules); a bad value is a :class:`ConfigError`
+    that names ``source`` (e.g. "this node's config")."""
+    raw = cfg.to_dict()
+    for path, value in values.items():
+        section, _, key = path.partition(".")
+        if section not in raw or not key:
+            raise ConfigError(f"{source}: {path!r} is not a section.key")
+        raw[section][key] = value
+    try:
+        return from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from fedpeft.core.config import ConfigError, FedConfig
+from fedpeft.core.config import ConfigError, FedConfig, with_values
 
 PRECISIONS = ("auto", "bf16", "fp32")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -73,16 +73,17 @@ def describe(precision: str, setting: str, dp: bool) -> str:
     return text
 
 
-def pin_precision(cfg: FedConfig) -> str:
-    """Resolve ``cfg.train.precision`` for this host, in place (so ``config.toml`` records what
-    runs); an explicit 'bf16' without native support is a :class:`ConfigError`. Returns the
-    line the CLI prints."""
+def pin_precision(cfg: FedConfig) -> tuple[FedConfig, str]:
+    """``cfg`` with ``train.precision`` resolved for this host (so ``config.toml`` records what
+    runs); an explicit 'bf16' without native support is a :class:`ConfigError`. Returns that
+    config and the line the CLI prints."""
     setting = cfg.train.precision
     try:
-        cfg.train.precision = check_precision(setting, cfg.train.device)
+        pinned = check_precision(setting, cfg.train.device)
     except ValueError as exc:
         raise ConfigError(f"train.precision = {setting!r}: {exc}") from exc
-    return describe(cfg.train.precision, setting, cfg.privacy.enabled)
+    cfg = with_values(cfg, {"train.precision": pinned}, "the pinned precision")
+    return cfg, describe(pinned, setting, cfg.privacy.enabled)
 
 
 def precisions(cfg: FedConfig) -> dict[str, str]:
