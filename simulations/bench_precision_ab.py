@@ -70,6 +70,8 @@ def collect(work: Path, seeds: list[int]) -> dict:
             summary = json.loads((out / "summary.json").read_text())
             rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             trained = [r["train_s"] for r in rows if r["round"] > 0 and "train_s" in r]
+            scored = [r["eval_s"] for r in rows if 0 < r["round"] < len(rows) - 1
+                      and r.get("eval_s")]  # the 500-snippet subset (the last round: all)
             meta_path = work / f"{arm}-s{seed}.run.json"
             meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
             runs[arm].append({
@@ -77,6 +79,7 @@ def collect(work: Path, seeds: list[int]) -> dict:
                 "wall_s": meta.get("wall_s") or summary.get("cli_wall_s"),
                 "final_accuracy": summary["final_accuracy"],
                 "train_s_per_round": statistics.mean(trained),
+                "eval_s_per_round": statistics.mean(scored) if scored else 0.0,
                 "load1": statistics.mean(meta["load1"]) if meta.get("load1") else None})
             dest = RESULTS / "ab" / f"{arm}-s{seed}"
             dest.mkdir(parents=True, exist_ok=True)
@@ -87,12 +90,13 @@ def collect(work: Path, seeds: list[int]) -> dict:
 
 def report(runs: dict[str, list[dict]]) -> tuple[dict, str]:
     stats = {arm: {key: mean_std([r[key] for r in rows])
-                   for key in ("wall_s", "final_accuracy", "train_s_per_round")}
+                   for key in ("wall_s", "final_accuracy", "train_s_per_round",
+                               "eval_s_per_round")}
              for arm, rows in runs.items() if rows}
     pairs = {r["seed"]: r for r in runs["fp32"]}
     ratios = [r["wall_s"] / pairs[r["seed"]]["wall_s"] for r in runs["auto"] if r["seed"] in pairs]
     lines = ["| arm | precision ran | seeds | wall s | final accuracy | train_s / round | "
-             "load (1 min) per run |", "|---|---|---|---:|---:|---:|---|"]
+             "eval_s / round | load (1 min) per run |", "|---|---|---|---:|---:|---:|---:|---|"]
     for arm, rows in runs.items():
         if not rows:
             continue
@@ -102,6 +106,7 @@ def report(runs: dict[str, list[dict]]) -> tuple[dict, str]:
                      f" | {st['wall_s'][0]:.0f} +- {st['wall_s'][1]:.0f} | "
                      f"{st['final_accuracy'][0]:.3f} +- {st['final_accuracy'][1]:.3f} | "
                      f"{st['train_s_per_round'][0]:.1f} +- {st['train_s_per_round'][1]:.1f} | "
+                     f"{st['eval_s_per_round'][0]:.1f} +- {st['eval_s_per_round'][1]:.1f} | "
                      f"{loads} |")
     summary = {"stats": stats, "pair_wall_ratios": ratios, "runs": runs}
     if len(stats) == 2:
