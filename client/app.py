@@ -8,14 +8,13 @@ file; model, data and encodings are cached per process by ``fedpeft.core.workspa
 from __future__ import annotations
 
 import functools
-import json
 
 from fedpeft.strategies import Method, build_method
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.core.adapters import AdapterModel
-from fedpeft.core.config import ConfigError, FedConfig, from_dict
+from fedpeft.core.config import ConfigError, FedConfig, from_json
 from fedpeft.core.keys import BASE_FINGERPRINT, PARTITION, RANK, REPLY_INFO, ROUND
 from fedpeft.core.payload import Payload
 from fedpeft.core.wire import (
@@ -43,7 +42,7 @@ app = ClientApp(mods=[inject_faults, inject_attacks])
 
 @functools.lru_cache(maxsize=4)
 def _setup(cfg_json: str) -> tuple[FedConfig, Method]:
-    cfg = from_dict(json.loads(cfg_json))
+    cfg = from_json(cfg_json)
     sim = cfg.simulation
     set_torch_threads(sim.threads_per_client or sim.cpus_per_client)
     return cfg, build_method(cfg)

@@ -21,15 +21,12 @@ single-process loop calls :func:`attack_upload` on the same tensors.
 
 from __future__ import annotations
 
-import functools
-import json
-
 import numpy as np
 import torch
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedpeft.core.config import FedConfig, from_dict
+from fedpeft.core.config import FedConfig, from_json
 from fedpeft.core.keys import PARTITION, ROUND
 from fedpeft.core.payload import Tensors
 from fedpeft.core.tasks import Batchable, Task
@@ -114,18 +111,13 @@ def _noise_like(updates: dict[str, torch.Tensor], seed: list[int]) -> dict[str, 
     return {k: z * (norm / noise_norm.clamp_min(1e-300)) for k, z in noise.items()}
 
 
-@functools.lru_cache(maxsize=4)
-def _config(cfg_json: str) -> FedConfig:
-    return from_dict(json.loads(cfg_json))
-
-
 def inject_attacks(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower mod: an update attacker's reply carries the attacked upload (label-flip acts in
     the trainer)."""
     cfg_json = run_config_json(context.run_config, msg.content)
     if msg.metadata.message_type != MessageType.TRAIN or cfg_json is None:
         return call_next(msg, context)
-    cfg = _config(cfg_json)
+    cfg = from_json(cfg_json)
     reply = call_next(msg, context)
     if cfg.attacks.kind not in UPDATE_ATTACKS or reply.has_error() \
             or not has_tensors(reply.content):

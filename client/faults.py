@@ -17,8 +17,6 @@ partition id (:func:`fault_assignment`), so tests can compute the expected count
 
 from __future__ import annotations
 
-import functools
-import json
 import time
 
 import numpy as np
@@ -26,7 +24,7 @@ import torch
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedpeft.core.config import FAULT_KINDS, FedConfig, from_dict
+from fedpeft.core.config import FAULT_KINDS, FedConfig, from_json
 from fedpeft.core.keys import PARTITION, ROUND
 from fedpeft.core.sampling import sample_clients
 from fedpeft.core.wire import (
@@ -98,17 +96,12 @@ def fault_for(cfg: FedConfig, partition_id: int, server_round: int) -> str | Non
     return fault_assignment(cfg, server_round).get(partition_id)
 
 
-@functools.lru_cache(maxsize=4)
-def _config(cfg_json: str) -> FedConfig:
-    return from_dict(json.loads(cfg_json))
-
-
 def inject_faults(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower mod: apply this client's fault for this round, if the config gives it one."""
     cfg_json = run_config_json(context.run_config, msg.content)
     if msg.metadata.message_type != MessageType.TRAIN or cfg_json is None:
         return call_next(msg, context)
-    cfg = _config(cfg_json)
+    cfg = from_json(cfg_json)
     if not faults_enabled(cfg):
         return call_next(msg, context)
     scalars = msg.content[SCALARS]

@@ -129,3 +129,25 @@ def test_sections_are_frozen_and_changed_only_through_the_checks() -> None:
         with pytest.raises(ConfigError, match=match) as err:
             with_values(cfg, values, "a test")
         assert str(err.value).startswith("a test: ")
+
+
+def test_a_client_process_parses_the_run_config_once(
+        tmp_path: Path, in_process: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ClientApp and its fault/attack mods share one parse of the run's config: six clients
+    over two rounds in one process (train and evaluation messages) parse it once."""
+    from fedpeft.server import app as server_app
+
+    from fedpeft.core import config
+    from tests.helpers import TINY, FakeGrid
+
+    cfg = load_config(None, [*TINY, "federation.clients_per_round=6", 'eval.where="both"'])
+    parses = []
+    real = config.from_dict
+    monkeypatch.setattr(config, "from_dict", lambda raw: parses.append(1) or real(raw))
+    config.from_json.cache_clear()
+    server_app.run_server(FakeGrid(range(11, 17)), cfg, tmp_path / "run", simulation=True)
+    info = config.from_json.cache_info()
+    assert len(parses) == 1 and info.misses == 1
+    assert info.hits >= 2 * 6 * cfg.federation.rounds  # both mods, each train message
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        config.from_json("{nope")

@@ -12,6 +12,7 @@ be off, and training without DP is ``privacy.enabled = false``, not ``privacy.ep
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -474,6 +475,19 @@ def from_dict(raw: dict[str, Any]) -> FedConfig:
     cfg = FedConfig(**sections)
     validate(cfg)
     return cfg
+
+
+@functools.lru_cache(maxsize=4)
+def from_json(text: str) -> FedConfig:
+    """The run's config as the server sends it (``FedConfig.to_json``), parsed and checked once
+    per process per text: the ClientApp and its fault/attack mods share the one frozen copy."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"the run's config is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("the run's config is not a table of sections")
+    return from_dict(raw)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
