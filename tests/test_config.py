@@ -151,3 +151,20 @@ def test_a_client_process_parses_the_run_config_once(
     assert info.hits >= 2 * 6 * cfg.federation.rounds  # both mods, each train message
     with pytest.raises(ConfigError, match="not valid JSON"):
         config.from_json("{nope")
+
+
+def test_cross_key_rules_are_one_registered_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``validate`` runs every rule registered with ``@rule`` (the built-in ones included), so a
+    rule added next to its section needs no second edit to take effect."""
+    from fedpeft.core import config
+
+    names = [check.__name__ for check in config.RULES]
+    assert {"validate_federation", "validate_train", "validate_privacy",
+            "validate_secagg"} <= set(names) and len(names) == len(set(names))
+    seen = []
+    monkeypatch.setattr(config, "RULES", [])
+    config.rule(seen.append)
+    config.rule(lambda cfg: (_ for _ in ()).throw(ConfigError("x.y: a registered rule")))
+    with pytest.raises(ConfigError, match="a registered rule"):
+        load_config(None, ['model.name="tiny-bert"'])
+    assert len(seen) == 1 and seen[0].model.name == "tiny-bert"

@@ -553,8 +553,25 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {p} cannot be read: {exc.strerror or exc}") from None
 
 
+Rule = typing.Callable[[FedConfig], None]
+RULES: list[Rule] = []  # every check that spans several keys, in the order they run
+
+
+def rule(check: Rule) -> Rule:
+    """Register ``check`` (it raises :class:`ConfigError` on a bad combination of keys) next to
+    the keys it owns; :func:`validate` runs every registered rule."""
+    RULES.append(check)
+    return check
+
+
 def validate(cfg: FedConfig) -> None:
-    """Checks that span several keys."""
+    """Checks that span several keys: every rule registered with :func:`rule`."""
+    for check in RULES:
+        check(cfg)
+
+
+@rule
+def validate_federation(cfg: FedConfig) -> None:
     fed = cfg.federation
     parse_rank_mix(fed.rank_mix)
     if fed.clients_per_round > fed.clients:
@@ -567,12 +584,19 @@ def validate(cfg: FedConfig) -> None:
             f"federation.min_replies = {fed.min_replies} exceeds federation.clients_per_round "
             f"= {fed.clients_per_round}"
         )
+
+
+@rule
+def validate_model(cfg: FedConfig) -> None:
     if cfg.data.dataset == "file" and not cfg.data.path:
         raise ConfigError("data.path is required when data.dataset = 'file'")
     validate_model_name(cfg.model.name)
-    validate_data(cfg)
     if not cfg.model.target_modules:
         raise ConfigError("model.target_modules is empty: name at least one module for LoRA")
+
+
+@rule
+def validate_device(cfg: FedConfig) -> None:
     dev = cfg.train.device
     if dev != "cpu" and dev != "cuda" and not (dev.startswith("cuda:") and dev[5:].isdigit()):
         raise ConfigError(f"train.device = {dev!r}: expected 'cpu', 'cuda' or 'cuda:N'")
@@ -581,19 +605,16 @@ def validate(cfg: FedConfig) -> None:
         raise ConfigError(f"simulation.gpus_per_client = {gpus} needs train.device = 'cuda' (not "
                           f"{dev!r}): Ray gives each actor its GPU share as device 'cuda'")
     validate_ray_address(cfg.simulation.ray_address)
-    validate_engine(cfg)
+
+
+@rule
+def validate_train(cfg: FedConfig) -> None:
     if cfg.train.accumulate > cfg.train.batch_size:
         raise ConfigError(f"train.accumulate = {cfg.train.accumulate} exceeds train.batch_size = "
                           f"{cfg.train.batch_size}: it splits one batch into that many pieces")
     if cfg.train.momentum and cfg.train.optimizer != "sgd":
         raise ConfigError(f"train.momentum = {cfg.train.momentum} applies to train.optimizer = "
                           f"'sgd' only (not {cfg.train.optimizer!r}): set it to 0 or use sgd")
-    validate_privacy(cfg)
-    validate_eval(cfg)
-    validate_faults(cfg)
-    validate_robustness(cfg)
-    validate_compression(cfg)
-    validate_secagg(cfg)
 
 
 def validate_ray_address(address: str) -> None:
@@ -607,6 +628,7 @@ def validate_ray_address(address: str) -> None:
                           "head node (e.g. '10.0.0.5:6379'), 'auto', or '' for a private Ray")
 
 
+@rule
 def validate_engine(cfg: FedConfig) -> None:
     """What the in-process engine cannot do: join a Ray cluster, inject [faults] (a ClientApp
     mod)."""
@@ -633,6 +655,7 @@ def validate_model_name(name: str) -> None:
                       "model folder, or a hub id (org/name) in the local Hugging Face cache")
 
 
+@rule
 def validate_data(cfg: FedConfig) -> None:
     """[data]: a natural split needs a column to split by."""
     data = cfg.data
@@ -650,6 +673,7 @@ def validate_data(cfg: FedConfig) -> None:
                           "for a user file")
 
 
+@rule
 def validate_privacy(cfg: FedConfig) -> None:
     """[privacy] checks that span keys (which methods support DP: ``build_method``)."""
     priv = cfg.privacy
@@ -676,6 +700,7 @@ def client_holdout(cfg: FedConfig) -> float:
     return cfg.eval.client_holdout if clients_evaluate(cfg) else 0.0
 
 
+@rule
 def validate_eval(cfg: FedConfig) -> None:
     """[eval] checks that span keys: a cohort that exists, no per-client figures around DP-SGD
     (a client's holdout figures are computed on its data outside the DP guarantee)."""
@@ -693,6 +718,7 @@ def validate_eval(cfg: FedConfig) -> None:
             "reach the server unnoised; use eval.where = 'server' (docs/privacy.md)")
 
 
+@rule
 def validate_faults(cfg: FedConfig) -> None:
     """[faults]: partition ids that exist, one fault per client, fractions that fit, and a
     round timeout whenever a client is made to hang."""
@@ -720,6 +746,7 @@ def validate_faults(cfg: FedConfig) -> None:
                           "without a round timeout the server waits for a hanging client forever")
 
 
+@rule
 def validate_robustness(cfg: FedConfig) -> None:
     """federation.aggregator and [attacks] checks that span keys (which methods can use a robust
     aggregator: ``build_method``)."""
@@ -742,6 +769,7 @@ def validate_robustness(cfg: FedConfig) -> None:
         )
 
 
+@rule
 def validate_compression(cfg: FedConfig) -> None:
     """[compression]: chains that parse, no update-only filter on the downlink, and no lossy
     upload after the client clips its own update (it would leave the clipping bound)."""
@@ -762,6 +790,7 @@ def validate_compression(cfg: FedConfig) -> None:
                               "'server-fixed' (the server clips the decoded update)")
 
 
+@rule
 def validate_secagg(cfg: FedConfig) -> None:
     """[secagg]: a graph and threshold the round's clients can meet, a field without wrap-around,
     and nothing that needs to see one client's update (the method is checked by build_method)."""
