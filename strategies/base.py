@@ -288,7 +288,8 @@ def build_method(cfg: FedConfig, num_labels: int | None = None) -> Method:
     """Look up ``method.name`` and validate its options (unknown keys and bad values refused)."""
     name = cfg.method.name
     if name not in METHODS:
-        raise ConfigError(f"method.name = {name!r} is not allowed: one of {', '.join(sorted(METHODS))}")
+        allowed = ", ".join(sorted(METHODS))
+        raise ConfigError(f"method.name = {name!r} is not allowed: one of {allowed}")
     cls = METHODS[name]
     options = parse_dataclass(cls.Options, cfg.method.options, "method")
     check_ranks(cls, cfg)

@@ -55,6 +55,10 @@ class FedSALoRA(Method):
 
     default_lr = 0.002
     personalized = True
+    dp_refusal = ("a personalised method is scored only by its clients on their own held-out "
+                  "examples, and those figures would reach the server outside DP-SGD's "
+                  "guarantee (eval.where = 'clients' is refused under privacy.enabled; "
+                  "docs/privacy.md)")
 
     def personal_keys(self, keys: Iterable[str]) -> set[str]:
         names = list(keys)

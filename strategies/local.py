@@ -34,6 +34,10 @@ class Local(Method):
 
     default_lr = 0.002
     personalized = True
+    dp_refusal = ("a personalised method is scored only by its clients on their own held-out "
+                  "examples, and those figures would reach the server outside DP-SGD's "
+                  "guarantee (eval.where = 'clients' is refused under privacy.enabled; "
+                  "docs/privacy.md)")
 
     def personal_keys(self, keys: Iterable[str]) -> set[str]:
         return set(keys)

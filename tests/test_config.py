@@ -58,7 +58,8 @@ def test_bad_values_name_the_key_and_allowed_values(override: str, message: str)
 
 
 def test_unknown_method_and_option() -> None:
-    with pytest.raises(ConfigError, match=r"method.name = 'fedfoo' is not allowed: one of ") as info:
+    refusal = r"method.name = 'fedfoo' is not allowed: one of "
+    with pytest.raises(ConfigError, match=refusal) as info:
         build_method(load_config(None, ['method.name="fedfoo"']))
     listed = str(info.value).split("one of ", 1)[1].split(", ")
     assert listed == sorted(listed) and {"fedit", "ffa-lora", "ferret"} <= set(listed)

@@ -264,7 +264,9 @@ def _method_sets(name: str) -> list[str]:
     return [f'method.name="{name}"', *(['federation.rank_mix="4:0.5,8:0.5"'] if mixed else [])]
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# A personalised method's personal parts live only in its clients' Context.state, which this test
+# throws away on purpose (a restart): its resumed run cannot equal the uninterrupted one.
+@pytest.mark.parametrize("method", sorted(n for n, c in METHODS.items() if not c.personalized))
 def test_resume_after_a_kill_mid_round_is_bit_identical(
         method: str, tmp_path: Path, in_process: None) -> None:
     """Checkpoint completeness, per method: a run killed in round 2 and resumed (new node ids,
@@ -291,7 +293,7 @@ def test_resume_after_a_kill_mid_round_is_bit_identical(
     # else the accuracy the server reported for the export (and it says why it is lossy)
     exported = evaluate_adapter_dir(tmp_path / "cut" / "adapter")["accuracy"]
     # hetlora here: model.rank = the largest rank; ferret's default LoRA target exports exactly
-    lossy = {"flexlora", "flora"}
+    lossy = {"flexlora", "flora", "fedex-lora"}  # fedex-lora: residuals folded into the base
     assert summary["adapter_exact"] is (method not in lossy)
     if method in lossy:
         assert summary["adapter_note"] and exported == pytest.approx(summary["adapter_accuracy"])
