@@ -102,8 +102,10 @@ def evaluate_global(cfg: FedConfig, method: Method, state: Payload, workspace: W
     with autocast(cfg.train.precision, device, adapter.model):  # train.precision: eval too
         ev = workspace.task.evaluate(adapter.model, workspace.test_set(subset),
                                      cfg.eval.batch_size, device)
-        samples = [] if export else workspace.task.samples(adapter.model, workspace.test_data(),
-                                                           device)
+    # greedy completions in float32: samples.md shows what `fedpeft generate` and plain peft
+    # print for the same adapter (a bfloat16 rounding can flip a greedy token)
+    samples = [] if export else workspace.task.samples(adapter.model, workspace.test_data(),
+                                                       device)
     return EvalResult(ev.accuracy, ev.loss, ev.examples, time.perf_counter() - start, ev.extra,
                       samples)
 
