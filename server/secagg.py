@@ -190,7 +190,7 @@ class InProcessSecAgg:
         out: dict[int, dict | None] = {}
         for node, (profile, fields) in box.requests.items():
             client = self.clients.setdefault(profile.partition_id, SecAggClient(node, 0))
-            box.down[node] += field_bytes(fields)
+            box.down[node] += _nbytes(fields)
             try:
                 out[node] = respond(client, box.stage, fields,
                                     lambda p=profile: self._upload(loop, box, p))
@@ -199,7 +199,7 @@ class InProcessSecAgg:
                     exc)
                 out[node] = None
                 continue
-            box.up[node] += field_bytes(out[node])
+            box.up[node] += _nbytes(out[node])
         return out
 
     def _upload(self, loop: RoundLoop, box: Outbox, profile: ClientProfile) -> tuple:
@@ -209,6 +209,11 @@ class InProcessSecAgg:
                    RANK: profile.rank, LAYOUT_KEY: box.digest}
         state = self.states.setdefault(profile.partition_id, ClientState())
         return masked_upload(self.cfg, self.method, scalars, lambda model: down, state, {}, "")
+
+
+def _nbytes(fields: dict | None) -> int:
+    """A record's protocol payload bytes (ints 8, bytes and strings their length)."""
+    return sum(field_bytes(v) for v in (fields or {}).values())
 
 
 def _aggregate(loop: RoundLoop, rnd: int, first: ClientProfile, shapes: dict,
