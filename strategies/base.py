@@ -376,7 +376,7 @@ def check_ranks(cls: type[Method], cfg: FedConfig) -> None:
 
 def method_help() -> str:
     lines = []
-    for name, cls in METHODS.items():
+    for name, cls in sorted(METHODS.items()):
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # 1st paragraph
         lines.append(f"{name}: {doc}")
         lines.append(f"    default lr {cls.default_lr:g} (when train.lr = 0)")
