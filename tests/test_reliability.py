@@ -359,7 +359,7 @@ def test_faults_in_a_flower_simulation(tmp_path: Path) -> None:
     assert all(torch.isfinite(t).all() for t in adapter.values())
     log = (out / "run.log").read_text()
     for reason in ("injected fault: client 0 crashes in round 2", "contains NaN or Inf",
-                   "shape (7, 32), expected (8, 32)", f"unexpected tensors ['{OVERSIZED_KEY}']",
+                   "shape (7, 32), expected (8, 32)", f"unexpected tensor {OVERSIZED_KEY!r}",
                    "exceeds the bound 10", "1 of 8 clients did not reply within"):
         assert reason in log, reason
 
