@@ -55,6 +55,13 @@ __all__ = ["ClientState", "Payload", "Scalar", "Tensors"]  # re-exported for the
 # sends that rank next time; a node's ``--node-config rank=N`` caps it (client/app.py).
 RANK_KEY = RANK  # the downlink scalar's name, kept in the client's state
 
+# Why a personalised method refuses DP-SGD: only its clients can score it, and client-side
+# figures are refused under privacy.enabled.
+PERSONAL_DP_REFUSAL = (
+    "a personalised method is scored only by its clients on their own held-out examples, and "
+    "those figures would reach the server outside DP-SGD's guarantee (eval.where = 'clients' is "
+    "refused under privacy.enabled; docs/privacy.md)")
+
 # The learning rate of a method that names none (train.lr = 0 and no ``default_lr``).
 FALLBACK_LR = 0.002
 

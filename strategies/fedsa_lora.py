@@ -23,6 +23,7 @@ import torch
 from fedpeft.core.adapters import AdapterModel, lora_pairs
 
 from .base import (
+    PERSONAL_DP_REFUSAL,
     Aggregate,
     ClientProfile,
     ClientState,
@@ -55,10 +56,7 @@ class FedSALoRA(Method):
 
     default_lr = 0.002
     personalized = True
-    dp_refusal = ("a personalised method is scored only by its clients on their own held-out "
-                  "examples, and those figures would reach the server outside DP-SGD's "
-                  "guarantee (eval.where = 'clients' is refused under privacy.enabled; "
-                  "docs/privacy.md)")
+    dp_refusal = PERSONAL_DP_REFUSAL
 
     def personal_keys(self, keys: Iterable[str]) -> set[str]:
         names = list(keys)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from fedpeft.core.adapters import AdapterModel
 
 from .base import (
+    PERSONAL_DP_REFUSAL,
     Aggregate,
     ClientProfile,
     ClientState,
@@ -34,10 +35,7 @@ class Local(Method):
 
     default_lr = 0.002
     personalized = True
-    dp_refusal = ("a personalised method is scored only by its clients on their own held-out "
-                  "examples, and those figures would reach the server outside DP-SGD's "
-                  "guarantee (eval.where = 'clients' is refused under privacy.enabled; "
-                  "docs/privacy.md)")
+    dp_refusal = PERSONAL_DP_REFUSAL
 
     def personal_keys(self, keys: Iterable[str]) -> set[str]:
         return set(keys)
