@@ -5,17 +5,20 @@ as Flower's fixed-clipping wrappers define it and with Flower's own helpers
 It is a stage of the round loop (``server/rounds.py``), not a second road: the loop decodes and
 validates every reply once, and this stage takes the accepted uploads, so the same code serves
 every transport (Flower and the in-process loop). What it does, with G the round's downlink
-(the same for every client: only methods with ``mean_aggregate`` qualify), C = ``client_clip``,
-z = ``client_noise`` and m the clients sampled per round:
+(for every uploaded key the same for all clients: ``mean_aggregate`` methods without a
+``client_dp_refusal``), C = ``client_clip``, z = ``client_noise`` and m the clients sampled per
+round:
 
 - ``server-fixed``: the server clips every accepted update U_k - G to L2 norm C (Flower's
   ``DifferentialPrivacyServerSideFixedClipping``); ``client-fixed``: each client clipped its own
   (``fedpeft.core.privacy.clip_update``, Flower's ``DifferentialPrivacyClientSideFixedClipping``)
   and the server rejects an update whose norm exceeds C.
-- The method aggregates the clipped uploads with unit weights (an example-weighted mean would
-  let one client move it by more than C / m), and the mean counts the m sampled clients, a
-  missing or rejected one as a zero update: new = G + (1/m) sum_k clip(U_k - G). One client
-  moves it by at most C / m, the sensitivity the noise is calibrated to.
+- The clipped uploads are averaged with unit weights (an example-weighted mean would let one
+  client move it by more than C / m) over the m sampled clients, a missing or rejected one
+  counting as a zero update: G + (1/m) sum_k clip(U_k - G). One client moves it by at most
+  C / m, the sensitivity the noise is calibrated to. The method aggregates one upload holding
+  the noised mean (as under secure aggregation), so what it does after the mean (FedSVD's
+  re-factorisation) is post-processing of the release.
 - Gaussian noise of std z C / m is added to the mean (Flower's ``compute_stdv``), once per
   aggregated round (a release); ``client_epsilon`` is the client-level epsilon of the releases
   so far, by Opacus's RDP accountant with no amplification by client sampling (as Flower's own
@@ -73,21 +76,20 @@ class ClientLevelDP:
 
     def aggregate(self, method: Method, state: Payload, uploads: list[Upload],
                   reference: Tensors) -> Aggregate:
-        """The method's aggregate of the clipped, unit-weighted uploads, its mean over the m
-        sampled clients, plus the noise; ``reference``: the round's downlink (G)."""
-        keys = list(reference)
-        clipped = [Upload(u.profile, Payload(self._clipped(u.payload.tensors, reference, keys),
-                                             dict(u.payload.scalars)), 1, u.metrics)
-                   for u in uploads]
-        agg = method.aggregate(state, clipped)
-        share = len(uploads) / self.sampled  # k of m: the others count as zero updates
-        after = agg.state.tensors
-        mean = [(reference[k] + share * (after[k] - reference[k])).numpy() for k in keys]
+        """The method's aggregate of one upload holding G + (1/m) sum_k clip(U_k - G) plus the
+        noise, over the uploaded keys (the method post-processes it as it would a mean, e.g.
+        FedSVD's re-factorisation); ``reference``: the round's downlink (G)."""
+        keys = sorted(uploads[0].payload.tensors)  # every upload was validated to these keys
+        clipped = [self._clipped(u.payload.tensors, reference, keys) for u in uploads]
+        mean = [(reference[k].double() + sum(c[k].double() - reference[k].double()
+                                             for c in clipped) / self.sampled).numpy()
+                for k in keys]  # k of m: the others count as zero updates
         dp = flower_dp()
         dp.add_gaussian_noise_inplace(mean, dp.compute_stdv(self.noise, self.clip, self.sampled))
         self.releases += 1
-        noised = {k: torch.from_numpy(np.asarray(v)) for k, v in zip(keys, mean, strict=True)}
-        return Aggregate(Payload({**after, **noised}, dict(agg.state.scalars)), agg.metrics)
+        noised = {k: torch.from_numpy(np.asarray(v)).to(uploads[0].payload.tensors[k].dtype)
+                  for k, v in zip(keys, mean, strict=True)}
+        return method.aggregate(state, [Upload(uploads[0].profile, Payload(noised), 1, {})])
 
     def _clipped(self, tensors: Tensors, reference: Tensors, keys: list[str]) -> Tensors:
         """``server-fixed``: the upload with its update clipped to C by Flower's

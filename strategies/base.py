@@ -17,10 +17,12 @@ Client half
     ``personal_keys(keys) -> keys``                  what stays on the client (personalised)
 
 Class attributes: ``Options`` (a dataclass), ``default_lr``, ``mixed_ranks`` (clients may hold
-different LoRA ranks), ``mean_aggregate`` (a mean of the uploads over one shared downlink: robust
-aggregators and client-level DP apply), ``dp_refusal`` / ``compression_refusal`` (why DP-SGD or
-lossy filters would be unsound; empty: fine) and ``timings`` (per-client seconds the loop sums),
-so that nothing outside ``strategies/`` names a method. What a method may rely on, and where
+different LoRA ranks), ``mean_aggregate`` (the aggregate reads the uploads only through a weighted
+mean of the uploaded tensors: robust aggregators replace that mean, secure aggregation computes
+it, client-level DP noises it), ``dp_refusal`` / ``compression_refusal`` / ``secagg_refusal`` /
+``client_dp_refusal`` / ``robust_refusal`` (why DP-SGD, lossy filters, SecAgg, client-level DP or
+a robust aggregator would be unsound; empty: fine) and ``timings`` (per-client seconds the loop
+sums), so that nothing outside ``strategies/`` names a method. What a method may rely on, and where
 per-client data lives: :class:`Method`.
 """
 
@@ -182,11 +184,22 @@ class Method(abc.ABC):
     # gradients (everything it uploads is post-processing of DP-SGD's output); a method for which
     # it is not says why here.
     dp_refusal: ClassVar[str] = ""
-    # The aggregate is a mean of the uploads and every client gets the same downlink (the
-    # state's tensors of those keys). Only then do robust aggregators (federation.aggregator,
-    # which the method takes with ``robust_mean``) and client-level DP (clip each update, noise
-    # the mean) apply.
+    # The aggregate reads the uploads only through the weighted mean of the uploaded tensors,
+    # which the method takes with ``robust_mean(self.ctx.aggregator, ...)``; what it does with
+    # that mean afterwards (FedSVD's re-factorisation, RoLoRA's frozen factor) reads no upload.
+    # Then a robust aggregator (federation.aggregator) replaces the mean, secure aggregation
+    # (one upload holding the mean) computes it, and client-level DP (one upload holding the
+    # clipped, noised mean) noises it, each unless the method's refusal below says why not.
     mean_aggregate: ClassVar[bool] = False
+    # Why a method that is not ``mean_aggregate`` refuses robust aggregators (empty: a generic
+    # reason from its docstring).
+    robust_refusal: ClassVar[str] = ""
+    # Client-level DP ([privacy] client_level) clips each upload's update against what the
+    # client was sent, which for every uploaded key must be the same for all clients, and hands
+    # ``aggregate`` one upload: the noised mean (no upload scalars). Sound for a
+    # ``mean_aggregate`` method; why not for this one (``client_dp_problem``; empty: a generic
+    # reason for a method that is not ``mean_aggregate``).
+    client_dp_refusal: ClassVar[str] = ""
     # Lossy wire filters ([compression]) change the uploaded numbers; a method whose maths they
     # would break says why here.
     compression_refusal: ClassVar[str] = ""
@@ -199,8 +212,9 @@ class Method(abc.ABC):
     # a note. ``load`` joins the personal parts, ``uplink`` keeps them back.
     personalized: ClassVar[bool] = False
     # Secure aggregation ([secagg]) gives ``aggregate`` one upload: the example-weighted mean of
-    # the clipped uploads (``num_examples`` = the summed weights). Sound for a ``mean_aggregate``
-    # method; one that is not, or cannot take it, may say why here (``secagg_problem``).
+    # the clipped uploads (``num_examples`` = the summed weights; no upload scalars), each
+    # client's update taken against its own downlink. Sound for a ``mean_aggregate`` method;
+    # one that is not, or cannot take it, may say why here (``secagg_problem``).
     secagg_refusal: ClassVar[str] = ""
 
     def __init__(self, options: Any, ctx: MethodContext) -> None:
@@ -329,33 +343,48 @@ def secagg_problem(cls: type[Method]) -> str:
         "example-weighted mean, which is all that secure aggregation reveals")
 
 
+def client_dp_problem(cls: type[Method]) -> str:
+    """Why client-level DP cannot run with this method (empty: it can)."""
+    if cls.client_dp_refusal or cls.mean_aggregate:
+        return cls.client_dp_refusal
+    return ("it aggregates otherwise than by a mean of the uploads, so clipped-and-noised "
+            "means would not bound one client's influence")
+
+
+def robust_problem(cls: type[Method]) -> str:
+    """Why a robust federation.aggregator cannot run with this method (empty: it can)."""
+    if cls.mean_aggregate:
+        return ""
+    doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+    return cls.robust_refusal or (f"it aggregates otherwise ({doc}), so a median, trimmed or "
+                                  "clipped mean of its uploads is not its aggregate")
+
+
 def check_privacy(cls: type[Method], cfg: FedConfig) -> None:
     """Refuse [privacy] settings a method cannot honour soundly, with the reason."""
     priv = cfg.privacy
     if priv.enabled and cls.dp_refusal:
         raise ConfigError(f"privacy.enabled = true is not supported with method.name = "
                           f"{cls.name!r}: {cls.dp_refusal}")
-    if priv.client_level != "off" and not cls.mean_aggregate:
-        able = ", ".join(n for n, c in METHODS.items() if c.mean_aggregate) or "none registered"
+    problem = client_dp_problem(cls)
+    if priv.client_level != "off" and problem:
+        able = ", ".join(n for n, c in METHODS.items() if not client_dp_problem(c))
         raise ConfigError(
             f"privacy.client_level = {priv.client_level!r} needs a method whose aggregate is a "
-            f"mean of the uploads with one downlink for all ({able}); method.name = "
-            f"{cls.name!r} aggregates otherwise, so clipped-and-noised means would not bound "
-            "one client's influence"
+            f"mean of the uploads, each an update of what every client was sent "
+            f"({able or 'none registered'}); method.name = {cls.name!r}: {problem}"
         )
 
 
 def check_aggregator(cls: type[Method], cfg: FedConfig) -> None:
     """Refuse a robust aggregator for a method whose aggregate is not a mean of the uploads."""
     rule = cfg.federation.aggregator
-    if rule == "mean" or cls.mean_aggregate:
+    if rule == "mean" or not robust_problem(cls):
         return
     able = ", ".join(n for n, c in METHODS.items() if c.mean_aggregate) or "none registered"
-    doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
     raise ConfigError(
         f"federation.aggregator = {rule!r} needs a method whose aggregate is a mean of the "
-        f"uploads ({able}); method.name = {cls.name!r} aggregates otherwise ({doc}), so a "
-        "median, trimmed or clipped mean of its uploads is not its aggregate: use "
+        f"uploads ({able}); method.name = {cls.name!r}: {robust_problem(cls)}: use "
         "federation.aggregator = 'mean'"
     )
 
@@ -387,8 +416,10 @@ def method_help() -> str:
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # 1st paragraph
         lines.append(f"{name}: {doc}")
         lines.append(f"    default lr {cls.default_lr:g} (when train.lr = 0)")
-        problem = secagg_problem(cls)
-        lines.append(f"    secure aggregation: {'no: ' + problem if problem else 'yes'}")
+        for what, problem in (("robust aggregators", robust_problem(cls)),
+                              ("secure aggregation", secagg_problem(cls)),
+                              ("client-level DP", client_dp_problem(cls))):
+            lines.append(f"    {what}: {'no: ' + problem if problem else 'yes'}")
         if cls.personalized:
             lines.append("    personalised: part of each client's model never leaves it; scored "
                          "on the clients only (eval.where = 'clients', docs/evaluation.md)")

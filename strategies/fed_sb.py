@@ -17,9 +17,11 @@ ClientState, and the server sends them again only to a client whose last upload 
 them (a lost state: that upload is left out of the mean). Evaluation and the export fold R into B
 (lora_B = B R): a plain, exact peft adapter.
 
-Refused: DP-SGD (R is not a peft adapter tensor, which DP-SGD's per-sample hooks cover, and the
-gradient round would release raw gradients), robust aggregators and client-level DP (the gradient
-round's aggregate is not a mean of the downlink's tensors).
+A robust aggregator replaces both means (the gradient round's G, e.g. by the coordinate-wise
+median of the G_k; then R and the head). Refused: DP-SGD (R is not a peft adapter tensor, which
+DP-SGD's per-sample hooks cover, and the gradient round would release raw gradients), client-level
+DP (the gradient round's uploads are not updates of a downlink, and the server reads a per-upload
+scalar) and secure aggregation (that scalar again).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from .base import (
     UploadSpec,
     register,
 )
-from .lowrank import adapter_layers, head_of, scale, weights_by_examples
+from .lowrank import adapter_layers, head_of, scale
 from .rolora import factor_keys
 
 STAGE = "fed_sb.stage"  # state and downlink scalar: 0 = gradient round pending, 1 = training
@@ -105,7 +107,13 @@ class FedSB(Method):
     dp_refusal = ("Fed-SB trains an r x r matrix R per layer that is not a peft adapter tensor, "
                   "so DP-SGD's per-sample gradient hooks do not cover it, and its LoRA-SB "
                   "initialisation uploads each client's raw loss gradient")
-    mean_aggregate = False  # the gradient round uploads gradients, not the downlink's tensors
+    # Both rounds' aggregates read the uploads through their mean (the gradient round: sign and
+    # SVD of the mean gradient; then the mean of R and the head), so a robust rule replaces it.
+    mean_aggregate = True
+    client_dp_refusal = ("its first round uploads raw loss gradients, not updates of what the "
+                         "client was sent, and the server drops an upload whose client lost the "
+                         "frozen A and B (a scalar of each upload, which the noised mean does "
+                         "not carry)")
     secagg_refusal = ("the server keeps, per client, whether it holds the frozen A and B (sent "
                       "once), from a scalar in each upload that a secure sum would not reveal")
 
@@ -153,12 +161,14 @@ class FedSB(Method):
 
     def _initialise(self, state: Payload, uploads: list[Upload]) -> Payload:
         """The LoRA-SB factors from the clients' gradients (see the module docstring)."""
-        weights = weights_by_examples([u.num_examples for u in uploads])
         s = scale(self.ctx.alpha, self.ctx.rank)
         tensors = dict(state.tensors)
-        for layer in adapter_layers(state.tensors):
-            grad = sum(p * u.payload.tensors[GRAD + layer.name].double()
-                       for p, u in zip(weights, uploads, strict=True))
+        layers = adapter_layers(state.tensors)
+        keys = [GRAD + layer.name for layer in layers]
+        zeros = {GRAD + layer.name: torch.zeros(layer.d_out, layer.d_in) for layer in layers}
+        grads = robust_mean(self.ctx.aggregator, uploads, keys, zeros)  # the mean, or a robust rule
+        for layer in layers:
+            grad = grads.tensors[GRAD + layer.name]
             b, r, a = lora_sb_init(grad, self.ctx.rank, self.options.init_lr, s)  # type: ignore[arg-type]
             dtype = state.tensors[layer.a_key].dtype
             tensors[layer.b_key], tensors[layer.a_key] = b.to(dtype), a.to(dtype)

@@ -19,9 +19,11 @@ dense, L d_out d_in floats per client and round; factored, a client would need (
 (simulations/fedex_downlink.py; the figures in docs/results.md).
 
 Uplink: A, B and the head (FedIT's). The aggregate is not a mean of the uploads (it holds their
-products): robust aggregators and client-level DP are refused. The export is the rank-r truncated
-SVD of the whole update (residual sum + s B_bar A_bar), which an adapter cannot hold exactly; the
-server's evaluation and ``fedpeft export --merged`` use the exact model.
+products): robust aggregators, secure aggregation and client-level DP are refused (each reason in
+``robust_refusal``, ``secagg_refusal``, ``client_dp_refusal``; `fedpeft methods` shows them). The
+export is the rank-r truncated SVD of the whole update (residual sum + s B_bar A_bar), which an
+adapter cannot hold exactly; the server's evaluation and ``fedpeft export --merged`` use the exact
+model.
 """
 
 from __future__ import annotations
@@ -81,6 +83,13 @@ class FedExLoRA(Method):
     secagg_refusal = ("its residual needs the mean of the clients' products B_k A_k, which the "
                       "sum of their factors does not give (each client would have to upload its "
                       "dense d_out x d_in products as well)")
+    robust_refusal = ("it aggregates otherwise: the global update is the mean of the clients' "
+                      "products B_k A_k (the residual makes it exact), and a robust rule over "
+                      "the factors A_k and B_k separately is no robust rule over those products "
+                      "(one over the dense products is not implemented)")
+    client_dp_refusal = ("its residual needs each client's product B_k A_k, which one noised "
+                         "mean of the clipped factor updates does not give, and the product of "
+                         "two clipped factors is not bounded by the clip norm")
 
     # ---- server half -------------------------------------------------------------------
     def init(self, template: Tensors) -> Payload:

@@ -16,10 +16,13 @@ Both give the same product and singular values; where rank(P) < r the trailing s
 directions are arbitrary (with S = 0 there). ``method.period`` re-factorises every N aggregates.
 
 Uplink: B and the head (FFA-LoRA's bytes); downlink: A, B and the head (FedIT's bytes), since A
-changes every round. Under DP-SGD only B (and the head) is noised, and the update s dB A with A's
-orthonormal rows has ||dB A||_F = ||dB||_F (the paper's argument); the SVD is post-processing.
-Default lr 0.01: FFA-LoRA's 0.02 is for a kaiming A with rows of norm ~0.58; FedSVD's
-orthonormal rows have norm 1, so 0.01 moves W about as fast as FFA-LoRA at 0.017.
+changes every round. The aggregate reads the uploads only through the mean of B and the head
+(``mean_aggregate``): a robust aggregator replaces it (the SVD then re-factorises median_k(B_k) A,
+say), secure aggregation computes it, and client-level DP noises it before the SVD. Under DP-SGD
+only B (and the head) is noised, and the update s dB A with A's orthonormal rows has ||dB A||_F =
+||dB||_F (the paper's argument); the SVD is post-processing. Default lr 0.01: FFA-LoRA's 0.02 is for
+a kaiming A with rows of norm ~0.58; FedSVD's orthonormal rows have norm 1, so 0.01 moves W about as
+fast as FFA-LoRA at 0.017.
 """
 
 from __future__ import annotations
@@ -82,9 +85,10 @@ class FedSVD(Method):
 
     Options = FedSVDOptions
     default_lr = 0.01
-    # The aggregate is a mean of B followed by a change of basis of both factors: the new state
-    # is not a mean of the uploads (client-level DP and robust aggregators are refused).
-    mean_aggregate = False
+    # The aggregate is a mean of B (and the head) followed by a change of basis that reads no
+    # upload: a robust rule, secure aggregation and client-level DP replace, compute or noise
+    # the mean, and the SVD is post-processing of it.
+    mean_aggregate = True
 
     # ---- server half -------------------------------------------------------------------
     def init(self, template: Tensors) -> Payload:

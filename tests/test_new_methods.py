@@ -457,14 +457,7 @@ def test_compression_robust_aggregation_and_dp_are_allowed_or_refused_with_a_rea
     build_method(load_config(None, [f'method.name="{name}"',
                                     'compression.up=["int8", "deflate"]',
                                     'compression.down=["fp16"]']))
-    with pytest.raises(ConfigError, match=r"federation\.aggregator"):
-        build_method(load_config(None, [f'method.name="{name}"',
-                                        'federation.aggregator="median"']))
-    with pytest.raises(ConfigError, match="client_level"):
-        build_method(load_config(None, [f'method.name="{name}"',
-                                        'privacy.client_level="server-fixed"']))
-    with pytest.raises(ConfigError, match=r"secagg\.enabled"):
-        build_method(load_config(None, [f'method.name="{name}"', "secagg.enabled=true"]))
+    # robust aggregators, secure aggregation, client-level DP: tests/test_compose_new_methods.py
     dp = [f'method.name="{name}"', "privacy.enabled=true"]
     if name == "fed-sb":
         with pytest.raises(ConfigError, match="not a peft adapter tensor"):

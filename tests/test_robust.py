@@ -233,7 +233,8 @@ def test_methods_that_do_not_average_refuse_a_robust_aggregator(name: str, rule:
 
 
 def test_robust_methods_are_the_mean_methods() -> None:
-    assert {n for n, c in METHODS.items() if c.mean_aggregate} == {"fedit", "ffa-lora"}
+    assert {n for n, c in METHODS.items() if c.mean_aggregate} == {
+        "fedit", "ffa-lora", "rolora", "fedsvd", "fed-sb"}
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
