@@ -98,11 +98,16 @@ class DataConfig:
     dirichlet_alpha: float = option(0.5, "Dirichlet concentration (smaller = more skew)", gt=0)
     min_partition_size: int = option(2, "smallest allowed client partition", min=1)
     test_size: int = option(1000, "held-out test examples (fixed, never trained on)", min=10)
-    seed: int = option(0, "seed of the test split and the partitioner")
+    validation_size: int = option(0, "validation examples carved (seeded by data.seed) from the "
+                                  "training pool before partitioning, so no client trains on "
+                                  "them; the test split is the same whatever this is (0 = none; "
+                                  "scored with eval.split = 'validation')", min=0)
+    seed: int = option(0, "seed of the test and validation splits and of the partitioner")
 
 
 AGGREGATORS = ("mean", "median", "trimmed-mean", "norm-clip", "filtered-median")
 EVAL_WHERE = ("server", "clients", "both")  # eval.where
+EVAL_SPLITS = ("test", "validation")  # eval.split
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,9 @@ class EvalConfig:
     client_holdout: float = option(0.2, "with where = 'clients'/'both': the share of each "
                                    "client's own examples held out (seeded, fixed, never "
                                    "trained on)", gt=0, max=0.5)
+    split: str = option("test", "what the server scores the global model on: the held-out "
+                        "test split, or the validation split (data.validation_size examples of "
+                        "the training pool; for tuning, docs/sweeps.md)", choices=EVAL_SPLITS)
     clients_per_round: int = option(0, "clients that evaluate in an evaluated round (0 = the "
                                     "round's training sample; N: a fixed seeded cohort of N)",
                                     min=0)
@@ -711,6 +719,13 @@ def validate_eval(cfg: FedConfig) -> None:
     if ev.personalize_steps and not clients_evaluate(cfg):
         raise ConfigError(f"eval.personalize_steps = {ev.personalize_steps} fine-tunes on the "
                           "clients before they score: set eval.where = 'clients' or 'both'")
+    if ev.split == "validation" and not cfg.data.validation_size:
+        raise ConfigError("eval.split = 'validation' needs a validation split: set "
+                          "data.validation_size > 0 (examples carved from the training data)")
+    if ev.split == "validation" and ev.where == "clients":
+        raise ConfigError("eval.split = 'validation' is the server's split, and eval.where = "
+                          "'clients' has only the clients score: use eval.where = 'server' or "
+                          "'both'")
     if cfg.privacy.enabled and clients_evaluate(cfg):
         raise ConfigError(
             f"eval.where = {ev.where!r} with privacy.enabled = true: a client's accuracy and loss "

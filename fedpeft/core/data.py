@@ -263,20 +263,34 @@ LOADERS = {"rotten-tomatoes": _load_rotten_tomatoes, "chatterbot": _load_chatter
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(cfg_json: str) -> tuple[TextData, TextData]:
+def _load_cached(cfg_json: str) -> tuple[TextData, TextData, TextData]:
+    """(train, test, validation) from one permutation by ``data.seed``: the test split first,
+    then the validation split, the rest trains; so the test split (and, with no validation
+    split, the training data) is the same whatever ``data.validation_size`` is."""
     cfg = DataConfig(**json.loads(cfg_json))
     full = LOADERS[cfg.dataset](cfg)
-    if cfg.test_size >= len(full):
+    held = cfg.test_size + cfg.validation_size
+    if held >= len(full):
         raise ConfigError(
-            f"data.test_size = {cfg.test_size} leaves no training data ({len(full)} rows in all)"
+            f"data.test_size = {cfg.test_size} + data.validation_size = {cfg.validation_size} "
+            f"leave no training data ({len(full)} rows in all)"
         )
     order = np.random.default_rng(cfg.seed).permutation(len(full))
-    return full.subset(np.sort(order[cfg.test_size:])), full.subset(np.sort(order[: cfg.test_size]))
+    return (full.subset(np.sort(order[held:])), full.subset(np.sort(order[: cfg.test_size])),
+            full.subset(np.sort(order[cfg.test_size:held])))
 
 
 def load_task_data(cfg: DataConfig) -> tuple[TextData, TextData]:
-    """(train, test): a fixed held-out test split drawn with ``data.seed``."""
-    return _load_cached(json.dumps(cfg.__dict__, sort_keys=True))
+    """(train, test): a fixed held-out test split drawn with ``data.seed``; the training data
+    excludes the validation split (:func:`load_validation`)."""
+    train, test, _ = _load_cached(json.dumps(cfg.__dict__, sort_keys=True))
+    return train, test
+
+
+def load_validation(cfg: DataConfig) -> TextData:
+    """The validation split: ``data.validation_size`` examples drawn with ``data.seed`` from the
+    training pool before it is partitioned, so no client trains on them (empty when 0)."""
+    return _load_cached(json.dumps(cfg.__dict__, sort_keys=True))[2]
 
 
 def _natural_groups(groups: tuple[str, ...], num_clients: int, seed: int,

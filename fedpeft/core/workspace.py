@@ -23,6 +23,7 @@ from fedpeft.core.data import (
     load_partition,
     load_task_data,
     load_user_file,
+    load_validation,
 )
 from fedpeft.core.fingerprint import base_fingerprint
 from fedpeft.core.models import CAUSAL_LM, infer_task, load_tokenizer
@@ -108,9 +109,12 @@ class Workspace:
 
 
 @functools.lru_cache(maxsize=2)
-def _workspace(model_json: str, data_json: str) -> Workspace:
+def _workspace(model_json: str, data_json: str, split: str = "test") -> Workspace:
+    """``split``: what ``test`` holds, the test split or the validation split (eval.split)."""
     model, data = ModelConfig(**json.loads(model_json)), DataConfig(**json.loads(data_json))
     train, test = load_task_data(data)
+    if split == "validation":
+        test = load_validation(data)
     tokenizer = load_tokenizer(model.name)
     task = task_class(model)(model, data, tokenizer, train.label_names)
     return Workspace(model, data, train, test, tokenizer, task)
@@ -122,11 +126,11 @@ def clear_workspaces() -> None:
 
 
 def get_workspace(cfg: FedConfig) -> Workspace:
-    """The process's workspace for this model and data (other config sections don't matter);
+    """The process's workspace for this model, data and eval.split (nothing else matters);
     a fresh one every call with ``simulation.reuse_workspace = false`` (the benchmark's
     ablation: model built and partition tokenised per client round)."""
     as_json = functools.partial(json.dumps, sort_keys=True)
-    key = (as_json(asdict(cfg.model)), as_json(asdict(cfg.data)))
+    key = (as_json(asdict(cfg.model)), as_json(asdict(cfg.data)), cfg.eval.split)
     if not cfg.simulation.reuse_workspace:
         return _workspace.__wrapped__(*key)
     return _workspace(*key)

@@ -9,7 +9,11 @@ stopped before its first checkpoint (or under DP-SGD, whose client accountants d
 restart), and refuses a cell folder that holds another config. After every cell it rewrites
 ``OUT/results.csv``, ``OUT/results.md`` and ``OUT/curves.png`` (``fedpeft.run.sweepreport``).
 
-Cells = methods x settings axes x [grid] x seeds, every key optional but at least one cell.
+Cells = (methods + [[reference]] rows) x settings axes x [grid] x seeds, every key optional but
+at least one cell. With a ``[tune]`` table a tuning stage runs first: per row (everything but the
+seed) one cell per candidate value of the tuned key on a validation split carved from the
+training data; each row's seeds then run on the test split with the value that scored best
+(``fedpeft.run.sweeptune``; docs/sweeps.md).
 Several lists of settings, each an axis of the product, are ``[[settings.<axis>]]`` tables; the
 plain ``[[settings]]`` is the axis ``setting``. A config key may be set in one place only (a
 settings axis, [grid], methods or seeds; [base] inline or base.set), and these override [base].
@@ -44,11 +48,39 @@ from fedpeft.core.config import (
     read_toml,
 )
 from fedpeft.core.precision import resolve_precision
-from fedpeft.core.runfiles import CHECKPOINT_DIR, CONFIG_FILE, STATE_FILE, SUMMARY_FILE
-from fedpeft.run.sweepreport import cell_line, cell_record, write_results
+from fedpeft.core.runfiles import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    SUMMARY_FILE,
+)
+from fedpeft.run.sweepreport import (
+    cell_line,
+    cell_record,
+    last_value,
+    write_results,
+    write_tuning,
+)
+from fedpeft.run.sweeptune import (
+    CENTRALISED,
+    DEFAULT_KEY,
+    DEFAULT_METRIC,
+    DEFAULT_VALIDATION,
+    MAX_VALUES,
+    REFERENCE_KINDS,
+    SPLIT_KEY,
+    VALIDATION_KEY,
+    Reference,
+    Tune,
+    candidates,
+    centralised_overrides,
+    choose,
+    config_value,
+)
 
 TOP_KEYS = ("name", "description", "methods", "seeds", "seed_keys", "target_accuracy", "base",
-            "grid", "settings")
+            "grid", "settings", "tune", "reference")
 SEED_KEYS = ("federation.seed", "data.seed")
 CELLS_DIR = "cells"
 CELL_LOG = "sweep.log"  # the cell's console output, appended by every attempt
@@ -71,18 +103,37 @@ class Sweep:
     target_accuracy: float | None = None
     grid: dict[str, list[Any]] = field(default_factory=dict)
     settings: dict[str, list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
+    tune: Tune | None = None
+    references: list[Reference] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A line of results.md: a method or reference x a settings point x a grid combination.
+    ``stem``: its cells' name without the seed; ``sets``: its overrides, seeds and the tuned
+    value not included; ``values``: the candidates of the tuning stage (empty: not tuned)."""
+
+    stem: str
+    labels: dict[str, Any]
+    sets: tuple[str, ...]
+    config: FedConfig
+    values: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One simulation of the sweep. ``labels`` (method, setting, grid keys, seed) are its row
-    in results.csv; all of them but the seed name its setting in results.md."""
+    """One simulation of the sweep. ``labels`` (method, setting, grid keys, the tuned value,
+    seed) are its row in results.csv; all of them but the seed name its setting in results.md.
+    ``row``: its row's stem; ``waiting``: a final cell whose row's tuning has not finished (its
+    config holds a placeholder value: it is checked, never run)."""
 
     index: int
     name: str
     labels: dict[str, Any]
     overrides: tuple[str, ...]
     config: FedConfig
+    row: str = ""
+    waiting: bool = False
 
     @property
     def group(self) -> tuple[tuple[str, str], ...]:
@@ -91,7 +142,7 @@ class Cell:
 
 @dataclass(frozen=True)
 class CellState:
-    kind: str  # new | done | resume | restart | conflict
+    kind: str  # new | done | resume | restart | conflict | wait (for its row's tuning)
     note: str = ""
 
 
@@ -116,7 +167,10 @@ def load_sweep(path: str | Path) -> Sweep:
     sweep.base_config, sweep.base_sets = _base(raw.get("base", {}), path)
     sweep.grid = _grid(raw.get("grid"), path)
     sweep.settings = _settings(raw.get("settings"), path)
+    sweep.tune = _tune(raw.get("tune"), sweep.seeds, path)
+    sweep.references = _references(raw.get("reference"), sweep.methods, path)
     _check_overlaps(sweep)
+    _check_protocol(sweep)
     return sweep
 
 
@@ -258,6 +312,119 @@ def _check_overlaps(sweep: Sweep) -> None:
             raise ConfigError(f"{sweep.path}: {key} is set both by [grid] and by seeds")
 
 
+TUNE_KEYS = ("key", "values", "factors", "metric", "seed", "validation_size")
+
+
+def _tune(tune: Any, seeds: list[int], path: Path) -> Tune | None:
+    """The ``[tune]`` table (None without one); docs/sweeps.md."""
+    if tune is None:
+        return None
+    if not isinstance(tune, dict):
+        raise ConfigError(f"{path}: tune must be a table ([tune])")
+    unknown = [k for k in tune if k not in TUNE_KEYS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key tune.{unknown[0]}; [tune] holds "
+                          f"{', '.join(TUNE_KEYS)}")
+    key = tune.get("key", DEFAULT_KEY)
+    if not isinstance(key, str):
+        raise ConfigError(f"{path}: tune.key = {key!r}: expected a config key")
+    _check_key(key, f"tune.key {key!r}", path)
+    if ("values" in tune) == ("factors" in tune):
+        raise ConfigError(f"{path}: [tune] needs values = [...] (the same for every row) or "
+                          "factors = [...] (times each row's own value of the key), not both")
+    listed = "values" if "values" in tune else "factors"
+    items = tune[listed]
+    kind = (int, float) if listed == "factors" else (int, float, str, bool)
+    if not isinstance(items, list) or not items or not all(
+            isinstance(v, kind) and (listed == "values" or not isinstance(v, bool))
+            for v in items):
+        raise ConfigError(f"{path}: tune.{listed} = {items!r}: expected a non-empty list of "
+                          + ("positive numbers" if listed == "factors" else "values"))
+    if listed == "factors" and not all(math.isfinite(v) and v > 0 for v in items):
+        raise ConfigError(f"{path}: tune.factors = {items!r}: expected positive numbers")
+    if len(items) > MAX_VALUES:
+        raise ConfigError(f"{path}: tune.{listed} lists {len(items)} values; the protocol tunes "
+                          f"over at most {MAX_VALUES} (a small grid on one seed), so pick "
+                          f"{MAX_VALUES}")
+    if len(set(items)) < len(items):
+        raise ConfigError(f"{path}: tune.{listed} = {items!r} lists a value twice")
+    metric = tune.get("metric", DEFAULT_METRIC)
+    if not isinstance(metric, str) or not metric:
+        raise ConfigError(f"{path}: tune.metric = {metric!r}: expected the name of a per-round "
+                          "metric of metrics.jsonl (e.g. accuracy)")
+    seed = tune.get("seed", seeds[0] if seeds else None)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"{path}: tune.seed = {seed!r}: expected an integer")
+    size = tune.get("validation_size", DEFAULT_VALIDATION)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"{path}: tune.validation_size = {size!r}: expected a positive number "
+                          "of examples")
+    return Tune(key, tuple(items) if listed == "values" else (),
+                tuple(items) if listed == "factors" else (), metric, seed, size)
+
+
+def _references(entries: Any, methods: list[str], path: Path) -> list[Reference]:
+    """The ``[[reference]]`` rows: name, kind, tune and config keys."""
+    if entries is None:
+        return []
+    if not isinstance(entries, list) or not entries or not all(
+            isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{path}: reference must be a list of tables ([[reference]])")
+    if not methods:
+        raise ConfigError(f"{path}: [[reference]] rows stand next to the methods: give methods "
+                          "= [...] (rows that a settings axis names cannot have references)")
+    out: list[Reference] = []
+    for i, entry in enumerate(entries, 1):
+        name, kind, tune = entry.get("name"), entry.get("kind", ""), entry.get("tune", True)
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
+            raise ConfigError(f"{path}: reference #{i}: name = {name!r}: expected a plain name "
+                              "(letters, digits, . _ + -)")
+        if name in methods or name in (r.name for r in out):
+            raise ConfigError(f"{path}: reference #{i}: name {name!r} is already a method or "
+                              "another reference")
+        if kind not in REFERENCE_KINDS:
+            raise ConfigError(f"{path}: reference {name!r}: kind = {kind!r}: expected "
+                              f"{CENTRALISED!r}, or leave it out (only the keys given)")
+        if not isinstance(tune, bool):
+            raise ConfigError(f"{path}: reference {name!r}: tune = {tune!r}: expected true or "
+                              "false")
+        values = flatten({k: v for k, v in entry.items() if k not in ("name", "kind", "tune")})
+        if not values and not kind:
+            raise ConfigError(f"{path}: reference {name!r} sets no config key and no kind")
+        for key in values:
+            _check_key(key, f"reference {name!r} key {key!r}", path)
+        out.append(Reference(name, kind, tune, values))
+    return out
+
+
+def _check_protocol(sweep: Sweep) -> None:
+    """The keys [tune] owns (the tuned key, the validation split, the evaluated split) are set
+    nowhere else, and no reference sets a seed key."""
+    owners = [("[grid]", sweep.grid.keys()), ("base", _base_keys(sweep))]
+    owners += [(f"settings {name!r}", values.keys())
+               for entries in sweep.settings.values() for name, values in entries]
+    owners += [(f"reference {r.name!r}", r.values.keys()) for r in sweep.references]
+    for ref in sweep.references:
+        for key in sweep.seed_keys if sweep.seeds else ():
+            if key in ref.values:
+                raise ConfigError(f"{sweep.path}: {key} is set both by reference {ref.name!r} "
+                                  "and by seeds")
+    if sweep.tune is None:
+        return
+    for owner, keys in owners:
+        for key in sweep.tune.owned:
+            if key in keys:
+                raise ConfigError(f"{sweep.path}: {key} is set by {owner} and by [tune] (the "
+                                  "tuned key, data.validation_size and eval.split are the "
+                                  "tuning stage's): set it in one place")
+    if sweep.tune.key in sweep.seed_keys and sweep.seeds:
+        raise ConfigError(f"{sweep.path}: tune.key {sweep.tune.key} is a seed key")
+
+
+def _base_keys(sweep: Sweep) -> list[str]:
+    return [".".join(parse_override(item)[0]) for item in sweep.base_sets]
+
+
 def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested tables to dotted keys: {"data": {"seed": 1}} and {"data.seed": 1} both give
     {"data.seed": 1} (TOML writes ``data.seed = 1`` as the nested form)."""
@@ -298,47 +465,125 @@ def label_text(value: Any) -> str:
 # the cells
 
 
-def expand(sweep: Sweep) -> list[Cell]:
-    """All cells in run order (seeds outermost), each with its validated config."""
-    cells: list[Cell] = []
-    names: set[str] = set()
+def rows(sweep: Sweep) -> list[Row]:
+    """The rows in run order: (methods, then references) x settings points x grid combos, each
+    with its validated config (seeds not set) and, with [tune], its candidate values."""
+    out: list[Row] = []
     combos = list(itertools.product(*sweep.grid.values()))
     points = list(itertools.product(*sweep.settings.values()))
-    for seed, method, point, combo in itertools.product(
-            sweep.seeds or [None], sweep.methods or [None], points, combos):
+    heads: list[tuple[str | None, Reference | None]] = [(m, None) for m in sweep.methods or [None]]
+    heads += [(ref.name, ref) for ref in sweep.references]
+    for (method, ref), point, combo in itertools.product(heads, points, combos):
         grid = dict(zip(sweep.grid, combo, strict=True))
         sets = [*sweep.base_sets, *(override(k, v) for _, values in point
                                     for k, v in values.items()),
                 *(override(k, v) for k, v in grid.items())]
-        if method is not None:
-            sets.append(override("method.name", method))
-        if seed is not None:
-            sets += [override(k, seed) for k in sweep.seed_keys]
         labels = {"method": method,
                   **{axis: name for axis, (name, _) in zip(sweep.settings, point, strict=True)},
                   **grid}
-        try:
-            cfg = load_config(sweep.base_config, sets)
-        except ConfigError as exc:
-            where = ", ".join(f"{k} = {label_text(v)}" for k, v in labels.items() if v is not None)
-            raise ConfigError(f"{sweep.path}: the cell {where or '(base)'} has a bad config: "
-                              f"{exc}") from exc
-        labels.update(method=cfg.method.name, seed=cfg.federation.seed)
-        name = _unique(cell_name(sweep, labels), names)
-        cells.append(Cell(len(cells) + 1, name, labels, tuple(sets), cfg))
+        if ref is not None:
+            pooled = centralised_overrides(_load(sweep, sets, labels)) if ref.kind else {}
+            sets += [override(k, v) for k, v in {**pooled, **ref.values}.items()]
+        elif method is not None:
+            sets.append(override("method.name", method))
+        cfg = _load(sweep, sets, labels)
+        if ref is None:
+            labels["method"] = cfg.method.name
+        values: tuple[Any, ...] = ()
+        if sweep.tune is not None and (ref is None or ref.tune):
+            try:
+                values = tuple(candidates(sweep.tune, cfg))
+            except ConfigError as exc:
+                raise ConfigError(f"{sweep.path}: the row {_where(labels)}: {exc}") from exc
+        out.append(Row(cell_name(sweep, labels), labels, tuple(sets), cfg, values))
+    return out
+
+
+def _load(sweep: Sweep, sets: list[str], labels: dict[str, Any]) -> FedConfig:
+    try:
+        return load_config(sweep.base_config, sets)
+    except ConfigError as exc:
+        raise ConfigError(f"{sweep.path}: the cell {_where(labels)} has a bad config: "
+                          f"{exc}") from exc
+
+
+def _where(labels: dict[str, Any]) -> str:
+    return ", ".join(f"{k} = {label_text(v)}" for k, v in labels.items()
+                     if v is not None) or "(base)"
+
+
+def tune_seed(sweep: Sweep) -> int | None:
+    return sweep.tune.seed if sweep.tune is not None else None
+
+
+def expand_tuning(sweep: Sweep, row_list: list[Row] | None = None) -> list[Cell]:
+    """The tuning stage's cells (none without [tune]): per tuned row and candidate value, one
+    cell on the validation split with the tuning seed."""
+    tune = sweep.tune
+    if tune is None:
+        return []
+    cells: list[Cell] = []
+    names: set[str] = set()
+    tail = tune.key.split(".")[-1]
+    seed = tune_seed(sweep)
+    for row in rows(sweep) if row_list is None else row_list:
+        for value in row.values:
+            sets = [*row.sets, override(tune.key, value),
+                    override(VALIDATION_KEY, tune.validation_size),
+                    override(SPLIT_KEY, "validation")]
+            if seed is not None:
+                sets += [override(k, seed) for k in sweep.seed_keys]
+            labels = {**row.labels, tune.key: value}
+            cfg = _load(sweep, sets, labels)
+            labels["seed"] = cfg.federation.seed
+            name = _unique(f"tune_{row.stem}_{_safe(f'{tail}={label_text(value)}')}", names)
+            cells.append(Cell(len(cells) + 1, name, labels, tuple(sets), cfg, row=row.stem))
+    return cells
+
+
+def expand(sweep: Sweep, chosen: dict[str, Any] | None = None,
+           row_list: list[Row] | None = None) -> list[Cell]:
+    """The final cells in run order (seeds outermost), each with its validated config. A tuned
+    row's cells use ``chosen[row stem]``; a row without a choice yet gets ``waiting`` cells
+    (checked with its first candidate, never run)."""
+    cells: list[Cell] = []
+    names: set[str] = set()
+    tune = sweep.tune
+    row_list = rows(sweep) if row_list is None else row_list
+    for seed, row in itertools.product(sweep.seeds or [None], row_list):
+        sets, labels, waiting = list(row.sets), dict(row.labels), False
+        if tune is not None:
+            value = (chosen or {}).get(row.stem) if row.values else None
+            waiting = bool(row.values) and value is None
+            if row.values:
+                value = row.values[0] if waiting else value
+                sets.append(override(tune.key, value))
+            else:
+                value = config_value(row.config, tune.key)
+            sets.append(override(VALIDATION_KEY, tune.validation_size))
+            labels[tune.key] = value
+        if seed is not None:
+            sets += [override(k, seed) for k in sweep.seed_keys]
+        cfg = _load(sweep, sets, labels)
+        labels["seed"] = cfg.federation.seed
+        name = _unique(row.stem + (f"_s{labels['seed']}" if sweep.seeds else ""), names)
+        cells.append(Cell(len(cells) + 1, name, labels, tuple(sets), cfg, row.stem, waiting))
     return cells
 
 
 def cell_name(sweep: Sweep, labels: dict[str, Any]) -> str:
-    """A readable folder name: method, setting, grid values (by their last key part where that
-    is unambiguous), seed."""
+    """A readable folder name without the seed: method, setting, grid values (by their last key
+    part where that is unambiguous)."""
     tails = [k.split(".")[-1] for k in sweep.grid]
     parts = [labels["method"], *(labels[axis] for axis in sweep.settings)]
     parts += [f"{t if tails.count(t) == 1 else k}={label_text(labels[k])}"
               for k, t in zip(sweep.grid, tails, strict=True)]
-    if sweep.seeds:
-        parts.append(f"s{labels['seed']}")
-    return "_".join(re.sub(r"[^A-Za-z0-9.=+-]+", "-", str(p)).strip("-") for p in parts)
+    return "_".join(_safe(str(p)) for p in parts)
+
+
+def _safe(text: str) -> str:
+    """A part of a folder name ('_' separates the parts)."""
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "-", text).strip("-")
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -391,11 +636,67 @@ def config_conflict(cfg: FedConfig, saved: Path) -> str:
 # running
 
 
-def plan(cells: list[Cell], out: Path) -> list[tuple[Cell, CellState]]:
-    return [(cell, cell_state(cell, cell_dir(out, cell))) for cell in cells]
+Steps = list[tuple[Cell, CellState]]
+WAIT = CellState("wait", "waits for its row's tuning")
 
 
-def check_conflicts(steps: list[tuple[Cell, CellState]], out: Path) -> None:
+def plan(cells: list[Cell], out: Path) -> Steps:
+    return [(cell, WAIT if cell.waiting else cell_state(cell, cell_dir(out, cell)))
+            for cell in cells]
+
+
+@dataclass
+class Stages:
+    """The two stages of a sweep: its tuning cells (none without [tune]) and its final cells
+    (with each tuned row's chosen value, or waiting for it)."""
+
+    tuning: Steps
+    final: Steps
+
+
+def plan_stages(sweep: Sweep, out: Path, row_list: list[Row] | None = None) -> Stages:
+    """Both stages as a run would find them now: the choices re-derived from the finished
+    tuning cells' metrics."""
+    row_list = rows(sweep) if row_list is None else row_list
+    tuning = expand_tuning(sweep, row_list)
+    final = expand(sweep, choices(sweep, out, tuning), row_list)
+    return Stages(plan(tuning, out), plan(final, out))
+
+
+def tuning_scores(sweep: Sweep, out: Path, tuning: list[Cell]) -> dict[str, float | None]:
+    """Each tuning cell's score by cell name: the mean of ``tune.metric`` over its last 3
+    evaluated rounds (None while it has not finished)."""
+    from fedpeft.server.reporting import MetricsLog  # torch: only on this path
+
+    assert sweep.tune is not None
+    metric, scores = sweep.tune.metric, {}
+    for cell in tuning:
+        folder = cell_dir(out, cell)
+        if not (folder / SUMMARY_FILE).is_file():
+            scores[cell.name] = None
+            continue
+        score = last_value(MetricsLog.read(folder / METRICS_FILE), metric)
+        if score is None:
+            raise ConfigError(f"tuning cell {cell.name} has no {metric!r} in its "
+                              f"{METRICS_FILE}: set tune.metric to a per-round metric its rows "
+                              "record (accuracy when the server evaluates)")
+        scores[cell.name] = score
+    return scores
+
+
+def choices(sweep: Sweep, out: Path, tuning: list[Cell]) -> dict[str, Any]:
+    """{row stem: chosen value} for the rows whose tuning cells have all finished."""
+    if sweep.tune is None:
+        return {}
+    by_row: dict[str, list[tuple[Any, float | None]]] = {}
+    scores = tuning_scores(sweep, out, tuning)
+    for cell in tuning:
+        by_row.setdefault(cell.row, []).append((cell.labels[sweep.tune.key], scores[cell.name]))
+    picked = {row: choose(scores) for row, scores in by_row.items()}
+    return {row: value for row, value in picked.items() if value is not None}
+
+
+def check_conflicts(steps: Steps, out: Path) -> None:
     bad = [(c, s) for c, s in steps if s.kind == "conflict"]
     if bad:
         cell, state = bad[0]
@@ -407,30 +708,53 @@ def check_conflicts(steps: list[tuple[Cell, CellState]], out: Path) -> None:
 
 def describe(cell: Cell, state: CellState) -> str:
     text = {"new": "new", "done": "finished", "resume": "resume after its last checkpoint",
-            "restart": "start over", "conflict": "REFUSED"}[state.kind]
+            "restart": "start over", "conflict": "REFUSED", "wait": "waits"}[state.kind]
     return text + (f" ({state.note})" if state.note else "")
 
 
 def dry_run(sweep: Sweep, out: Path, echo: Echo = print) -> int:
-    """List the cells, what a run would do with each, and their own overrides."""
-    steps = plan(expand(sweep), out)
-    echo(header(sweep, out, steps))
+    """List the cells of both stages, what a run would do with each, and their own
+    overrides."""
+    stages = plan_stages(sweep, out)
     base = len(sweep.base_sets)
-    for cell, state in steps:
-        echo(f"{cell.index:>4}/{len(steps)} {cell.name}: {describe(cell, state)}")
-        echo("         " + " ".join(f"--set {s}" for s in cell.overrides[base:]))
-    check_conflicts(steps, out)
+    for stage, steps in (("tuning", stages.tuning), ("final", stages.final)):
+        if stage == "tuning" and sweep.tune is None:
+            continue
+        echo(header(sweep, out, steps, stage))
+        for cell, state in steps:
+            echo(f"{cell.index:>4}/{len(steps)} {cell.name}: {describe(cell, state)}")
+            sets = [f"--set {s}" for s in cell.overrides[base:]]
+            if cell.waiting and sweep.tune is not None:
+                tuned = override(sweep.tune.key, cell.labels[sweep.tune.key])
+                sets = [s if s != f"--set {tuned}" else f"--set {sweep.tune.key}=<tuned>"
+                        for s in sets]
+            echo("         " + " ".join(sets))
+    check_conflicts(stages.tuning + stages.final, out)
     return 0
 
 
-def header(sweep: Sweep, out: Path, steps: list[tuple[Cell, CellState]]) -> str:
-    counts = {k: sum(s.kind == k for _, s in steps) for k in ("done", "resume", "restart", "new")}
-    shape = " x ".join(f"{len(v)} {k}" for k, v in (
-        ("methods", sweep.methods), *sweep.settings.items(), *sweep.grid.items(),
-        ("seeds", sweep.seeds)) if v)
-    return (f"fedpeft sweep {sweep.path}: {len(steps)} cells ({shape or 'the base config'}) "
-            f"in {out}; {counts['done']} finished, {counts['resume']} to resume, "
-            f"{counts['restart']} to start over, {counts['new']} new")
+def header(sweep: Sweep, out: Path, steps: Steps, stage: str = "final") -> str:
+    counts = {k: sum(s.kind == k for _, s in steps)
+              for k in ("done", "resume", "restart", "new", "wait")}
+    tune = sweep.tune
+    if stage == "tuning" and tune is not None:
+        rows_ = len({c.row for c, _ in steps})
+        what = (f"tuning stage, {len(steps)} cells ({rows_} rows x up to "
+                f"{len(tune.values or tune.factors)} values of {tune.key}"
+                + (f" (factors {', '.join(map(str, tune.factors))} of each row's own)"
+                   if tune.factors else "")
+                + (f", seed {tune.seed}" if tune.seed is not None else "")
+                + f", validation split of {tune.validation_size} examples)")
+    else:
+        shape = " x ".join(f"{len(v)} {k}" for k, v in (
+            ("methods", sweep.methods), ("references", sweep.references),
+            *sweep.settings.items(), *sweep.grid.items(), ("seeds", sweep.seeds)) if v)
+        shape = shape.replace("methods x ", "methods + ", 1) if sweep.references else shape
+        what = f"{len(steps)} cells ({shape or 'the base config'})"
+    return (f"fedpeft sweep {sweep.path}: {what} in {out}; {counts['done']} finished, "
+            f"{counts['resume']} to resume, {counts['restart']} to start over, "
+            f"{counts['new']} new" + (f", {counts['wait']} waiting for their row's tuning"
+                                      if counts["wait"] else ""))
 
 
 @contextlib.contextmanager
@@ -452,55 +776,78 @@ def sweep_lock(out: Path) -> Iterator[None]:
 
 
 def run_sweep(sweep: Sweep, out: Path, echo: Echo = print) -> int:
-    """Run every cell that is not finished; 0 when all are, 1 when some failed."""
-    cells = expand(sweep)  # every cell's config is checked before anything is written
+    """Run the tuning stage's unfinished cells, then every final cell that is not finished and
+    whose row has its value; 0 when all are finished, 1 when some failed or still wait."""
+    row_list = rows(sweep)
+    expand(sweep, row_list=row_list)  # every cell's config is checked before anything is written
     with sweep_lock(out):
-        steps = plan(cells, out)
-        check_conflicts(steps, out)
-        echo(header(sweep, out, steps))
+        stages = plan_stages(sweep, out, row_list)
+        check_conflicts(stages.tuning + stages.final, out)
         failed: list[Cell] = []
-        for cell, state in steps:
-            tag = f"[cell {cell.index}/{len(steps)}] {cell.name}"
-            if state.kind == "done":
-                echo(f"{tag}: finished earlier, skipped")
-                continue
-            echo(f"{tag}: {describe(cell, state)} -> {cell_dir(out, cell)}")
-            started = time.monotonic()
-            try:
-                rc = run_cell(sweep, cell, state, cell_dir(out, cell), echo)
-            except KeyboardInterrupt:
-                write_outputs(sweep, out, cells)
-                echo(f"{tag}: interrupted; run the same command again to continue")
-                raise
-            if rc == 2:
-                raise ConfigError(f"cell {cell.name} was refused (message above); fix the sweep "
-                                  "file and run it again")
-            if rc != 0:
-                failed.append(cell)
-            echo(f"{tag}: " + cell_line(record(sweep, cell, out), rc, time.monotonic() - started,
-                                        sweep.target_accuracy))
-            if rc != 0:
-                echo(f"{tag}: its output: {cell_dir(out, cell) / CELL_LOG}, Flower's log: "
-                     f"{cell_dir(out, cell) / 'run.log'}")
-            write_outputs(sweep, out, cells)
-        write_outputs(sweep, out, cells)
+        if sweep.tune is not None:
+            echo(header(sweep, out, stages.tuning, "tuning"))
+            failed += run_steps(sweep, out, stages.tuning, "tune", echo, row_list)
+            stages = plan_stages(sweep, out, row_list)  # the choices of the finished rows
+            check_conflicts(stages.final, out)
+        echo(header(sweep, out, stages.final))
+        failed += run_steps(sweep, out, stages.final, "cell", echo, row_list)
+        write_outputs(sweep, out, plan_stages(sweep, out, row_list))
+    waiting = [c for c, s in stages.final if s.kind == "wait"]
     echo(f"fedpeft sweep: results in {out}/results.csv, results.md, curves.png"
+         + (f", tuning in {out}/tuning.md" if sweep.tune is not None else "")
          + (f"; {len(failed)} cells FAILED: {', '.join(c.name for c in failed)}"
-            if failed else ""))
-    return 1 if failed else 0
+            if failed else "")
+         + (f"; {len(waiting)} final cells not run: their row's tuning did not finish"
+            if waiting else ""))
+    return 1 if failed or waiting else 0
+
+
+def run_steps(sweep: Sweep, out: Path, steps: Steps, stage: str, echo: Echo,
+              row_list: list[Row]) -> list[Cell]:
+    """Run one stage's unfinished cells in order; the ones that failed."""
+    failed: list[Cell] = []
+    for cell, state in steps:
+        tag = f"[{stage} {cell.index}/{len(steps)}] {cell.name}"
+        if state.kind in ("done", "wait"):
+            echo(f"{tag}: " + ("finished earlier, skipped" if state.kind == "done"
+                               else "not run: its row's tuning did not finish"))
+            continue
+        echo(f"{tag}: {describe(cell, state)} -> {cell_dir(out, cell)}")
+        started = time.monotonic()
+        try:
+            rc = run_cell(sweep, cell, state, cell_dir(out, cell), echo)
+        except KeyboardInterrupt:
+            write_outputs(sweep, out, plan_stages(sweep, out, row_list))
+            echo(f"{tag}: interrupted; run the same command again to continue")
+            raise
+        if rc == 2:
+            raise ConfigError(f"cell {cell.name} was refused (message above); fix the sweep "
+                              "file and run it again")
+        if rc != 0:
+            failed.append(cell)
+        echo(f"{tag}: " + cell_line(record(sweep, cell, out), rc, time.monotonic() - started,
+                                    sweep.target_accuracy))
+        if rc != 0:
+            echo(f"{tag}: its output: {cell_dir(out, cell) / CELL_LOG}, Flower's log: "
+                 f"{cell_dir(out, cell) / 'run.log'}")
+        write_outputs(sweep, out, plan_stages(sweep, out, row_list))
+    return failed
 
 
 def report_sweep(sweep: Sweep, out: Path, echo: Echo = print) -> int:
     """Write the results files from the cells finished in ``out``; run nothing. For a sweep
     run in parts (a subset file with the same ``--out``), the whole file's report."""
-    cells = expand(sweep)
+    row_list = rows(sweep)
     with sweep_lock(out):
-        steps = plan(cells, out)
-        check_conflicts(steps, out)
-        write_outputs(sweep, out, cells)
-    done = sum(state.kind == "done" for _, state in steps)
-    echo(f"fedpeft sweep: {done} of {len(cells)} cells finished; results in "
-         f"{out}/results.csv, results.md, curves.png")
+        stages = plan_stages(sweep, out, row_list)
+        check_conflicts(stages.tuning + stages.final, out)
+        write_outputs(sweep, out, stages)
+    done = sum(state.kind == "done" for _, state in stages.final)
+    tuned = sum(state.kind == "done" for _, state in stages.tuning)
+    echo(f"fedpeft sweep: {done} of {len(stages.final)} cells finished"
+         + (f" ({tuned} of {len(stages.tuning)} tuning cells)" if stages.tuning else "")
+         + f"; results in {out}/results.csv, results.md, curves.png"
+         + (", tuning.md" if stages.tuning else ""))
     return 0
 
 
@@ -509,14 +856,50 @@ def record(sweep: Sweep, cell: Cell, out: Path) -> dict[str, Any] | None:
     return cell_record(cell.name, labels, cell_dir(out, cell), sweep.target_accuracy)
 
 
-def write_outputs(sweep: Sweep, out: Path, cells: list[Cell]) -> None:
-    """results.csv, results.md and curves.png from the cells finished so far."""
-    records = [r for c in cells if (r := record(sweep, c, out)) is not None]
+def write_outputs(sweep: Sweep, out: Path, stages: Stages) -> None:
+    """results.csv, results.md and curves.png from the final cells finished so far; with
+    [tune], tuning.csv and tuning.md from the tuning cells."""
+    cells = [c for c, _ in stages.final]
+    records = [r for c in cells if not c.waiting and (r := record(sweep, c, out)) is not None]
     done = {r["cell"] for r in records}
     keys = [k for k in cells[0].labels if k != "seed"]
+    protocol = sweep.tune is not None or bool(sweep.references)
     write_results(out, records, keys, sweep.target_accuracy, sweep.name or sweep.path.stem,
-                  intro(sweep, len(records), len(cells)), [c.name for c in cells
-                                                            if c.name not in done])
+                  intro(sweep, len(records), len(cells)),
+                  [c.name for c in cells if c.name not in done],
+                  references=[r.name for r in sweep.references] if protocol else None,
+                  centralised=[r.name for r in sweep.references if r.kind == CENTRALISED],
+                  row_keys=[sweep.tune.key] if sweep.tune is not None else [])
+    if sweep.tune is not None:
+        write_tuning_outputs(sweep, out, [c for c, _ in stages.tuning])
+
+
+def write_tuning_outputs(sweep: Sweep, out: Path, tuning: list[Cell]) -> None:
+    """tuning.csv and tuning.md: per row and value, the validation score and the choice."""
+    assert sweep.tune is not None
+    scores = tuning_scores(sweep, out, tuning)
+    picked = choices(sweep, out, tuning)
+    key = sweep.tune.key
+    entries = [{**{k: label_text(v) for k, v in c.labels.items() if k != "seed"},
+                "score": scores[c.name], "cell": c.name,
+                "chosen": c.row in picked and picked[c.row] == c.labels[key]} for c in tuning]
+    keys = [k for k in tuning[0].labels if k not in ("seed", key)] if tuning else ["method"]
+    write_tuning(out, entries, keys, key, sweep.tune.metric, tuning_note(sweep))
+
+
+def tuning_note(sweep: Sweep) -> str:
+    tune = sweep.tune
+    assert tune is not None
+    how = (f"{', '.join(map(str, tune.factors))} x each row's own value (train.lr left at 0: "
+           "the method's default_lr)" if tune.factors
+           else ", ".join(label_text(v) for v in tune.values))
+    return (f"`{tune.key}` picked per row from {how}, on a validation split of "
+            f"{tune.validation_size} examples carved from the training data before "
+            f"partitioning (`data.validation_size`, `eval.split = \"validation\"`)"
+            + (f", seed {tune.seed}" if tune.seed is not None else "")
+            + f": the value with the highest mean `{tune.metric}` over the last 3 evaluated "
+            "rounds (ties: the first listed). The final cells run the seeds on the test split "
+            "with the chosen value and the same validation split carved out.")
 
 
 def intro(sweep: Sweep, finished: int, total: int) -> str:
@@ -527,10 +910,17 @@ def intro(sweep: Sweep, finished: int, total: int) -> str:
     seeds = (f"seeds {', '.join(map(str, sweep.seeds))} (each sets {', '.join(sweep.seed_keys)})"
              if sweep.seeds else "one seed per setting")
     text = sweep.description.strip() + "\n\n" if sweep.description.strip() else ""
+    refs = "".join(f" Reference row `{r.name}`: "
+                   + ("centralised training on the pooled data (one client, train.local_steps x "
+                      "clients_per_round steps per round)" if r.kind == CENTRALISED else
+                      ", ".join(f"`{override(k, v)}`" for k, v in r.values.items()))
+                   + ("" if r.tune or sweep.tune is None else ", not tuned") + "."
+                   for r in sweep.references)
+    tuned = f" {tuning_note(sweep)} Per row: tuning.md." if sweep.tune is not None else ""
     return (text + f"`fedpeft sweep {shown(sweep.path)}`: {base}"
             + (f" with {sets}" if sets else "") + f"; {seeds}. {finished} of {total} cells "
             f"finished; each cell's config, metrics and logs (its console output: {CELL_LOG}) "
-            f"are in `{CELLS_DIR}/<cell>/`.")
+            f"are in `{CELLS_DIR}/<cell>/`." + tuned + refs)
 
 
 def shown(path: Path | None) -> str:

@@ -33,8 +33,15 @@ def rounds_to_target(rows: Sequence[dict], target: float | None) -> int | None:
 
 def last_accuracy(rows: Sequence[dict], last: int = LAST) -> float | None:
     """Mean accuracy of the last ``last`` evaluated rounds after round 0 (None: none)."""
-    accs = [r["accuracy"] for r in rows if r.get("round", 0) > 0 and r.get("accuracy") is not None]
-    return statistics.fmean(accs[-last:]) if accs else None
+    return last_value(rows, "accuracy", last)
+
+
+def last_value(rows: Sequence[dict], metric: str, last: int = LAST) -> float | None:
+    """Mean of ``metric`` over the last ``last`` rounds after round 0 that have it (None:
+    none); the tuning stage's score."""
+    values = [r[metric] for r in rows if r.get("round", 0) > 0
+              and isinstance(r.get(metric), int | float) and not isinstance(r[metric], bool)]
+    return statistics.fmean(values[-last:]) if values else None
 
 
 def cell_record(name: str, labels: dict[str, str], folder: Path,
@@ -81,12 +88,20 @@ def aggregate(records: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[di
 
 
 def write_results(out: Path, records: Sequence[dict[str, Any]], keys: Sequence[str],
-                  target: float | None, title: str, intro: str, missing: Sequence[str]) -> None:
+                  target: float | None, title: str, intro: str, missing: Sequence[str],
+                  references: Sequence[str] | None = None,
+                  centralised: Sequence[str] = (), row_keys: Sequence[str] = ()) -> None:
     """Rewrite results.csv, results.md and curves.png from the finished cells' records (a
-    setting = the values of ``keys``; ``missing``: the cells not finished)."""
+    setting = the values of ``keys``; ``missing``: the cells not finished). ``references``
+    (the method-column names of the reference rows; None: no discrimination lines) and
+    ``centralised`` (those of them that are the pooled-data upper bound): results.md ends with
+    :func:`discrimination` per setting (``row_keys``: labels that are not part of it)."""
     write_csv(out / "results.csv", records, [*keys, "seed"])
     table = aggregate(records, keys)
-    _write_atomic(out / "results.md", markdown(title, intro, table, keys, target, missing))
+    text = markdown(title, intro, table, keys, target, missing)
+    if references is not None:
+        text += discrimination(table, keys, references, centralised, row_keys)
+    _write_atomic(out / "results.md", text)
     if records:
         plot_curves(table, keys, out / "curves.png", title)
 
@@ -251,3 +266,77 @@ def cell_line(rec: dict[str, Any] | None, rc: int, seconds: float, target: float
             + (f", clients acc {rec['clients_accuracy']:.3f} (p10 "
                f"{fmt((rec.get('clients_accuracy_p10'), None))})"
                if rec.get("clients_accuracy") is not None else ""))
+
+
+def discrimination(table: Sequence[dict[str, Any]], keys: Sequence[str],
+                   references: Sequence[str], centralised: Sequence[str],
+                   row_keys: Sequence[str] = ()) -> str:
+    """Per setting (the labels other than the method and ``row_keys``, the tuned value, which
+    differs per row anyway): the spread of the method rows' mean final accuracy (best minus
+    worst, reference rows left out), the largest standard deviation among them, whether
+    spread > 3 x that std (the benchmark separates the methods), and whether each centralised
+    reference's mean is above every method's."""
+    setting_keys = [k for k in keys if k != "method" and k not in row_keys]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in table:
+        groups.setdefault(tuple(row[k] for k in setting_keys), []).append(row)
+    lines = ["", "## Does the benchmark discriminate?", "",
+             "Final test accuracy, method rows only (references left out): spread = the best "
+             "method's mean minus the worst's; it discriminates when the spread exceeds 3 x the "
+             "largest standard deviation among the method rows.", ""]
+    for key, rows in groups.items():
+        where = ", ".join(f"{k} = {v}" for k, v in zip(setting_keys, key, strict=True))
+        lines.append(f"- {where or 'all cells'}: " + _spread_line(rows, references, centralised))
+    return "\n".join(lines) + "\n"
+
+
+def _spread_line(rows: Sequence[dict[str, Any]], references: Sequence[str],
+                 centralised: Sequence[str]) -> str:
+    methods = [r for r in rows if r["method"] not in references
+               and r["final_accuracy"][0] is not None]
+    if len(methods) < 2:
+        return "fewer than 2 method rows finished."
+    means = {r["method"]: r["final_accuracy"][0] for r in methods}
+    stds = [r["final_accuracy"][1] for r in methods]
+    best, worst = max(means, key=means.__getitem__), min(means, key=means.__getitem__)
+    spread = means[best] - means[worst]
+    text = f"spread {spread:.3f} ({best} {means[best]:.3f} - {worst} {means[worst]:.3f})"
+    if any(s is None for s in stds):
+        text += "; a method row has fewer than 2 seeds, so no standard deviation to test"
+    else:
+        top = max(stds)
+        text += (f", largest std {top:.3f}: spread {'>' if spread > 3 * top else '<='} 3 x std "
+                 f"({'discriminates' if spread > 3 * top else 'does not discriminate'})")
+    for name in centralised:
+        ref = next((r for r in rows if r["method"] == name), None)
+        if ref is None or ref["final_accuracy"][0] is None:
+            text += f"; {name}: not finished"
+            continue
+        mean = ref["final_accuracy"][0]
+        above = mean > max(means.values())
+        text += (f"; {name} {mean:.3f} is {'above' if above else 'NOT above'} every method"
+                 + ("" if above else f" (best method {best} {means[best]:.3f})"))
+    return text + "."
+
+
+def write_tuning(out: Path, entries: Sequence[dict[str, Any]], keys: Sequence[str], key: str,
+                 metric: str, note: str) -> None:
+    """tuning.csv (a row per tuning cell: the row's labels, the value, its validation score,
+    whether it was chosen, the cell) and tuning.md (the same as a table, under ``note``)."""
+    tmp = out / "tuning.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([*keys, key, f"validation_{metric}_last{LAST}", "chosen", "cell"])
+        for e in entries:
+            writer.writerow([*(e[k] for k in keys), e[key],
+                             "" if e["score"] is None else e["score"], int(e["chosen"]),
+                             e["cell"]])
+    os.replace(tmp, out / "tuning.csv")
+    lines = ["# Tuning stage", "", note, "",
+             "| " + " | ".join([*keys, key, f"validation {metric} (last {LAST})", "chosen"])
+             + " |", "|" + "---|" * (len(keys) + 1) + "---:|---|"]
+    for e in entries:
+        score = "not finished" if e["score"] is None else f"{e['score']:.4f}"
+        lines.append("| " + " | ".join([*(str(e[k]) for k in keys), str(e[key]), score,
+                                        "**yes**" if e["chosen"] else ""]) + " |")
+    _write_atomic(out / "tuning.md", "\n".join(lines) + "\n")
