@@ -13,12 +13,10 @@ round:
   ``DifferentialPrivacyServerSideFixedClipping``); ``client-fixed``: each client clipped its own
   (``fedpeft.core.privacy.clip_update``, Flower's ``DifferentialPrivacyClientSideFixedClipping``)
   and the server rejects an update whose norm exceeds C.
-- The clipped uploads are averaged with unit weights (an example-weighted mean would let one
-  client move it by more than C / m) over the m sampled clients, a missing or rejected one
-  counting as a zero update: G + (1/m) sum_k clip(U_k - G). One client moves it by at most
-  C / m, the sensitivity the noise is calibrated to. The method aggregates one upload holding
-  the noised mean (as under secure aggregation), so what it does after the mean (FedSVD's
-  re-factorisation) is post-processing of the release.
+- G + (1/m) sum_k clip(U_k - G), unit weights over the m sampled clients (a missing or rejected
+  one is a zero update): one client moves it by at most C / m, the sensitivity of the noise. The
+  method aggregates one upload holding the noised mean (as under SecAgg): what it does after
+  the mean (FedSVD's SVD) is post-processing.
 - Gaussian noise of std z C / m is added to the mean (Flower's ``compute_stdv``), once per
   aggregated round (a release); ``client_epsilon`` is the client-level epsilon of the releases
   so far, by Opacus's RDP accountant with no amplification by client sampling (as Flower's own

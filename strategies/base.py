@@ -18,11 +18,10 @@ Client half
 
 Class attributes: ``Options`` (a dataclass), ``default_lr``, ``mixed_ranks`` (clients may hold
 different LoRA ranks), ``mean_aggregate`` (the aggregate reads the uploads only through a weighted
-mean of the uploaded tensors: robust aggregators replace that mean, secure aggregation computes
-it, client-level DP noises it), ``dp_refusal`` / ``compression_refusal`` / ``secagg_refusal`` /
-``client_dp_refusal`` / ``robust_refusal`` (why DP-SGD, lossy filters, SecAgg, client-level DP or
-a robust aggregator would be unsound; empty: fine) and ``timings`` (per-client seconds the loop
-sums), so that nothing outside ``strategies/`` names a method. What a method may rely on, and where
+mean of the uploaded tensors: a robust aggregator replaces it, SecAgg computes it, client-level
+DP noises it), ``*_refusal`` (why DP-SGD, lossy filters, SecAgg, client-level DP or a robust
+aggregator would be unsound; empty: fine) and ``timings`` (per-client seconds the loop sums), so
+that nothing outside ``strategies/`` names a method. What a method may rely on, and where
 per-client data lives: :class:`Method`.
 """
 

@@ -19,9 +19,8 @@ dense, L d_out d_in floats per client and round; factored, a client would need (
 (simulations/fedex_downlink.py; the figures in docs/results.md).
 
 Uplink: A, B and the head (FedIT's). The aggregate is not a mean of the uploads (it holds their
-products): robust aggregators, secure aggregation and client-level DP are refused (each reason in
-``robust_refusal``, ``secagg_refusal``, ``client_dp_refusal``; `fedpeft methods` shows them). The
-export is the rank-r truncated SVD of the whole update (residual sum + s B_bar A_bar), which an
+products): robust aggregators, SecAgg and client-level DP are refused (the ``*_refusal`` reasons).
+The export is the rank-r truncated SVD of the whole update (residual sum + s B_bar A_bar), which an
 adapter cannot hold exactly; the server's evaluation and ``fedpeft export --merged`` use the exact
 model.
 """

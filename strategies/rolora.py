@@ -6,13 +6,10 @@ the same on every client, the average is exact:
     B-phase:  B_bar = sum_k p_k B_k,  A unchanged   ->  B_bar A = sum_k p_k B_k A
     A-phase:  A_bar = sum_k p_k A_k,  B unchanged   ->  B A_bar = sum_k p_k B A_k
 
-(p_k by examples; the task head trains and is averaged every round, as in FedIT.) The uplink is the
-trained factor and the head: half of FedIT's adapter bytes. The aggregate is a mean of the uploads
-(``mean_aggregate``): a robust aggregator replaces it (e.g. B = the coordinate-wise median of the
-B_k; still exact in the sense B A = median_k(B_k) A, since A is shared), secure aggregation computes
-it, client-level DP clips each client's update of the trained factor and noises the mean (the frozen
-factor is not released again and gets no noise). The downlink is both factors (a sampled client may
-have missed rounds) plus the phase as a scalar, so clients keep no state.
+(p_k by examples; the head trains and is averaged every round, as in FedIT.) Uplink: the trained
+factor and the head, half of FedIT's bytes; a robust rule replaces its mean (B A = median_k(B_k) A,
+A shared), SecAgg computes it, client-level DP noises it (the frozen factor: no noise). Downlink:
+both factors (a client may have missed rounds) and the phase, so clients keep no state.
 
 Phases. The first aggregate is a B-phase, then they alternate. B-first is required: with peft's
 initialisation B = 0, and the gradient of A is s B^T dL/dW = 0, so an A-phase first would train
