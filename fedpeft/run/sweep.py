@@ -637,7 +637,7 @@ def config_conflict(cfg: FedConfig, saved: Path) -> str:
 
 
 Steps = list[tuple[Cell, CellState]]
-WAIT = CellState("wait", "waits for its row's tuning")
+WAIT = CellState("wait", "for its row's tuning")
 
 
 def plan(cells: list[Cell], out: Path) -> Steps:
@@ -708,7 +708,7 @@ def check_conflicts(steps: Steps, out: Path) -> None:
 
 def describe(cell: Cell, state: CellState) -> str:
     text = {"new": "new", "done": "finished", "resume": "resume after its last checkpoint",
-            "restart": "start over", "conflict": "REFUSED", "wait": "waits"}[state.kind]
+            "restart": "start over", "conflict": "REFUSED", "wait": "waiting"}[state.kind]
     return text + (f" ({state.note})" if state.note else "")
 
 
@@ -739,7 +739,7 @@ def header(sweep: Sweep, out: Path, steps: Steps, stage: str = "final") -> str:
     tune = sweep.tune
     if stage == "tuning" and tune is not None:
         rows_ = len({c.row for c, _ in steps})
-        what = (f"tuning stage, {len(steps)} cells ({rows_} rows x up to "
+        what = (f"tuning stage, {len(steps)} cells ({rows_} row{'s' if rows_ != 1 else ''} x up to "
                 f"{len(tune.values or tune.factors)} values of {tune.key}"
                 + (f" (factors {', '.join(map(str, tune.factors))} of each row's own)"
                    if tune.factors else "")
@@ -779,7 +779,8 @@ def run_sweep(sweep: Sweep, out: Path, echo: Echo = print) -> int:
     """Run the tuning stage's unfinished cells, then every final cell that is not finished and
     whose row has its value; 0 when all are finished, 1 when some failed or still wait."""
     row_list = rows(sweep)
-    expand(sweep, row_list=row_list)  # every cell's config is checked before anything is written
+    expand_tuning(sweep, row_list)  # every cell's config is checked before anything is written
+    expand(sweep, row_list=row_list)
     with sweep_lock(out):
         stages = plan_stages(sweep, out, row_list)
         check_conflicts(stages.tuning + stages.final, out)
@@ -838,6 +839,7 @@ def report_sweep(sweep: Sweep, out: Path, echo: Echo = print) -> int:
     """Write the results files from the cells finished in ``out``; run nothing. For a sweep
     run in parts (a subset file with the same ``--out``), the whole file's report."""
     row_list = rows(sweep)
+    expand_tuning(sweep, row_list)  # a bad config: refused before the folder is made
     with sweep_lock(out):
         stages = plan_stages(sweep, out, row_list)
         check_conflicts(stages.tuning + stages.final, out)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedpeft.core.config import ConfigError, FedConfig
+from fedpeft.core.config import DEFAULT_METHOD, ConfigError, FedConfig
 
 MAX_VALUES = 3  # the protocol's grid: at most 3 values, one seed
 DEFAULT_KEY = "train.lr"
@@ -56,12 +56,14 @@ class Reference:
 
 
 def centralised_overrides(cfg: FedConfig) -> dict[str, Any]:
-    """The pooled-data run of the setting ``cfg``: one client holding all the training data
+    """The pooled-data run of the setting ``cfg`` with the default experiment's method (plain
+    LoRA averaging, which for one client is plain LoRA fine-tuning): one client holding all the
+    training data
     (iid with one partition), every client rank at ``model.rank``, and as many optimizer steps
     per round (at the same batch size) as the federation's round: ``train.local_steps x
     federation.clients_per_round``. Everything else (rounds, DP, evaluation) stays."""
     out: dict[str, Any] = {
-        "method.name": "fedit",
+        "method.name": DEFAULT_METHOD,
         "federation.clients": 1,
         "federation.clients_per_round": 1,
         "federation.min_replies": 1,
