@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from fedpeft.core.config import ConfigError, FedConfig
 from fedpeft.core.keys import NUM_EXAMPLES
 from fedpeft.core.secagg import STAGES, ClientPolicy, SecAggClient, SecAggRefusal, respond
+from fedpeft.core.secagg.dp import noise_for
 from fedpeft.core.secagg.layout import flatten_update, layout_digest
 from fedpeft.core.secagg.messages import LAYOUT_KEY, SECAGG_RECORD
 from fedpeft.core.wire import (
@@ -62,7 +63,7 @@ def handle(stage: str, msg: Message, context: Context, setup: Setup) -> Message:
     record = msg.content.get(SECAGG_RECORD)
     if not isinstance(record, ConfigRecord):
         raise SecAggRefusal(stage, "the request has no protocol record")
-    client = load_client(context)
+    client = load_client(context, client_policy(cfg))
     try:
         fields = respond(client, stage, dict(record),
                          lambda: train_upload(cfg, method, msg, context))
@@ -71,8 +72,18 @@ def handle(stage: str, msg: Message, context: Context, setup: Setup) -> Message:
     return Message(content=RecordDict({SECAGG_RECORD: ConfigRecord(fields)}), reply_to=msg)
 
 
-def load_client(context: Context) -> SecAggClient:
-    policy = ClientPolicy()
+def client_policy(cfg: FedConfig) -> ClientPolicy:
+    """What this client accepts: with ``privacy.client_level`` its own config's noise (a server
+    may ask for more, never less; ``fedpeft.core.secagg.dp``)."""
+    noise = noise_for(cfg)
+    if noise is None:
+        return ClientPolicy()
+    return ClientPolicy(noise_clip=noise.clip, noise_std=noise.std,
+                        min_survivors=noise.min_survivors)
+
+
+def load_client(context: Context, policy: ClientPolicy | None = None) -> SecAggClient:
+    policy = policy or ClientPolicy()
     if STATE_KEY in context.state:
         return SecAggClient.from_record(dict(context.state[STATE_KEY]), policy)
     return SecAggClient(int(context.node_id), int(context.run_id), policy)
@@ -97,7 +108,8 @@ def masked_upload(cfg: FedConfig, method: Method, scalars: Mapping[str, Any],
                   decode: Callable[[Any], Any], state: ClientState,
                   node_config: Mapping[str, object], run_id: object) -> tuple[np.ndarray, float]:
     """The client step of any transport; the update against the downlink as decoded, over the
-    server's layout, and its weight (1 under uniform weighting, else the example count)."""
+    server's layout, and its weight (1 under uniform weighting or client-level DP, else the
+    example count). Under client-level DP the protocol clips and noises the update."""
     reply = client_step(cfg, method, scalars, decode, state, node_config, run_id)
     if reply.payload is None:
         raise SecAggRefusal("masked_input", "nothing to upload this round (a spent privacy "
@@ -107,7 +119,8 @@ def masked_upload(cfg: FedConfig, method: Method, scalars: Mapping[str, Any],
     if layout_digest(shapes) != scalars.get(LAYOUT_KEY):
         raise SecAggRefusal("masked_input", "this client's upload has other tensors than the "
                                             "server's layout")
-    weight = 1.0 if cfg.federation.weighting == "uniform" else float(reply.metrics[NUM_EXAMPLES])
+    uniform = cfg.federation.weighting == "uniform" or cfg.privacy.client_level != "off"
+    weight = 1.0 if uniform else float(reply.metrics[NUM_EXAMPLES])
     if cfg.federation.max_examples_per_client > 0:
         weight = min(weight, cfg.federation.max_examples_per_client)
     return flatten_update(tensors, reply.reference, shapes), weight

@@ -523,7 +523,7 @@ def finish_run(loop: RoundLoop, workspace: Workspace, out: Path, rows: list[dict
                         clients_timed_out=sum(r.get("clients_timed_out", 0) for r in rows),
                         rounds_not_aggregated=sum(1 for r in rows if r.get("aggregated") == 0),
                         resumed_after=resumed_after, base_fingerprint=loop.fingerprint,
-                        **secagg_summary(cfg.secagg),
+                        **secagg_summary(cfg.secagg, cfg.privacy),
                         **precisions(cfg), **export)
     write_json_atomic(out / SUMMARY_FILE, summary)
     plot_report(rows, out / "report.png", f"{method.name} on {cfg.model.name}")

@@ -8,6 +8,13 @@ carries the downlink and starts local training; its reply is the masked vector a
 (no metrics, no example count). The server ends with the example-weighted mean of the survivors'
 clipped updates, and the method aggregates one upload holding it. Too few survivors at any stage:
 no partial result, the attempt counts as not aggregated (retried or skipped by the loop).
+
+With ``privacy.client_level`` the noise is distributed (``fedpeft.core.secagg.dp``): each client
+clips its update to ``client_clip`` and adds its share of the noise before masking, the server
+aborts below ``privacy.min_survivors`` masked inputs, and it unmasks only the noised sum S of
+the K survivors. The new state is the method's aggregate of one upload G + S / m (m sampled, a
+dropped client counting as a zero update, as ``client_dp.py`` averages): no server-side noise
+and no un-noised sum anywhere. Every decoded sum counts as a release for ``client_epsilon``.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
-from fedpeft.client.secagg import masked_upload
+from fedpeft.client.secagg import client_policy, masked_upload
 from fedpeft.strategies import ClientProfile, ClientState, Method, Upload
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
@@ -36,6 +43,7 @@ from fedpeft.core.secagg import (
     respond,
     run_instance,
 )
+from fedpeft.core.secagg.dp import noise_for
 from fedpeft.core.secagg.layout import layout_digest, layout_size, unflatten_update
 from fedpeft.core.secagg.messages import LAYOUT_KEY, SECAGG_RECORD, field_bytes
 from fedpeft.core.wire import (
@@ -46,6 +54,7 @@ from fedpeft.core.wire import (
     transmit,
 )
 
+from .client_dp import CLIENT_EPSILON
 from .rounds import RoundLoop
 from .validation import all_finite
 
@@ -55,9 +64,12 @@ SendReceive = Callable[[Any, list[Message], float | None], list[Message]]
 
 
 def secagg_params(cfg: FedConfig) -> SecAggParams:
-    sa = cfg.secagg
+    """The instance's settings; with ``privacy.client_level`` the clients' distributed noise."""
+    sa, noise = cfg.secagg, noise_for(cfg)
+    dp = {} if noise is None else {"noise_clip": noise.clip, "noise_std": noise.std,
+                                   "min_survivors": noise.min_survivors}
     return SecAggParams(threshold=sa.threshold, neighbours=sa.neighbours, clip=sa.clip_range,
-                        bits=sa.bits, max_weight=sa.max_weight)
+                        bits=sa.bits, max_weight=sa.max_weight, **dp)
 
 
 @dataclass
@@ -112,6 +124,13 @@ def secure_train(loop: RoundLoop, rnd: int, attempt: int, nodes: list[int], run_
     elif outcome.result is not None:
         aggregated = _aggregate(loop, rnd, first, shapes, outcome.result)
         stats["secagg_error_bound"] = outcome.result.error_bound
+    if loop.client_dp is not None:
+        # a noised sum the server decoded is a release, aggregated or not; an abort before
+        # unmasking reveals no sum
+        revealed = outcome.result is not None or (
+            outcome.aborted is not None and outcome.aborted.stage == "unmask")
+        loop.client_dp.releases += int(revealed)
+        stats[CLIENT_EPSILON] = loop.client_dp.epsilon()
     ok = outcome.result.survivors if aggregated and outcome.result is not None else 0
     rejected = len(set(outcome.rejected) - (server.u3 if aggregated else set()))
     return {**stats, "bytes_down": sum(down.values()), "bytes_up": sum(up.values()),
@@ -189,7 +208,8 @@ class InProcessSecAgg:
     def deliver(self, loop: RoundLoop, box: Outbox) -> dict[int, dict | None]:
         out: dict[int, dict | None] = {}
         for node, (profile, fields) in box.requests.items():
-            client = self.clients.setdefault(profile.partition_id, SecAggClient(node, 0))
+            client = self.clients.setdefault(profile.partition_id,
+                                             SecAggClient(node, 0, client_policy(self.cfg)))
             box.down[node] += _nbytes(fields)
             try:
                 out[node] = respond(client, box.stage, fields,
@@ -224,9 +244,17 @@ def _aggregate(loop: RoundLoop, rnd: int, first: ClientProfile, shapes: dict,
             "aggregated", rnd, result.survivors, loop.cfg.federation.min_replies)
         return False
     reference = loop.received(first).tensors
-    mean = unflatten_update(result.mean, reference, shapes)
-    upload = Upload(first, Payload(mean), result.total_weight, {})
-    agg = loop.method.aggregate(loop.state, [upload])
+    if loop.client_dp is not None:  # the clients' noised sum over the sampled count
+        total = result.mean * result.survivors  # the unmasked noisy sum (weights all 1)
+        noised = unflatten_update(total / loop.client_dp.sampled, reference, shapes)
+        agg = loop.method.aggregate(loop.state, [Upload(first, Payload(noised), 1, {})])
+        log(INFO, "round %d: secagg summed %d clients' clipped and noised updates (unit "
+            "weights: client-level DP ignores federation.weighting), divided by the %d sampled",
+            rnd, result.survivors, loop.client_dp.sampled)
+    else:
+        mean = unflatten_update(result.mean, reference, shapes)
+        upload = Upload(first, Payload(mean), result.total_weight, {})
+        agg = loop.method.aggregate(loop.state, [upload])
     if not all_finite(agg.state.tensors):
         log(WARNING, "round %d: the secure aggregate is not finite; state kept", rnd)
         return False

@@ -353,7 +353,8 @@ def test_a_client_refuses_too_small_a_federation() -> None:
     (["secagg.bits=16"], "wrap around"),
     (['federation.aggregator="median"'], "sees only their sum"),
     (['compression.up=["int8"]'], "conflict with fixed-point masking"),
-    (['privacy.client_level="server-fixed"'], "distributed noise is not implemented"),
+    (['privacy.client_level="server-fixed"', "privacy.min_survivors=11"],
+     "exceeds the 10 clients sampled"),
     (["federation.clients_per_round=1"], "a sum over one client"),
 ])
 def test_config_refuses_what_secagg_cannot_honour(overrides: list[str], why: str) -> None:

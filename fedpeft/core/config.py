@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.core.filters import FilterError, parse_chain
+from fedpeft.core.secagg.dp import NoiseError, noise_for
 from fedpeft.core.secagg.encoding import EncodingError, FixedPoint
 
 # The default experiment's method: the one method name core knows (the registry in
@@ -249,12 +250,25 @@ class PrivacyConfig:
                          "every round; fewer = less noise, and a client sampled more often "
                          "stops training once its budget is spent)", min=0)
     client_level: str = option("off", "client-level DP with Flower's fixed-clipping wrappers "
-                               "(fedit and ffa-lora; unweighted mean of the sampled clients)",
+                               "(fedit and ffa-lora; unweighted mean of the sampled clients); "
+                               "with [secagg] either mode clips on each client, which adds its "
+                               "share of the noise before masking (the server never holds an "
+                               "un-noised sum; example weights are ignored)",
                                choices=("off", "server-fixed", "client-fixed"))
     client_noise: float = option(1.0, "client-level noise multiplier z (noise std = z * "
-                                 "client_clip / clients_per_round)", gt=0)
+                                 "client_clip / clients_per_round; with [secagg] each client "
+                                 "adds std z * client_clip / sqrt(min_survivors - colluders))",
+                                 gt=0)
     client_clip: float = option(1.0, "client-level clipping norm of a client's whole update",
                                 gt=0)
+    min_survivors: int = option(0, "client-level DP with [secagg]: K_min, the fewest clients "
+                                "whose noise a sum must hold; a round with fewer masked inputs "
+                                "is skipped, more survivors add more noise than needed (a "
+                                "utility cost, not a privacy one) (0 = secagg's threshold)",
+                                min=0)
+    colluders: int = option(0, "client-level DP with [secagg]: clients assumed to collude with "
+                            "the server (each can subtract its own noise); the noise is "
+                            "calibrated to min_survivors - colluders honest clients", min=0)
 
 
 @dataclass(frozen=True)
@@ -816,6 +830,11 @@ def validate_secagg(cfg: FedConfig) -> None:
     if sa.threshold == 1:
         raise ConfigError("secagg.threshold = 1 would hand each client's secrets to any one "
                           "peer: use 0 (a majority) or >= 2")
+    dp_keys = cfg.privacy.min_survivors or cfg.privacy.colluders
+    if dp_keys and (not sa.enabled or cfg.privacy.client_level == "off"):
+        raise ConfigError("privacy.min_survivors and privacy.colluders calibrate the clients' "
+                          "noise under secure aggregation: they need secagg.enabled = true and "
+                          "privacy.client_level")
     if not sa.enabled:
         return
     holders = n if sa.neighbours == 0 or sa.neighbours >= n - 1 else sa.neighbours + 1
@@ -832,15 +851,13 @@ def validate_secagg(cfg: FedConfig) -> None:
         problem = (f"compression.up = {cfg.compression.up!r}: lossy float filters conflict with "
                    "fixed-point masking and a masked vector is incompressible; fewer secagg.bits "
                    "is the way to send fewer bytes")
-    elif cfg.privacy.client_level != "off":
-        problem = (f"privacy.client_level = {cfg.privacy.client_level!r}: Flower's wrappers clip "
-                   "each update on the server or noise the sum there, so the server would hold "
-                   "un-noised updates or an un-noised sum; distributed noise is not implemented")
     if problem:
         raise ConfigError(f"secagg.enabled = true with clients_per_round = {n}: {problem}")
     try:
-        FixedPoint(sa.bits, sa.clip_range, sa.max_weight, n)
-    except EncodingError as e:
+        noise = noise_for(cfg)  # client-level DP: the clients' distributed noise
+        FixedPoint(sa.bits, sa.clip_range, sa.max_weight, n,
+                   *((noise.clip, noise.std) if noise else ()))
+    except (EncodingError, NoiseError) as e:
         raise ConfigError(f"secagg: {e}") from None
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import primitives as P
+from .dp import clip_and_noise
 from .encoding import EncodingError, FixedPoint, encode, pack
 from .messages import (
     INSTANCE_BYTES,
@@ -50,6 +51,12 @@ class ClientPolicy:
     min_threshold: int = 2
     max_clients: int = 100_000
     max_length: int = 1 << 31
+    # client-level DP (dp.py), from the client's own config: the noise it insists on adding
+    # (at least noise_std, with updates clipped to at most noise_clip) and the fewest masked
+    # inputs the server must abort below; 0 = no demand (it adds what the server asks for)
+    noise_clip: float = 0.0
+    noise_std: float = 0.0
+    min_survivors: int = 0
 
 
 @dataclass
@@ -138,6 +145,8 @@ class SecAggClient:
             if np.asarray(vector).size != inst.setup.length:
                 raise EncodingError(f"the upload has {np.asarray(vector).size} values, the "
                                     f"instance expects {inst.setup.length}")
+            if inst.fp.noisy:  # the release: clipped and noised here, never the raw update
+                vector = clip_and_noise(vector, inst.fp.noise_clip, inst.fp.noise_std)
             y = encode(inst.fp, vector, weight)
             y += P.prg(inst.seed, y.size, inst.fp.bits)
             for u in inst.held:
@@ -201,7 +210,8 @@ class SecAggClient:
             return client
         fields = {k[6:]: v for k, v in rec.items() if k.startswith("setup.")}
         setup = SetupRequest.from_fields(fields, client.policy.max_clients)
-        fp = FixedPoint(setup.bits, setup.clip, setup.max_weight, len(setup.nodes))
+        fp = FixedPoint(setup.bits, setup.clip, setup.max_weight, len(setup.nodes),
+                        setup.noise_clip, setup.noise_std)
         inst = _Instance(setup.header, setup, fp, rec["enc_sk"], rec["mask_sk"], rec["stage"],
                          rec["seed"])
         inst.peer_keys = dict(zip(rec["peers"], zip(rec["peer_enc"], rec["peer_mask"],
@@ -240,7 +250,23 @@ class SecAggClient:
                                f"{len(nbrs) + 1}] for {len(nbrs)} neighbours")
         if not 1 <= req.length <= pol.max_length:
             raise MessageError(f"vector length {req.length} out of range")
-        return FixedPoint(req.bits, req.clip, req.max_weight, len(nodes))
+        self._check_noise(req)
+        return FixedPoint(req.bits, req.clip, req.max_weight, len(nodes), req.noise_clip,
+                          req.noise_std)
+
+    def _check_noise(self, req: SetupRequest) -> None:
+        """A server may ask for more noise than this client's config, never less."""
+        pol, slack = self.policy, 1e-9
+        if pol.noise_std == 0 and pol.min_survivors == 0:
+            return
+        if req.noise_std < pol.noise_std * (1 - slack) or req.min_survivors < pol.min_survivors:
+            raise MessageError(
+                f"the server asks for noise std {req.noise_std:.4g} with an abort below "
+                f"{req.min_survivors} survivors; this client's client-level DP needs std >= "
+                f"{pol.noise_std:.4g} and an abort below {pol.min_survivors}")
+        if not 0 < req.noise_clip <= pol.noise_clip * (1 + slack):
+            raise MessageError(f"the server asks for a clip of {req.noise_clip:.4g}, this "
+                               f"client's client-level DP clips to {pol.noise_clip:.4g}")
 
     def _check_header(self, h: Header) -> None:
         assert self.inst is not None
@@ -270,6 +296,10 @@ class SecAggClient:
         if len(alive) + 1 < inst.setup.threshold:
             raise MessageError(f"{len(alive) + 1} survivors named, below threshold "
                                f"{inst.setup.threshold}")
+        complete = len(inst.setup.neighbours) + 1 == len(inst.setup.nodes)
+        if complete and len(alive) + 1 < inst.setup.min_survivors:  # all it can check
+            raise MessageError(f"{len(alive) + 1} survivors named, fewer than the "
+                               f"{inst.setup.min_survivors} whose noise the sum must hold")
         both = ([u for u in alive if inst.revealed.get(u) == "key"]
                 + [u for u in dropped if inst.revealed.get(u) == "self"])
         if both:

@@ -10,14 +10,26 @@ T = (R - 1) // n the largest range that n clients can sum. Decoding:
 Error bound: stochastic rounding moves each client's integer by less than one step, so each
 coordinate of the weighted sum is off by less than K * 2c/T (unbiased, standard deviation at most
 sqrt(K) * c/T); the mean's error is that times max_weight / sum_k w_k.
+
+Noisy mode (client-level DP, ``noise_clip`` C > 0; ``dp.py``): the client's release v (its
+update clipped to L2 norm C, plus Gaussian noise of std s cut at +-TAIL s) has every coordinate
+in [-B, B], B = C + TAIL s. Weight slot 1; slots 1..m = round_stoch(v * S) mod R (two's
+complement), S = (floor((R/2 - 1) / n) - 1) / B, so a sum over K <= n clients lies in
+(-R/2, R/2) and decodes centred: no wrap-around, deterministically (this implies the usual
+K c_int + 6 s_int sqrt(K) < R/2 check). The step 1/S must be at most s / STEPS_PER_STD, else the
+parameters are refused with the bits needed.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
+
+TAIL = 8.0  # noisy mode: a client's noise is cut at +-TAIL std (P ~ 1.2e-15 per coordinate)
+STEPS_PER_STD = 16  # noisy mode: the fixed-point step is at most the noise std / 16
 
 
 class EncodingError(ValueError):
@@ -32,6 +44,8 @@ class FixedPoint:
     clip: float  # c: every coordinate clipped to [-c, c]
     max_weight: int  # a client's weight n_k is capped here
     num_clients: int  # n: the most clients whose vectors can be summed
+    noise_clip: float = 0.0  # noisy mode (client-level DP): C, each update's L2 clip; 0 = off
+    noise_std: float = 0.0  # noisy mode: s, each client's per-coordinate noise std
 
     def __post_init__(self) -> None:
         if not 8 <= self.bits <= 62:
@@ -40,6 +54,9 @@ class FixedPoint:
             raise EncodingError(f"clip_range = {self.clip}: must be a positive finite number")
         if self.num_clients < 1 or self.max_weight < 1:
             raise EncodingError("num_clients and max_weight must be >= 1")
+        if self.noisy:
+            self._check_noise()
+            return
         if self.max_weight > self.target:
             raise EncodingError(
                 f"bits = {self.bits} is too few for {self.num_clients} clients with max_weight "
@@ -48,6 +65,33 @@ class FixedPoint:
         if self.target < 2:
             raise EncodingError(f"bits = {self.bits} leaves no precision for "
                                 f"{self.num_clients} clients")
+
+    @property
+    def noisy(self) -> bool:
+        return self.noise_clip != 0 or self.noise_std != 0
+
+    def _check_noise(self) -> None:
+        for name, v in (("noise_clip", self.noise_clip), ("noise_std", self.noise_std)):
+            if not (math.isfinite(v) and v > 0):
+                raise EncodingError(f"{name} = {v}: must be a positive finite number")
+        if self.scale * self.noise_std < STEPS_PER_STD:
+            need = math.ceil(math.log2((self.num_clients + 1) * (
+                STEPS_PER_STD * self.bound / self.noise_std + 2))) + 1
+            raise EncodingError(
+                f"bits = {self.bits} is too few for the client-level DP noise of "
+                f"{self.num_clients} clients: the fixed-point step {1 / self.scale:.3g} would be "
+                f"coarser than 1/{STEPS_PER_STD} of the per-client noise std "
+                f"{self.noise_std:.3g} (need bits >= {need})")
+
+    @property
+    def bound(self) -> float:
+        """Noisy mode: B, the largest absolute value of one client's release."""
+        return self.noise_clip + TAIL * self.noise_std
+
+    @property
+    def scale(self) -> float:
+        """Noisy mode: S, integers per unit (n releases of |v| <= B sum inside (-R/2, R/2))."""
+        return max(((1 << (self.bits - 1)) - 1) // self.num_clients - 1, 0) / self.bound
 
     @property
     def modulus_mask(self) -> np.uint64:
@@ -60,10 +104,13 @@ class FixedPoint:
 
     @property
     def step(self) -> float:
-        return 2 * self.clip / self.target
+        return 1 / self.scale if self.noisy else 2 * self.clip / self.target
 
     def error_bound(self, survivors: int, total_weight: int) -> float:
-        """A deterministic bound on each coordinate's error in the decoded weighted mean."""
+        """A deterministic bound on each coordinate's error in the decoded weighted mean (noisy
+        mode: of the mean of the releases, noise included)."""
+        if self.noisy:
+            return self.step
         return survivors * self.step * self.max_weight / total_weight
 
     @property
@@ -80,8 +127,10 @@ def encode(fp: FixedPoint, vector: np.ndarray, weight: float,
         raise EncodingError("the upload has non-finite values")
     if not (np.isfinite(weight) and weight > 0):
         raise EncodingError(f"weight {weight}: must be a positive finite number")
-    w = min(round(weight), fp.max_weight) or 1
     rng = rng or np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+    if fp.noisy:
+        return _encode_noisy(fp, x, rng)
+    w = min(round(weight), fp.max_weight) or 1
     scaled = (w / fp.max_weight) * np.clip(x, -fp.clip, fp.clip)
     q = (scaled + fp.clip) * (fp.target / (2 * fp.clip))
     low = np.floor(q)
@@ -90,11 +139,29 @@ def encode(fp: FixedPoint, vector: np.ndarray, weight: float,
     return np.concatenate([np.array([w], dtype=np.uint64), q])
 
 
+def _encode_noisy(fp: FixedPoint, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A release (already clipped and noised by the client, ``dp.clip_and_noise``) in two's
+    complement: weight slot 1 (a fixed public weight), then round_stoch(v * S) mod R."""
+    q = np.clip(x, -fp.bound, fp.bound) * fp.scale
+    low = np.floor(q)
+    q = (low + (rng.random(q.shape) < (q - low))).astype(np.int64)
+    out = np.concatenate([np.ones(1, dtype=np.int64), q]).astype(np.uint64)
+    return out & fp.modulus_mask
+
+
 def decode_sum(fp: FixedPoint, total: np.ndarray, survivors: int) -> tuple[np.ndarray, int]:
-    """(weighted mean over the survivors, sum of their weights) from the unmasked sum."""
+    """(weighted mean over the survivors, sum of their weights) from the unmasked sum; in noisy
+    mode the weights are all 1, so this is the noisy sum divided by the survivors."""
     if survivors < 1 or survivors > fp.num_clients:
         raise EncodingError(f"{survivors} survivors for an instance of {fp.num_clients}")
     weight = int(total[0])
+    if fp.noisy:
+        if weight != survivors:
+            raise EncodingError(f"the summed weight {weight} is not the {survivors} survivors' "
+                                "(each release carries weight 1)")
+        signed = total[1:].astype(np.int64)
+        signed = np.where(total[1:] >= (1 << (fp.bits - 1)), signed - (1 << fp.bits), signed)
+        return signed.astype(np.float64) * (fp.step / survivors), weight
     if not 1 <= weight <= survivors * fp.max_weight:
         raise EncodingError(f"the summed weight {weight} is impossible for {survivors} clients")
     weighted = total[1:].astype(np.float64) * fp.step - survivors * fp.clip

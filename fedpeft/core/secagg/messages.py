@@ -137,7 +137,8 @@ class SetupRequest(Message):
     STAGE = "setup"
     SPEC: ClassVar[dict[str, Kind]] = {
         "nodes": "ints", "neighbours": "ints", "threshold": "int", "bits": "int",
-        "clip": "float", "max_weight": "int", "length": "int"}
+        "clip": "float", "max_weight": "int", "length": "int", "noise_clip": "float",
+        "noise_std": "float", "min_survivors": "int"}
     nodes: tuple[int, ...]  # U, sorted
     neighbours: tuple[int, ...]  # N(u)
     threshold: int
@@ -145,6 +146,9 @@ class SetupRequest(Message):
     clip: float
     max_weight: int
     length: int  # m: the number of float values the client uploads
+    noise_clip: float = 0.0  # client-level DP (dp.py): the L2 clip C; 0.0 = no noise
+    noise_std: float = 0.0  # client-level DP: each client's per-coordinate noise std
+    min_survivors: int = 0  # client-level DP: the server aborts below this many masked inputs
 
 
 @dataclass(frozen=True)

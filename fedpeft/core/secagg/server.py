@@ -53,6 +53,12 @@ class SecAggParams:
     clip: float = 1.0  # c: coordinates of the (weighted) upload clipped to [-c, c]
     bits: int = 40  # modulus 2^bits
     max_weight: int = 10_000  # a client's example count is capped here
+    # client-level DP (dp.py): each client clips its update to L2 norm noise_clip and adds
+    # N(0, noise_std^2) per coordinate; an instance with fewer than min_survivors masked inputs
+    # is aborted (0 = off)
+    noise_clip: float = 0.0
+    noise_std: float = 0.0
+    min_survivors: int = 0
 
 
 @dataclass
@@ -93,7 +99,8 @@ class SecAggServer:
         self.nodes = sorted(nodes)
         self.params, self.length = params, length
         self.header = Header(run, round, os.urandom(INSTANCE_BYTES), "setup")
-        self.fp = FixedPoint(params.bits, params.clip, params.max_weight, len(self.nodes))
+        self.fp = FixedPoint(params.bits, params.clip, params.max_weight, len(self.nodes),
+                             params.noise_clip, params.noise_std)
         self.t = threshold_for(params, len(self.nodes))
         self.graph = neighbour_graph(self.nodes, params.neighbours)
         self.stage_index = 0
@@ -132,7 +139,8 @@ class SecAggServer:
     def _setup_req(self, h: Header, u: int) -> Message:
         p = self.params
         return SetupRequest(h, tuple(self.nodes), tuple(sorted(self.graph[u])), self.t, p.bits,
-                            float(p.clip), p.max_weight, self.length)
+                            float(p.clip), p.max_weight, self.length, float(p.noise_clip),
+                            float(p.noise_std), p.min_survivors)
 
     def _share_keys_req(self, h: Header, u: int) -> Message:
         vs = self._nbrs(u, self.live)
@@ -229,6 +237,10 @@ class SecAggServer:
         self.u3 = set(self.live)
         if len(self.live) < self.t:
             self.abort(f"{len(self.live)} masked inputs, threshold {self.t}")
+        if len(self.live) < self.params.min_survivors:
+            self.abort(f"{len(self.live)} masked inputs, fewer than the "
+                       f"{self.params.min_survivors} (privacy.min_survivors) whose noise "
+                       "client-level DP needs in the sum")
         for u in self.live:
             if len(self.graph[u] & self.live) + 1 < self.t:
                 self.abort(f"node {u} has {len(self.graph[u] & self.live)} surviving neighbours; "
