@@ -346,8 +346,8 @@ def client_dp_problem(cls: type[Method]) -> str:
     """Why client-level DP cannot run with this method (empty: it can)."""
     if cls.client_dp_refusal or cls.mean_aggregate:
         return cls.client_dp_refusal
-    return ("it aggregates otherwise than by a mean of the uploads, so clipped-and-noised "
-            "means would not bound one client's influence")
+    return ("its aggregate is not declared to read the uploads only through their mean, so a "
+            "clipped-and-noised mean would not bound one client's influence on it")
 
 
 def robust_problem(cls: type[Method]) -> str:

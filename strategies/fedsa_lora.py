@@ -57,6 +57,8 @@ class FedSALoRA(Method):
     default_lr = 0.002
     personalized = True
     dp_refusal = PERSONAL_DP_REFUSAL
+    robust_refusal = ("its aggregate is the plain weighted mean of A (a robust rule, which its "
+                      "mathematics would allow, is not wired in)")
 
     def personal_keys(self, keys: Iterable[str]) -> set[str]:
         names = list(keys)

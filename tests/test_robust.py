@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -20,6 +22,7 @@ from fedpeft.strategies.aggregators import (
     robust_mean,
     update_norms,
 )
+from fedpeft.strategies.base import robust_problem
 
 from fedpeft.core.config import ConfigError, DataConfig, ModelConfig, load_config
 from fedpeft.core.training import Encoded
@@ -228,7 +231,9 @@ def test_methods_that_do_not_average_refuse_a_robust_aggregator(name: str, rule:
     if METHODS[name].mean_aggregate:
         assert build_method(cfg).ctx.aggregator == Aggregator(rule)
         return
-    with pytest.raises(ConfigError, match=f"aggregator = '{rule}'.*{name}.*aggregates otherwise"):
+    reason = robust_problem(METHODS[name])  # the method's own reason, or "aggregates otherwise"
+    assert reason and (METHODS[name].robust_refusal or "aggregates otherwise" in reason)
+    with pytest.raises(ConfigError, match=f"aggregator = '{rule}'.*{name}.*{re.escape(reason)}"):
         build_method(cfg)
 
 
