@@ -250,7 +250,7 @@ class PrivacyConfig:
                          "every round; fewer = less noise, and a client sampled more often "
                          "stops training once its budget is spent)", min=0)
     client_level: str = option("off", "client-level DP with Flower's fixed-clipping wrappers "
-                               "(fedit and ffa-lora; unweighted mean of the sampled clients); "
+                               "(see `fedpeft methods`; unweighted mean of the sampled clients); "
                                "with [secagg] either mode clips on each client, which adds its "
                                "share of the noise before masking (the server never holds an "
                                "un-noised sum; example weights are ignored)",
