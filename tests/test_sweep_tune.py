@@ -163,6 +163,10 @@ def test_resume_skips_finished_tuning_cells_and_rederives_the_choice(
     assert lrs == {"fedit_s0": 0.01, "fedit_s1": 0.01, "ffa-lora_s0": 0.01, "ffa-lora_s1": 0.01}
     ran.clear()
     assert run_sweep(load_sweep(path), out) == 0 and ran == []
+    (out / "tuning.md").unlink()
+    assert main(["sweep", str(path), "--out", str(out), "--report"]) == 0 and ran == []
+    assert "(4 of 4 tuning cells)" in capsys.readouterr().out
+    assert "| ffa-lora | 0.01 | 0.7000 | **yes** |" in (out / "tuning.md").read_text()
 
 
 def test_dry_run_lists_tuning_and_waiting_final_cells(
@@ -261,8 +265,9 @@ def test_reference_rows_appear_in_the_results(tmp_path: Path,
                     cfg.data.partitioner) == ("fedit", 1, 1, "iid")
             assert cfg.train.local_steps == (base.train.local_steps
                                              * base.federation.clients_per_round)
-        if row["method"] == "rank2":
-            assert (cfg.model.rank, cfg.train.lr) == (2, 0.0)  # not tuned: as given
+        if row["method"] == "rank2":  # not tuned: as given; the table shows the lr it used
+            assert (cfg.model.rank, cfg.train.lr) == (2, 0.0)
+            assert float(row["train.lr"]) == METHODS[cfg.method.name].default_lr
     md = (out / "results.md").read_text()
     assert "| centralised |" in md and "| rank2 |" in md
     assert "centralised training on the pooled data" in md

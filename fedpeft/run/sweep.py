@@ -76,7 +76,7 @@ from fedpeft.run.sweeptune import (
     candidates,
     centralised_overrides,
     choose,
-    config_value,
+    effective_value,
 )
 
 TOP_KEYS = ("name", "description", "methods", "seeds", "seed_keys", "target_accuracy", "base",
@@ -559,7 +559,7 @@ def expand(sweep: Sweep, chosen: dict[str, Any] | None = None,
                 value = row.values[0] if waiting else value
                 sets.append(override(tune.key, value))
             else:
-                value = config_value(row.config, tune.key)
+                value = effective_value(row.config, tune.key)
             sets.append(override(VALIDATION_KEY, tune.validation_size))
             labels[tune.key] = value
         if seed is not None:
@@ -1006,11 +1006,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def add_command(sub: argparse._SubParsersAction) -> None:
     """``fedpeft sweep SWEEP.toml [--out DIR] [--dry-run | --report]``."""
     sw = sub.add_parser("sweep", help="run a grid of simulations (methods x settings x seeds), "
-                        "resumable; results.csv, results.md, curves.png")
+                        "resumable; with [tune] a stage that first picks each row's learning "
+                        "rate on a validation split; results.csv, results.md, curves.png")
     sw.add_argument("sweep", help="sweep file (TOML; see simulations/sweeps/)")
     sw.add_argument("--out", help="output folder (default runs/sweeps/<sweep file name>)")
     sw.add_argument("--dry-run", action="store_true",
-                    help="list the cells and what a run would do with each; run nothing")
+                    help="list the cells (the tuning stage's first) and what a run would do "
+                    "with each; run nothing")
     sw.add_argument("--report", action="store_true",
                     help="write results.csv, results.md and curves.png from the cells "
                     "finished in the output folder; run nothing")

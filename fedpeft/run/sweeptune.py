@@ -82,14 +82,20 @@ def config_value(cfg: FedConfig, key: str) -> Any:
     return cfg.to_dict()[section].get(name)
 
 
-def row_default(cfg: FedConfig, key: str) -> float:
-    """The row's own value of ``key`` that ``factors`` multiply: the config's, or for
-    ``train.lr`` left at 0 the method's ``default_lr`` (what a run at lr 0 trains with)."""
+def effective_value(cfg: FedConfig, key: str) -> Any:
+    """The value of ``key`` a run of ``cfg`` uses: the config's, or for ``train.lr`` left at 0
+    the method's ``default_lr`` (what a run at lr 0 trains with)."""
     value = config_value(cfg, key)
     if key == "train.lr" and not value:
-        from fedpeft.strategies import build_method  # torch: only when factors need it
+        from fedpeft.strategies import build_method  # torch: only when it is needed
 
         value = build_method(cfg).default_lr
+    return value
+
+
+def row_default(cfg: FedConfig, key: str) -> float:
+    """The row's own value of ``key`` that ``factors`` multiply (:func:`effective_value`)."""
+    value = effective_value(cfg, key)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value:
         raise ConfigError(f"[tune] factors multiply the row's value of {key}, which is "
                           f"{value!r} here: give [tune] values instead")
