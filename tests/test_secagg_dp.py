@@ -317,3 +317,32 @@ def test_engine_skips_a_round_below_k_min_naming_the_stage(
     assert ("secagg stopped at stage 'masked_input': 2 masked inputs, fewer than the 3 "
             "(privacy.min_survivors)") in caplog.text
 
+
+
+def test_flower_transport_runs_the_noised_protocol(tmp_path: Path, in_process: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real ServerApp round loop and ClientApp (tests/helpers.FakeGrid): the setup record
+    carries the noise, each ClientApp checks it against its config and noises its update, and
+    the server reports the client-level epsilon of two releases."""
+    from fedpeft.server import app as server_app
+
+    from fedpeft.core.privacy import client_level_epsilon
+    from tests.helpers import FakeGrid
+
+    _no_server_noise(monkeypatch)
+    calls: list[float] = []
+    real = core_client.clip_and_noise
+
+    def counted(v: np.ndarray, c: float, s: float) -> np.ndarray:
+        calls.append(s)
+        return real(v, c, s)
+
+    monkeypatch.setattr(core_client, "clip_and_noise", counted)
+    cfg = load_config(None, [*TINY, *DP, "privacy.client_noise=0.8", "privacy.client_clip=0.3"])
+    out = tmp_path / "flower"
+    summary = server_app.run_server(FakeGrid(range(11, 17)), cfg, out)
+    rows = MetricsLog.read(out / "metrics.jsonl")
+    assert [r["aggregated"] for r in rows[1:]] == [1, 1]
+    assert calls == [0.8 * 0.3 / math.sqrt(2)] * 6  # 3 clients x 2 rounds; K_min = t = 2 of 3
+    assert math.isclose(rows[2]["client_epsilon"], client_level_epsilon(0.8, 2, 1e-5))
+    assert "no un-noised sum" in summary["server_saw"]
