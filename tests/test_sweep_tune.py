@@ -348,3 +348,29 @@ def test_the_server_scores_the_validation_split(tmp_path: Path) -> None:
     assert final.test.texts == load_task_data(final.data_cfg)[1].texts
     assert not set(tuned.test.texts) & set(final.test.texts)
     assert tuned.train.texts == final.train.texts  # the same training data
+
+
+def test_discrimination_says_when_the_methods_are_not_separated() -> None:
+    """Methods within noise of each other, a centralised row below the best method: both said
+    plainly, per setting."""
+    from fedpeft.run.sweepreport import aggregate, discrimination
+
+    def rec(method: str, setting: str, acc: float) -> dict:
+        return {"method": method, "setting": setting, "final_accuracy": acc}
+
+    records = [rec("a", "s1", 0.70), rec("a", "s1", 0.74), rec("b", "s1", 0.71),
+               rec("b", "s1", 0.75), rec("pooled", "s1", 0.72), rec("pooled", "s1", 0.72),
+               rec("a", "s2", 0.6), rec("b", "s2", 0.8), rec("pooled", "s2", 0.9)]
+    for r in records:
+        r.update({k: None for k in ("best_accuracy", "last3_accuracy", "rounds_to_target",
+                                    "bytes_up", "bytes_down", "wall_s", "clients_accuracy",
+                                    "clients_accuracy_p10", "clients_accuracy_min",
+                                    "clients_loss")})
+    table = aggregate(records, ["method", "setting"])
+    text = discrimination(table, ["method", "setting"], ["pooled"], ["pooled"])
+    s1 = next(line for line in text.splitlines() if line.startswith("- setting = s1"))
+    std = float(np.std([0.71, 0.75], ddof=1))
+    assert f"spread 0.010 (b 0.730 - a 0.720), largest std {std:.3f}" in s1
+    assert "does not discriminate" in s1 and "pooled 0.720 is NOT above every method" in s1
+    s2 = next(line for line in text.splitlines() if line.startswith("- setting = s2"))
+    assert "fewer than 2 seeds" in s2 and "pooled 0.900 is above every method" in s2
