@@ -190,8 +190,10 @@ class Method(abc.ABC):
     # (one upload holding the mean) computes it, and client-level DP (one upload holding the
     # clipped, noised mean) noises it, each unless the method's refusal below says why not.
     mean_aggregate: ClassVar[bool] = False
-    # Why a method that is not ``mean_aggregate`` refuses robust aggregators (empty: a generic
-    # reason from its docstring).
+    # A method that is not ``mean_aggregate`` but applies federation.aggregator in its own way
+    # (FedEx-LoRA: the rule over the clients' products); else why it refuses robust aggregators
+    # (empty: a generic reason from its docstring).
+    robust_aggregate: ClassVar[bool] = False
     robust_refusal: ClassVar[str] = ""
     # Client-level DP ([privacy] client_level) clips each upload's update against what the
     # client was sent, which for every uploaded key must be the same for all clients, and hands
@@ -352,7 +354,7 @@ def client_dp_problem(cls: type[Method]) -> str:
 
 def robust_problem(cls: type[Method]) -> str:
     """Why a robust federation.aggregator cannot run with this method (empty: it can)."""
-    if cls.mean_aggregate:
+    if cls.mean_aggregate or cls.robust_aggregate:
         return ""
     doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
     return cls.robust_refusal or (f"it aggregates otherwise ({doc}), so a median, trimmed or "
@@ -380,11 +382,11 @@ def check_aggregator(cls: type[Method], cfg: FedConfig) -> None:
     rule = cfg.federation.aggregator
     if rule == "mean" or not robust_problem(cls):
         return
-    able = ", ".join(n for n, c in METHODS.items() if c.mean_aggregate) or "none registered"
+    able = ", ".join(n for n, c in METHODS.items() if not robust_problem(c))
     raise ConfigError(
         f"federation.aggregator = {rule!r} needs a method whose aggregate is a mean of the "
-        f"uploads ({able}); method.name = {cls.name!r}: {robust_problem(cls)}: use "
-        "federation.aggregator = 'mean'"
+        f"uploads or that applies the rule itself ({able or 'none registered'}); method.name = "
+        f"{cls.name!r}: {robust_problem(cls)}: use federation.aggregator = 'mean'"
     )
 
 

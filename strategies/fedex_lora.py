@@ -18,11 +18,10 @@ dense, L d_out d_in floats per client and round; factored, a client would need (
 (d_in + d_out) per layer for each round it missed: more in total on the default experiment
 (simulations/fedex_downlink.py; the figures in docs/results.md).
 
-Uplink: A, B and the head (FedIT's). The aggregate is not a mean of the uploads (it holds their
-products): robust aggregators, SecAgg and client-level DP are refused (the ``*_refusal`` reasons).
+Uplink: A, B and the head (FedIT's). The aggregate reads the products, not only a mean: SecAgg and
+client-level DP are refused (``*_refusal``); a robust rule acts on the models, W0 + s rule(B_k A_k).
 The export is the rank-r truncated SVD of the whole update (residual sum + s B_bar A_bar), which an
-adapter cannot hold exactly; the server's evaluation and ``fedpeft export --merged`` use the exact
-model.
+adapter cannot hold exactly; server evaluation and ``fedpeft export --merged`` use the exact model.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import torch
 
 from fedpeft.core.adapters import AdapterModel
 
+from .aggregators import robust_mean
 from .base import (
     Aggregate,
     ClientProfile,
@@ -47,6 +47,7 @@ from .lowrank import Layer, adapter_layers, scale, truncated_svd, weights_by_exa
 from .rolora import factor_keys
 
 RES = "fedex.res::"  # + layer name: the sum of every round's residual (d_out x d_in)
+PRODUCT = "fedex.product::"  # + layer name: s B A of one client (robust rules only)
 
 
 def residuals(tensors: Tensors) -> dict[str, torch.Tensor]:
@@ -82,10 +83,9 @@ class FedExLoRA(Method):
     secagg_refusal = ("its residual needs the mean of the clients' products B_k A_k, which the "
                       "sum of their factors does not give (each client would have to upload its "
                       "dense d_out x d_in products as well)")
-    robust_refusal = ("it aggregates otherwise: the global update is the mean of the clients' "
-                      "products B_k A_k (the residual makes it exact), and a robust rule over "
-                      "the factors A_k and B_k separately is no robust rule over those products "
-                      "(one over the dense products is not implemented)")
+    # A robust rule applies to the clients' models (their dense products s B_k A_k and heads),
+    # not to A_k and B_k separately, which would be no rule over the products (``_robust``).
+    robust_aggregate = True
     client_dp_refusal = ("its residual needs each client's product B_k A_k, which one noised "
                          "mean of the clipped factor updates does not give, and the product of "
                          "two clipped factors is not bounded by the clip norm")
@@ -106,6 +106,8 @@ class FedExLoRA(Method):
         return UploadSpec({k: tuple(v.shape) for k, v in adapter_part(state.tensors).items()})
 
     def aggregate(self, state: Payload, uploads: list[Upload]) -> Aggregate:
+        if self.ctx.aggregator.rule != "mean":
+            return self._robust(state, uploads)
         weights = weights_by_examples([u.num_examples for u in uploads])
         adapter = adapter_part(state.tensors)
         tensors = dict(state.tensors)
@@ -127,6 +129,39 @@ class FedExLoRA(Method):
             tensors[key] = mean.to(adapter[key].dtype)  # type: ignore[union-attr]
         rel = (norm_res / norm_update) ** 0.5 if norm_update > 0 else 0.0
         return Aggregate(Payload(tensors, dict(state.scalars)), {"fedex_residual_rel": rel})
+
+    def _robust(self, state: Payload, uploads: list[Upload]) -> Aggregate:
+        """federation.aggregator over the clients' models: the rule's s B_k A_k per layer (dense,
+        float64) and head give the new model; the rule's A_k and B_k are its factors, and the
+        residual s (rule(B_k A_k)) - s B_bar A_bar keeps the model exact for any such factors."""
+        s = scale(self.ctx.alpha, self.ctx.rank)
+        adapter = adapter_part(state.tensors)
+        layers = adapter_layers(adapter)
+        lora = sorted(k for layer in layers for k in (layer.a_key, layer.b_key))
+        heads = [k for k in adapter if k not in set(lora)]
+
+        def model_of(tensors: Tensors) -> Tensors:
+            out = {PRODUCT + layer.name: s * tensors[layer.b_key].double()
+                   @ tensors[layer.a_key].double() for layer in layers}
+            return {**out, **{k: tensors[k] for k in heads}}
+
+        models = [Upload(u.profile, Payload(model_of(u.payload.tensors)), u.num_examples)
+                  for u in uploads]
+        sent = model_of(adapter)
+        model = robust_mean(self.ctx.aggregator, models, list(sent), sent)
+        factors = robust_mean(self.ctx.aggregator, uploads, lora, adapter)
+        tensors = {**state.tensors, **factors.tensors, **{k: model.tensors[k] for k in heads}}
+        norm_res, norm_update = 0.0, 0.0
+        for layer in layers:
+            a, b = factors.tensors[layer.a_key].double(), factors.tensors[layer.b_key].double()
+            res = model.tensors[PRODUCT + layer.name] - s * b @ a
+            old = state.tensors[RES + layer.name]
+            tensors[RES + layer.name] = (old.double() + res).to(old.dtype)
+            norm_res += float(res.pow(2).sum())
+            norm_update += float(model.tensors[PRODUCT + layer.name].pow(2).sum())
+        rel = (norm_res / norm_update) ** 0.5 if norm_update > 0 else 0.0
+        return Aggregate(Payload(tensors, dict(state.scalars)),
+                         {**model.metrics, "fedex_residual_rel": rel})
 
     def load_global(self, model: AdapterModel, state: Payload) -> None:
         for layer, delta in residuals(state.tensors).items():

@@ -18,6 +18,7 @@ from fedpeft.server.secagg import secure_train
 from fedpeft.strategies import METHODS, ClientProfile, Upload, build_method
 from fedpeft.strategies.base import client_dp_problem, method_help, robust_problem, secagg_problem
 from fedpeft.strategies.fed_sb import CORE, FACTORS, GRAD, HOLDS, lora_sb_init
+from fedpeft.strategies.fedex_lora import RES
 
 from fedpeft.core.config import ConfigError, load_config
 from fedpeft.core.keys import NUM_EXAMPLES
@@ -212,6 +213,40 @@ def test_fed_sb_gradient_round_takes_the_robust_rule(rule: str) -> None:
         assert torch.allclose(got, b_want @ r_want @ a_want, atol=1e-6)
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_fedex_lora_takes_the_robust_rule_over_the_clients_models(rule: str) -> None:
+    """W0 + residual + s B_bar A_bar after the round = the old base + the rule's s B_k A_k (the
+    clients' models, dense), the head the rule's, the factors the rule's A_k and B_k."""
+    plain = build_method(_cfg("fedex-lora"))
+    start = plain.init(_template())
+    state = plain.aggregate(start, _uploads(plain, start)).state  # a non-zero residual
+    method = build_method(_cfg("fedex-lora", f'federation.aggregator="{rule}"'))
+    uploads = _uploads(method, state, hostile=3)
+    s = ALPHA / R
+
+    def model(tensors: dict) -> dict:
+        out = {f"P::{layer}": s * tensors[b].double() @ tensors[a].double()
+               for a, b, layer in _pairs()}
+        return {**out, **{k: tensors[k] for k in HEAD}}
+
+    models = [Upload(u.profile, Payload(model(u.payload.tensors)), u.num_examples)
+              for u in uploads]
+    sent = model(state.tensors)
+    want = _expected(rule, models, sent, sorted(sent))
+    factors = _expected(rule, uploads, state.tensors, [k for a, b, _ in _pairs() for k in (a, b)])
+    new = method.aggregate(state, uploads).state
+    for a_key, b_key, layer in _pairs():
+        assert not np.allclose(want[f"P::{layer}"], _plain_mean(models, f"P::{layer}"), atol=1e-3)
+        whole = (new.tensors[RES + layer].double()
+                 + s * new.tensors[b_key].double() @ new.tensors[a_key].double())
+        old = state.tensors[RES + layer].double().numpy()
+        assert np.allclose(whole.numpy(), old + want[f"P::{layer}"], atol=1e-6), layer
+        for key in (a_key, b_key):
+            assert np.allclose(new.tensors[key].double().numpy(), factors[key], atol=1e-6)
+    for key in HEAD:
+        assert np.allclose(new.tensors[key].double().numpy(), want[key], atol=1e-6)
+
+
 # ---- client-level DP ---------------------------------------------------------------------------
 C, Z, M = 0.05, 0.7, 4  # clip, noise multiplier, clients sampled per round
 
@@ -344,6 +379,7 @@ def test_secagg_aggregate_equals_the_plain_one_within_the_fixed_point_bound(name
     ("rolora", 'federation.aggregator="median"'),
     ("fedsvd", 'federation.aggregator="filtered-median"'),
     ("fed-sb", 'federation.aggregator="trimmed-mean"'),
+    ("fedex-lora", 'federation.aggregator="norm-clip"'),
     ("rolora", 'privacy.client_level="server-fixed"'),
     ("fedsvd", 'privacy.client_level="server-fixed"'),
     ("rolora", "secagg.enabled=true"),
@@ -366,7 +402,6 @@ def test_plain_loop_runs_each_new_composition(name: str, extra: str) -> None:
 
 # ---- refusals ----------------------------------------------------------------------------------
 REFUSED = [  # (method, override, what the error must say)
-    ("fedex-lora", 'federation.aggregator="median"', "no robust rule over those products"),
     ("fedex-lora", 'privacy.client_level="server-fixed"', "needs each client's product"),
     ("fedex-lora", "secagg.enabled=true", "mean of the clients' products"),
     ("fed-sb", 'privacy.client_level="server-fixed"', "uploads raw loss gradients"),
@@ -386,7 +421,8 @@ def test_allowed_compositions_build_and_methods_lists_each() -> None:
                           'privacy.client_level="client-fixed"', "secagg.enabled=true"),
                "fedsvd": ('federation.aggregator="median"', 'privacy.client_level="server-fixed"',
                           "secagg.enabled=true"),
-               "fed-sb": ('federation.aggregator="filtered-median"',)}
+               "fed-sb": ('federation.aggregator="filtered-median"',),
+               "fedex-lora": ('federation.aggregator="trimmed-mean"',)}
     for name, overrides in allowed.items():
         for override in overrides:
             assert build_method(_cfg(name, override)).name == name
@@ -398,5 +434,6 @@ def test_allowed_compositions_build_and_methods_lists_each() -> None:
                                ("client-level DP", client_dp_problem(cls))):
             assert f"    {label}: {'no: ' + problem if problem else 'yes'}" in block, (name, label)
     assert not robust_problem(METHODS["fed-sb"]) and client_dp_problem(METHODS["fed-sb"])
+    assert not robust_problem(METHODS["fedex-lora"]) and not METHODS["fedex-lora"].mean_aggregate
     assert all(not client_dp_problem(METHODS[n]) for n in ("fedit", "ffa-lora", "rolora",
                                                            "fedsvd"))
