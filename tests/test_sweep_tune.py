@@ -374,3 +374,33 @@ def test_discrimination_says_when_the_methods_are_not_separated() -> None:
     assert "does not discriminate" in s1 and "pooled 0.720 is NOT above every method" in s1
     s2 = next(line for line in text.splitlines() if line.startswith("- setting = s2"))
     assert "fewer than 2 seeds" in s2 and "pooled 0.900 is above every method" in s2
+
+
+@pytest.mark.slow
+def test_a_real_tuned_sweep_scores_tuning_on_validation_and_finals_on_test(
+        tmp_path: Path) -> None:
+    """tiny-bert, in-process engine: the tuning cells' server scores the validation split (its
+    size in every evaluated round's eval_examples at the last round), the final cells the test
+    split; the centralised reference trains one client; a rerun runs nothing."""
+    path = _sweep(tmp_path, "values = [0.001, 0.02]\nvalidation_size = 150",
+                  extra='[[reference]]\nname = "centralised"\nkind = "centralised"\n'
+                        "tune = false\n", methods='["fedit"]', seeds="[0]")
+    path.write_text(path.read_text().replace("[base]\n", '[base]\nsimulation.engine = '
+                                                         '"inprocess"\n'))
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    test_size = load_config(None, list(TINY)).data.test_size
+    for name, examples in (("tune_fedit_lr=0.001", 150), ("tune_fedit_lr=0.02", 150),
+                           ("fedit_s0", test_size), ("centralised_s0", test_size)):
+        rows = MetricsLog.read(out / "cells" / name / "metrics.jsonl")
+        assert rows[-1]["eval_examples"] == examples, name
+    rows = MetricsLog.read(out / "cells" / "centralised_s0" / "metrics.jsonl")
+    assert {r["clients_sampled"] for r in rows if r["round"] > 0} == {1}
+    tuning = _csv(out / "tuning.csv")
+    best = max(tuning, key=lambda r: float(r["validation_accuracy_last3"]))
+    assert [r["cell"] for r in tuning if r["chosen"] == "1"] == [best["cell"]]
+    (final,) = [r for r in _csv(out / "results.csv") if r["method"] == "fedit"]
+    assert final["train.lr"] == best["train.lr"]
+    stamp = (out / "cells" / "fedit_s0" / "summary.json").stat().st_mtime_ns
+    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    assert (out / "cells" / "fedit_s0" / "summary.json").stat().st_mtime_ns == stamp
