@@ -210,6 +210,8 @@ DP = ["secagg.enabled=true", 'privacy.client_level="client-fixed"']
 
 @pytest.mark.parametrize("overrides, why", [
     (["secagg.bits=11"], r"too few for the client-level DP noise .* \(need bits >= 12\)"),
+    (["secagg.bits=8", "federation.clients_per_round=200", "federation.clients=200"],
+     r"step \(none: no range left\) .* \(need bits >= 17\)"),
     (["privacy.min_survivors=11"], "exceeds the 10 clients sampled per round"),
     (["privacy.min_survivors=4", "privacy.colluders=4"], "at least one honest survivor"),
 ])

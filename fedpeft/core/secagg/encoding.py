@@ -77,9 +77,10 @@ class FixedPoint:
         if self.scale * self.noise_std < STEPS_PER_STD:
             need = math.ceil(math.log2((self.num_clients + 1) * (
                 STEPS_PER_STD * self.bound / self.noise_std + 2))) + 1
+            step = f"{1 / self.scale:.3g}" if self.scale > 0 else "(none: no range left)"
             raise EncodingError(
                 f"bits = {self.bits} is too few for the client-level DP noise of "
-                f"{self.num_clients} clients: the fixed-point step {1 / self.scale:.3g} would be "
+                f"{self.num_clients} clients: the fixed-point step {step} would be "
                 f"coarser than 1/{STEPS_PER_STD} of the per-client noise std "
                 f"{self.noise_std:.3g} (need bits >= {need})")
 
