@@ -404,3 +404,25 @@ def test_a_real_tuned_sweep_scores_tuning_on_validation_and_finals_on_test(
     stamp = (out / "cells" / "fedit_s0" / "summary.json").stat().st_mtime_ns
     assert main(["sweep", str(path), "--out", str(out)]) == 0
     assert (out / "cells" / "fedit_s0" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_rows_whose_names_collide_are_tuned_apart(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two settings whose names give the same folder name: each row gets its own tuning cells
+    and its own choice."""
+    path = _sweep(tmp_path, "values = [0.001, 0.01]", methods='["fedit"]', seeds="[0]", extra=(
+        '[[settings]]\nname = "x y"\n"model.rank" = 2\n'
+        '[[settings]]\nname = "x-y"\n"model.rank" = 4\n'))
+    tuning = expand_tuning(load_sweep(path))
+    assert [c.name for c in tuning] == ["tune_fedit_x-y_lr=0.001", "tune_fedit_x-y_lr=0.01",
+                                        "tune_fedit_x-y_2_lr=0.001", "tune_fedit_x-y_2_lr=0.01"]
+
+    def score(cfg: FedConfig) -> list[float]:  # rank 2 prefers the small lr, rank 4 the large
+        good = (cfg.model.rank == 2) == (cfg.train.lr == 0.001)
+        return [0.5, 0.8 if good else 0.6]
+
+    _fake_runs(monkeypatch, score)
+    out = tmp_path / "out"
+    assert run_sweep(load_sweep(path), out) == 0
+    got = {(r["setting"], float(r["train.lr"])) for r in _csv(out / "results.csv")}
+    assert got == {("x y", 0.001), ("x-y", 0.01)}

@@ -74,10 +74,13 @@ Echo = Callable[[str], None]
 @dataclass(frozen=True)
 class Row:
     """A line of results.md: a method or reference x a settings point x a grid combination.
-    ``stem``: its cells' name without the seed; ``sets``: its overrides, seeds and the tuned
-    value not included; ``values``: the candidates of the tuning stage (empty: not tuned)."""
+    ``stem``: its cells' name without the seed; ``key``: the stem made unique among the rows
+    (what its tuning cells are named and its choice is filed by); ``sets``: its overrides,
+    seeds and the tuned value not included; ``values``: the candidates of the tuning stage
+    (empty: not tuned)."""
 
     stem: str
+    key: str
     labels: dict[str, Any]
     sets: tuple[str, ...]
     config: FedConfig
@@ -88,7 +91,7 @@ class Row:
 class Cell:
     """One simulation of the sweep. ``labels`` (method, setting, grid keys, the tuned value,
     seed) are its row in results.csv; all of them but the seed name its setting in results.md.
-    ``row``: its row's stem; ``waiting``: a final cell whose row's tuning has not finished (its
+    ``row``: its row's key; ``waiting``: a final cell whose row's tuning has not finished (its
     config holds a placeholder value: it is checked, never run)."""
 
     index: int
@@ -118,6 +121,7 @@ def rows(sweep: Sweep) -> list[Row]:
     """The rows in run order: (methods, then references) x settings points x grid combos, each
     with its validated config (seeds not set) and, with [tune], its candidate values."""
     out: list[Row] = []
+    keys: set[str] = set()
     combos = list(itertools.product(*sweep.grid.values()))
     points = list(itertools.product(*sweep.settings.values()))
     heads: list[tuple[str | None, Reference | None]] = [(m, None) for m in sweep.methods or [None]]
@@ -144,7 +148,8 @@ def rows(sweep: Sweep) -> list[Row]:
                 values = tuple(candidates(sweep.tune, cfg))
             except ConfigError as exc:
                 raise ConfigError(f"{sweep.path}: the row {_where(labels)}: {exc}") from exc
-        out.append(Row(cell_name(sweep, labels), labels, tuple(sets), cfg, values))
+        stem = cell_name(sweep, labels)
+        out.append(Row(stem, _unique(stem, keys), labels, tuple(sets), cfg, values))
     return out
 
 
@@ -185,15 +190,15 @@ def expand_tuning(sweep: Sweep, row_list: list[Row] | None = None) -> list[Cell]
             labels = {**row.labels, tune.key: value}
             cfg = _load(sweep, sets, labels)
             labels["seed"] = cfg.federation.seed
-            name = _unique(f"tune_{row.stem}_{_safe(f'{tail}={label_text(value)}')}", names)
-            cells.append(Cell(len(cells) + 1, name, labels, tuple(sets), cfg, row=row.stem))
+            name = _unique(f"tune_{row.key}_{_safe(f'{tail}={label_text(value)}')}", names)
+            cells.append(Cell(len(cells) + 1, name, labels, tuple(sets), cfg, row=row.key))
     return cells
 
 
 def expand(sweep: Sweep, chosen: dict[str, Any] | None = None,
            row_list: list[Row] | None = None) -> list[Cell]:
     """The final cells in run order (seeds outermost), each with its validated config. A tuned
-    row's cells use ``chosen[row stem]``; a row without a choice yet gets ``waiting`` cells
+    row's cells use ``chosen[row key]``; a row without a choice yet gets ``waiting`` cells
     (checked with its first candidate, never run)."""
     cells: list[Cell] = []
     names: set[str] = set()
@@ -202,7 +207,7 @@ def expand(sweep: Sweep, chosen: dict[str, Any] | None = None,
     for seed, row in itertools.product(sweep.seeds or [None], row_list):
         sets, labels, waiting = list(row.sets), dict(row.labels), False
         if tune is not None:
-            value = (chosen or {}).get(row.stem) if row.values else None
+            value = (chosen or {}).get(row.key) if row.values else None
             waiting = bool(row.values) and value is None
             if row.values:
                 value = row.values[0] if waiting else value
@@ -216,7 +221,7 @@ def expand(sweep: Sweep, chosen: dict[str, Any] | None = None,
         cfg = _load(sweep, sets, labels)
         labels["seed"] = cfg.federation.seed
         name = _unique(row.stem + (f"_s{labels['seed']}" if sweep.seeds else ""), names)
-        cells.append(Cell(len(cells) + 1, name, labels, tuple(sets), cfg, row.stem, waiting))
+        cells.append(Cell(len(cells) + 1, name, labels, tuple(sets), cfg, row.key, waiting))
     return cells
 
 
@@ -334,7 +339,7 @@ def tuning_scores(sweep: Sweep, out: Path, tuning: list[Cell]) -> dict[str, floa
 
 
 def choices(sweep: Sweep, out: Path, tuning: list[Cell]) -> dict[str, Any]:
-    """{row stem: chosen value} for the rows whose tuning cells have all finished."""
+    """{row key: chosen value} for the rows whose tuning cells have all finished."""
     if sweep.tune is None:
         return {}
     by_row: dict[str, list[tuple[Any, float | None]]] = {}
