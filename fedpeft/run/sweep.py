@@ -7,16 +7,19 @@ present, ``config.toml`` equal to the cell's config), continues a cell that was 
 checkpoint (``fedpeft simulate --resume``: bit-identical to an uninterrupted run), restarts one
 stopped before its first checkpoint (or under DP-SGD, whose client accountants do not survive a
 restart), and refuses a cell folder that holds another config. After every cell it rewrites
-``OUT/results.csv``, ``OUT/results.md`` and ``OUT/curves.png`` (``fedpeft.run.sweepreport``).
+``OUT/results.csv``, ``OUT/results.md`` and ``OUT/curves.png`` (``fedpeft.run.sweepreport``),
+and with [tune] ``OUT/tuning.csv`` and ``OUT/tuning.md``.
 
 Cells = (methods + [[reference]] rows) x settings axes x [grid] x seeds, every key optional but
 at least one cell. With a ``[tune]`` table a tuning stage runs first: per row (everything but the
 seed) one cell per candidate value of the tuned key on a validation split carved from the
 training data; each row's seeds then run on the test split with the value that scored best
 (``fedpeft.run.sweeptune``; docs/sweeps.md).
+
 Several lists of settings, each an axis of the product, are ``[[settings.<axis>]]`` tables; the
 plain ``[[settings]]`` is the axis ``setting``. A config key may be set in one place only (a
-settings axis, [grid], methods or seeds; [base] inline or base.set), and these override [base].
+settings axis, [grid], methods or seeds; [base] inline or base.set), and these override [base];
+a reference's keys come last (they win).
 Cells run seeds outermost, so a sweep stopped half way holds whole seeds of every setting.
 """
 
