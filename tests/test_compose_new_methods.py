@@ -390,7 +390,8 @@ def test_plain_loop_runs_each_new_composition(name: str, extra: str) -> None:
     aggregated with the composition on, the global model scored."""
     from fedpeft.server.inprocess import run_plain
 
-    rows = run_plain(None, [*TINY, f'method.name="{name}"', extra, "privacy.client_noise=0.1"])
+    rows = run_plain(None, [*TINY, f'method.name="{name}"', extra, "privacy.client_noise=0.1",
+                            "train.local_steps=1", "eval.subset=40"])
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert row["aggregated"] == 1 and row["accuracy"] is not None
