@@ -137,8 +137,8 @@ class FederationConfig:
     max_examples_per_client: int = option(0, "cap on the example count a client may claim for "
                                           "its weight (0 = no cap; in simulation the server "
                                           "also caps it at the partition's real size)", min=0)
-    aggregator: str = option("mean", "how the uploads are combined (methods whose aggregate is a "
-                             "mean of uploads): the weighted mean; the coordinate-wise median; "
+    aggregator: str = option("mean", "how the uploads are combined (methods that `fedpeft "
+                             "methods` allows): the weighted mean; the coordinate-wise median; "
                              "the coordinate-wise trimmed mean; each update clipped to a "
                              "norm, then the weighted mean; or the median of the uploads left "
                              "after dropping those far from it", choices=AGGREGATORS)
