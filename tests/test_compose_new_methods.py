@@ -401,6 +401,20 @@ def test_plain_loop_runs_each_new_composition(name: str, extra: str) -> None:
             assert row["secagg_error_bound"] > 0
 
 
+@pytest.mark.parametrize("name", ["rolora", "fedsvd"])
+def test_plain_loop_runs_secagg_with_client_level_dp(name: str) -> None:
+    """SecAgg+ with the clients' distributed noise: the method aggregates one upload holding the
+    noised mean of its uploaded keys, as under server-side client-level DP."""
+    from fedpeft.server.inprocess import run_plain
+
+    rows = run_plain(None, [*TINY, f'method.name="{name}"', "secagg.enabled=true",
+                            'privacy.client_level="server-fixed"', "privacy.client_noise=0.1",
+                            "train.local_steps=1"])
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["aggregated"] == 1 for r in rows[1:])
+    assert 0 < rows[1]["client_epsilon"] < rows[2]["client_epsilon"]
+
+
 # ---- refusals ----------------------------------------------------------------------------------
 REFUSED = [  # (method, override, what the error must say)
     ("fedex-lora", 'privacy.client_level="server-fixed"', "needs each client's product"),
