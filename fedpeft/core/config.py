@@ -74,19 +74,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = option("rotten-tomatoes", "dataset source",
-                          choices=("rotten-tomatoes", "chatterbot", "file"))
+    dataset: str = option("rotten-tomatoes", "dataset source (tweets: 3-class Twitter sentiment, "
+                          "no natural split)",
+                          choices=("rotten-tomatoes", "tweets", "chatterbot", "file"))
     path: str = option("", "CSV, JSONL or Parquet file, or a folder saved with Hugging Face "
                        "datasets, when dataset = 'file'")
     text_column: str = option("text", "text column of a user file")
     label_column: str = option("label", "label column of a user file")
     labels: list[str] = option([], "class names in label order (empty: inferred from the data)")
     prompt: str = option("", "a label task on a causal LM: prompt with {text} (empty: "
-                         "'Review: {text}\\nSentiment:' for Rotten Tomatoes, '{text}\\nLabel:' "
-                         "for a file)")
+                         "'Review: {text}\\nSentiment:' for Rotten Tomatoes, 'Tweet: "
+                         "{text}\\nSentiment:' for the tweets, '{text}\\nLabel:' for a file)")
     verbalizers: list[str] = option([], "a label task on a causal LM: the answer per class, in "
                                     "label order (empty: ' negative'/' positive' for Rotten "
-                                    "Tomatoes, ' ' + class name for a file)")
+                                    "Tomatoes, ' ' + class name for the tweets and a "
+                                    "file)")
     chat_template: str = option("auto", "instruction/chat data: the tokenizer's chat template "
                                 "where it has one, else the plain one ('plain': always)",
                                 choices=("auto", "plain"))
@@ -685,6 +687,9 @@ def validate_data(cfg: FedConfig) -> None:
     if data.partition_by and not natural:
         raise ConfigError(f"data.partition_by = {data.partition_by!r} is the column of a natural "
                           f"split: set data.partitioner = 'natural' (not {data.partitioner!r})")
+    if data.dataset == "tweets" and natural and not data.partition_by:
+        raise ConfigError(f"data.partitioner = {data.partitioner!r}: the tweets have no natural "
+                          "client split (no user or topic column); use 'iid' or 'dirichlet'")
     if data.partitioner == "movie" and data.dataset != "rotten-tomatoes" and not data.partition_by:
         raise ConfigError(
             "data.partitioner = 'movie' needs data.dataset = 'rotten-tomatoes'; use 'iid' or "

