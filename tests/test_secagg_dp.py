@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -162,6 +163,27 @@ def test_a_client_refuses_a_server_that_asks_for_less_privacy(change: dict) -> N
     assert instance(ups, base, policy=policy)[0].result is not None  # the honest server passes
 
 
+@pytest.mark.parametrize("hostile", [
+    {"noise_std": 1e308},  # finite, but its fixed-point range is not
+    {"noise_clip": 1e-300, "noise_std": 1e-301},  # a step that is not finite
+    {"min_survivors": 7},  # more survivors than the 6 clients sampled
+    {"min_survivors": -1},
+])
+def test_a_client_without_dp_refuses_an_unsound_noisy_setup(hostile: dict) -> None:
+    """A client whose own config asks for no noise still checks what the server's setup asks
+    for before it encodes anything: a refusal at setup, never a crash."""
+
+    class Hostile(SecAggServer):
+        def _setup_req(self, h: Any, u: int) -> Any:
+            return dataclasses.replace(super()._setup_req(h, u), **hostile)
+
+    ups = lora_deltas(6, seed=9)
+    params = dp_params(DistributedNoise(CLIP, 1.0, min_survivors=4))
+    out, _ = instance(ups, params, server_cls=Hostile)
+    assert out.result is None and out.aborted.stage == "setup"
+    assert instance(ups, params)[0].result is not None  # the same setup, honest, passes
+
+
 class BelowKMinServer(SecAggServer):
     """A server that announces K_min, then unmasks with fewer masked inputs anyway."""
 
@@ -214,6 +236,8 @@ DP = ["secagg.enabled=true", 'privacy.client_level="client-fixed"']
      r"step \(none: no range left\) .* \(need bits >= 17\)"),
     (["privacy.min_survivors=11"], "exceeds the 10 clients sampled per round"),
     (["privacy.min_survivors=4", "privacy.colluders=4"], "at least one honest survivor"),
+    (["privacy.client_noise=1e308"], "range or step would not be finite"),
+    (["privacy.client_noise=1e-40"], r"need bits > 62, the most there are"),
 ])
 def test_config_refuses_distributed_noise_it_cannot_honour(overrides: list[str],
                                                            why: str) -> None:

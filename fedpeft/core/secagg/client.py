@@ -250,6 +250,9 @@ class SecAggClient:
                                f"{len(nbrs) + 1}] for {len(nbrs)} neighbours")
         if not 1 <= req.length <= pol.max_length:
             raise MessageError(f"vector length {req.length} out of range")
+        if not 0 <= req.min_survivors <= len(nodes):
+            raise MessageError(f"min_survivors {req.min_survivors} outside [0, {len(nodes)}] "
+                               f"for {len(nodes)} clients")
         self._check_noise(req)
         return FixedPoint(req.bits, req.clip, req.max_weight, len(nodes), req.noise_clip,
                           req.noise_std)

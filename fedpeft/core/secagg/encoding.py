@@ -74,15 +74,20 @@ class FixedPoint:
         for name, v in (("noise_clip", self.noise_clip), ("noise_std", self.noise_std)):
             if not (math.isfinite(v) and v > 0):
                 raise EncodingError(f"{name} = {v}: must be a positive finite number")
+        if not (math.isfinite(self.bound) and math.isfinite(self.scale)):
+            raise EncodingError(f"noise_clip = {self.noise_clip:.3g} with noise_std = "
+                                f"{self.noise_std:.3g}: the fixed-point range or step would "
+                                "not be finite")
         if self.scale * self.noise_std < STEPS_PER_STD:
-            need = math.ceil(math.log2((self.num_clients + 1) * (
-                STEPS_PER_STD * self.bound / self.noise_std + 2))) + 1
+            bits = math.log2((self.num_clients + 1) * (
+                STEPS_PER_STD * self.bound / self.noise_std + 2))
+            need = f">= {math.ceil(bits) + 1}" if bits <= 62 else "> 62, the most there are"
             step = f"{1 / self.scale:.3g}" if self.scale > 0 else "(none: no range left)"
             raise EncodingError(
                 f"bits = {self.bits} is too few for the client-level DP noise of "
                 f"{self.num_clients} clients: the fixed-point step {step} would be "
                 f"coarser than 1/{STEPS_PER_STD} of the per-client noise std "
-                f"{self.noise_std:.3g} (need bits >= {need})")
+                f"{self.noise_std:.3g} (need bits {need})")
 
     @property
     def bound(self) -> float:
