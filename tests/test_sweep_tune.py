@@ -196,6 +196,8 @@ BAD = {
                               "train.lr is set by [grid] and by [tune]"),
     "eval.split in a setting": ("values = [0.1]", '[[settings]]\n"eval.split" = "test"\n',
                                 "eval.split is set by settings"),
+    "a loss to maximise": ('values = [0.1]\nmetric = "loss"', "", "lower is better"),
+    "perplexity": ('values = [0.1]\nmetric = "perplexity"', "", "lower is better"),
     "validation size": ("values = [0.1]\nvalidation_size = 0", "", "positive number"),
     "factors on a zero key": ('key = "train.head_lr"\nfactors = [1, 2]', "",
                               "give [tune] values instead"),
@@ -426,3 +428,17 @@ def test_rows_whose_names_collide_are_tuned_apart(tmp_path: Path,
     assert run_sweep(load_sweep(path), out) == 0
     got = {(r["setting"], float(r["train.lr"])) for r in _csv(out / "results.csv")}
     assert got == {("x y", 0.001), ("x-y", 0.01)}
+
+
+def test_final_cells_score_the_test_split_whatever_the_base_config_says(tmp_path: Path) -> None:
+    """eval.split in base.config (a file the sweep file only names) cannot move the final
+    cells onto the validation split they were tuned on."""
+    (tmp_path / "base.toml").write_text('[eval]\nsplit = "validation"\n[data]\n'
+                                        'validation_size = 50\n')
+    path = _write(tmp_path, f'methods = ["fedit"]\nseeds = [0]\n[base]\nconfig = "base.toml"\n'
+                            f'{TINY_SETS}\n[tune]\nvalues = [0.001, 0.002]\n')
+    sweep = load_sweep(path)
+    assert {c.config.eval.split for c in expand_tuning(sweep)} == {"validation"}
+    final = sweep_mod.expand(sweep, {})
+    assert final and {c.config.eval.split for c in final} == {"test"}
+    assert {c.config.data.validation_size for c in final} == {1000}  # [tune]'s, not the file's

@@ -217,7 +217,9 @@ def expand(sweep: Sweep, chosen: dict[str, Any] | None = None,
                 sets.append(override(tune.key, value))
             else:
                 value = effective_value(row.config, tune.key)
-            sets.append(override(VALIDATION_KEY, tune.validation_size))
+            # the test split even where base.config says otherwise (not a [tune]-owned key
+            # the sweep file can see)
+            sets += [override(VALIDATION_KEY, tune.validation_size), override(SPLIT_KEY, "test")]
             labels[tune.key] = value
         if seed is not None:
             sets += [override(k, seed) for k in sweep.seed_keys]
