@@ -1,13 +1,16 @@
 """Helpers shared by several test modules: the tiny run config, the tiny causal-LM run and task,
-and a fake Flower Grid that delivers messages to the real ClientApp in this process. Fixtures
+a LoRA adapter state and client uploads near it (the methods' aggregate tests), and a fake Flower
+Grid that delivers messages to the real ClientApp in this process. Fixtures
 live in tests/conftest.py; no test module imports another test module."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
 from fedpeft.client import app as client_app
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -28,6 +31,36 @@ TINY = [
     'data.partitioner="iid"',
     "data.test_size=200",
 ]
+
+
+LORA_RANK = 4
+LORA_SHAPES = {"enc.0.q": (24, 40), "enc.0.v": (40, 24), "enc.1.q": (32, 32)}  # (d_out, d_in)
+
+
+def lora_template(seed: int = 0) -> dict[str, torch.Tensor]:
+    """peft-keyed adapter state (:data:`LORA_SHAPES`, rank :data:`LORA_RANK`, a 2-class head)
+    after some training: A ~ kaiming, B small and non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for layer, (d_out, d_in) in LORA_SHAPES.items():
+        bound = 1 / math.sqrt(d_in)
+        out[f"{layer}.lora_A.weight"] = (torch.rand(LORA_RANK, d_in, generator=gen) * 2 - 1) * bound
+        out[f"{layer}.lora_B.weight"] = torch.randn(d_out, LORA_RANK, generator=gen) * 0.02
+    out["head.weight"] = torch.randn(2, 16, generator=gen) * 0.1
+    out["head.bias"] = torch.zeros(2)
+    return out
+
+
+def near_upload(sent: dict[str, torch.Tensor], keys, seed: int) -> dict[str, torch.Tensor]:
+    """A client's upload: the sent tensors moved by a common drift plus 30% private noise."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in keys:
+        base = sent[key]
+        scale = float(base.abs().mean()) or 0.01
+        common = torch.randn(base.shape, generator=torch.Generator().manual_seed(7)) * scale * 0.2
+        out[key] = base + common + torch.randn(base.shape, generator=gen) * scale * 0.3
+    return out
 
 
 def tiny_run(folder: Path, data: Path, *extra: str) -> list[str]:

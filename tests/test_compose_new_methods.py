@@ -7,8 +7,6 @@ its reason."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import scipy.stats
@@ -25,11 +23,11 @@ from fedpeft.core.keys import NUM_EXAMPLES
 from fedpeft.core.payload import Payload
 from fedpeft.core.secagg import SecAggClient, respond
 from fedpeft.core.secagg.layout import flatten_update
-from tests.helpers import TINY
+from tests.helpers import LORA_RANK, LORA_SHAPES, TINY, lora_template, near_upload
 
-R = 4
+R = LORA_RANK
 ALPHA = 8
-SHAPES = {"enc.0.q": (24, 40), "enc.0.v": (40, 24), "enc.1.q": (32, 32)}  # layer -> (d_out, d_in)
+SHAPES = LORA_SHAPES  # layer -> (d_out, d_in)
 HEAD = ("head.weight", "head.bias")
 SIZES = [5, 40, 13, 22, 9, 31, 17]
 RULES = ["median", "trimmed-mean", "norm-clip", "filtered-median"]
@@ -38,31 +36,6 @@ RULES = ["median", "trimmed-mean", "norm-clip", "filtered-median"]
 def _cfg(name: str, *overrides: str):
     return load_config(None, [f'method.name="{name}"', f"model.rank={R}", f"model.alpha={ALPHA}",
                               *overrides])
-
-
-def _template(seed: int = 0) -> dict[str, torch.Tensor]:
-    """peft-keyed adapter state after some training: A ~ kaiming, B small and non-zero."""
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for layer, (d_out, d_in) in SHAPES.items():
-        bound = 1 / math.sqrt(d_in)
-        out[f"{layer}.lora_A.weight"] = (torch.rand(R, d_in, generator=gen) * 2 - 1) * bound
-        out[f"{layer}.lora_B.weight"] = torch.randn(d_out, R, generator=gen) * 0.02
-    out["head.weight"] = torch.randn(2, 16, generator=gen) * 0.1
-    out["head.bias"] = torch.zeros(2)
-    return out
-
-
-def _near(sent: dict[str, torch.Tensor], keys, seed: int) -> dict[str, torch.Tensor]:
-    """A client's upload: the sent tensors moved by a common drift plus 30% private noise."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for key in keys:
-        base = sent[key]
-        scale = float(base.abs().mean()) or 0.01
-        common = torch.randn(base.shape, generator=torch.Generator().manual_seed(7)) * scale * 0.2
-        out[key] = base + common + torch.randn(base.shape, generator=gen) * scale * 0.3
-    return out
 
 
 def _sent(method, state: Payload, profile: ClientProfile) -> dict[str, torch.Tensor]:
@@ -76,7 +49,7 @@ def _uploads(method, state: Payload, hostile: int | None = None) -> list[Upload]
         profile = ClientProfile(i, R)
         spec = method.expected_upload(state, profile)
         sent = _sent(method, state, profile)
-        tensors = _near(sent, spec.tensors, 100 + i)
+        tensors = near_upload(sent, spec.tensors, 100 + i)
         if i == hostile:
             tensors = {k: sent.get(k, torch.zeros_like(v)) + 1000 * (v - sent.get(k, 0))
                        for k, v in tensors.items()}
@@ -86,7 +59,7 @@ def _uploads(method, state: Payload, hostile: int | None = None) -> list[Upload]
 
 
 def _fed_sb_gradient_uploads(method) -> tuple[Payload, list[Upload]]:
-    state = method.init(_template())
+    state = method.init(lora_template())
     spec = method.expected_upload(state, ClientProfile(0, R)).tensors
     common = {k: torch.randn(shape, generator=torch.Generator().manual_seed(9))
               for k, shape in spec.items()}
@@ -104,7 +77,7 @@ def _ready(name: str, *overrides: str):
     if name == "fed-sb":
         state, uploads = _fed_sb_gradient_uploads(build_method(_cfg(name)))
         return method, build_method(_cfg(name)).aggregate(state, uploads).state
-    return method, method.init(_template())
+    return method, method.init(lora_template())
 
 
 def _pairs():
@@ -218,7 +191,7 @@ def test_fedex_lora_takes_the_robust_rule_over_the_clients_models(rule: str) -> 
     """W0 + residual + s B_bar A_bar after the round = the old base + the rule's s B_k A_k (the
     clients' models, dense), the head the rule's, the factors the rule's A_k and B_k."""
     plain = build_method(_cfg("fedex-lora"))
-    start = plain.init(_template())
+    start = plain.init(lora_template())
     state = plain.aggregate(start, _uploads(plain, start)).state  # a non-zero residual
     method = build_method(_cfg("fedex-lora", f'federation.aggregator="{rule}"'))
     uploads = _uploads(method, state, hostile=3)
@@ -258,7 +231,7 @@ def _dp_round(loop: RoundLoop, rnd: int, seed: int) -> tuple[dict, dict, list[Up
     assert len(profiles) == M
     sent = dict(loop.downlink(profiles[0]).tensors)
     spec = loop.method.expected_upload(loop.state, profiles[0]).tensors
-    uploads = [Upload(p, Payload(_near(sent, spec, 200 + rnd * 10 + i)), SIZES[i])
+    uploads = [Upload(p, Payload(near_upload(sent, spec, 200 + rnd * 10 + i)), SIZES[i])
                for i, p in enumerate(profiles[:3])]
     np.random.seed(seed)  # Flower's noise draws from numpy's global generator
     stats = loop.collect(rnd, [Reply(u.profile, {NUM_EXAMPLES: u.num_examples}, u.payload)
@@ -287,7 +260,7 @@ def _dp_loop(name: str, mode: str = "server-fixed") -> RoundLoop:
                f"privacy.client_noise={Z}", "federation.clients=6",
                f"federation.clients_per_round={M}")
     method = build_method(cfg)
-    return RoundLoop(cfg, method, method.init(_template()))
+    return RoundLoop(cfg, method, method.init(lora_template()))
 
 
 def test_rolora_client_dp_noises_the_trained_factor_only_in_both_phases() -> None:
@@ -354,7 +327,7 @@ def test_secagg_aggregate_equals_the_plain_one_within_the_fixed_point_bound(name
     cfg = _cfg(name, "secagg.enabled=true", "federation.clients=5",
                "federation.clients_per_round=5", "secagg.clip_range=8")
     method = build_method(cfg)
-    start = method.init(_template())
+    start = method.init(lora_template())
     loop = RoundLoop(cfg, method, start)
     plain = _uploads(method, start)[:5]
     stats = _secure(loop, {u.profile.partition_id: u.payload.tensors for u in plain})

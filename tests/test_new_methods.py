@@ -20,10 +20,10 @@ from fedpeft.core.config import ConfigError, load_config
 from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.wire import payload_to_records, records_to_payload, serialized_nbytes
 from fedpeft.core.workspace import get_workspace
-from tests.helpers import TINY
+from tests.helpers import LORA_RANK, LORA_SHAPES, TINY, lora_template, near_upload
 
-R = 4
-SHAPES = {"enc.0.q": (24, 40), "enc.0.v": (40, 24), "enc.1.q": (32, 32)}  # layer -> (d_out, d_in)
+R = LORA_RANK
+SHAPES = LORA_SHAPES  # layer -> (d_out, d_in)
 HEAD = ("head.weight", "head.bias")
 SIZES = [5, 40, 13, 22]
 
@@ -33,31 +33,6 @@ def _method(name: str, *overrides: str):
                                            "model.alpha=8", *overrides]))
 
 
-def _template(seed: int = 0) -> dict[str, torch.Tensor]:
-    """peft-keyed adapter state after some training: A ~ kaiming, B small and non-zero."""
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for layer, (d_out, d_in) in SHAPES.items():
-        bound = 1 / math.sqrt(d_in)
-        out[f"{layer}.lora_A.weight"] = (torch.rand(R, d_in, generator=gen) * 2 - 1) * bound
-        out[f"{layer}.lora_B.weight"] = torch.randn(d_out, R, generator=gen) * 0.02
-    out["head.weight"] = torch.randn(2, 16, generator=gen) * 0.1
-    out["head.bias"] = torch.zeros(2)
-    return out
-
-
-def _near(tensors: dict[str, torch.Tensor], keys, seed: int) -> dict[str, torch.Tensor]:
-    """A client's upload: the sent tensors moved by a common drift plus 30% private noise."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for key in keys:
-        base = tensors[key]
-        scale = float(base.abs().mean()) or 0.01
-        common = torch.randn(base.shape, generator=torch.Generator().manual_seed(7)) * scale * 0.2
-        out[key] = base + common + torch.randn(base.shape, generator=gen) * scale * 0.3
-    return out
-
-
 def _uploads(method, state: Payload, sizes=SIZES) -> list[Upload]:
     uploads = []
     for i, n in enumerate(sizes):
@@ -65,7 +40,8 @@ def _uploads(method, state: Payload, sizes=SIZES) -> list[Upload]:
         spec = method.expected_upload(state, profile)
         sent = {**state.tensors, **method.downlink(state, profile).tensors}
         scalars = {HOLDS: int(state.scalars[FACTORS])} if HOLDS in spec.scalars else {}
-        uploads.append(Upload(profile, Payload(_near(sent, spec.tensors, 100 + i), scalars), n))
+        upload = near_upload(sent, spec.tensors, 100 + i)
+        uploads.append(Upload(profile, Payload(upload, scalars), n))
     return uploads
 
 
@@ -91,7 +67,7 @@ def _mean(uploads: list[Upload], key: str) -> torch.Tensor:
 # ---- RoLoRA -----------------------------------------------------------------------------------
 def test_rolora_alternates_b_then_a_and_each_aggregate_is_exact() -> None:
     method = _method("rolora")
-    state = method.init(_template())
+    state = method.init(lora_template())
     assert method.downlink(state, ClientProfile(0, R)).scalars == {PHASE: "B"}
     up_keys = set(method.expected_upload(state, ClientProfile(0, R)).tensors)
     assert up_keys == {b for _, b, _ in _pairs()} | set(HEAD)  # B-phase: no lora_A travels up
@@ -124,7 +100,7 @@ def test_rolora_alternates_b_then_a_and_each_aggregate_is_exact() -> None:
 
 def test_rolora_aggregate_ignores_client_order_and_uplink_is_half_of_fedit() -> None:
     method = _method("rolora")
-    state = method.init(_template())
+    state = method.init(lora_template())
     uploads = _uploads(method, state)
     forward = method.aggregate(state, uploads).state
     backward = method.aggregate(state, uploads[::-1]).state
@@ -179,7 +155,7 @@ def test_rolora_client_trains_only_the_phase_factor() -> None:
 # ---- FedSVD ---------------------------------------------------------------------------------
 def test_fedsvd_refactorisation_keeps_the_product_and_makes_a_orthonormal() -> None:
     method = _method("fedsvd")
-    state = method.init(_template())
+    state = method.init(lora_template())
     up_keys = set(method.expected_upload(state, ClientProfile(0, R)).tensors)
     assert up_keys == {b for _, b, _ in _pairs()} | set(HEAD)  # no lora_A upstream
     uploads = _uploads(method, state)
@@ -215,7 +191,7 @@ def test_fedsvd_qr_core_and_full_svd_agree_in_float64() -> None:
 
 def test_fedsvd_period_option_and_client_keeps_a_frozen() -> None:
     method = _method("fedsvd", "method.period=2")
-    state = method.init(_template())
+    state = method.init(lora_template())
     once = method.aggregate(state, _uploads(method, state)).state
     assert all(torch.equal(once.tensors[a], state.tensors[a]) for a, _, _ in _pairs())
     twice = method.aggregate(once, _uploads(method, once)).state
@@ -241,12 +217,12 @@ def test_fedex_global_model_is_the_exact_weighted_mean_over_two_rounds() -> None
     non-square layers included."""
     method = _method("fedex-lora")
     s = 8 / R
-    state = method.init(_template())
+    state = method.init(lora_template())
     for layer, shape in SHAPES.items():
         assert tuple(state.tensors[RES + layer].shape) == shape
     for _ in range(2):
         uploads = _uploads(method, state)
-        assert set(uploads[0].payload.tensors) == set(_template())  # FedIT's uplink
+        assert set(uploads[0].payload.tensors) == set(lora_template())  # FedIT's uplink
         new = method.aggregate(state, uploads).state
         for a_key, b_key, layer in _pairs():
             clients = [state.tensors[RES + layer].double()
@@ -304,7 +280,7 @@ def test_fedex_client_and_server_models_hold_the_residual_in_their_base() -> Non
 
 # ---- Fed-SB -----------------------------------------------------------------------------------
 def _fed_sb_state(method, seed: int = 0) -> tuple[Payload, list[Upload]]:
-    state = method.init(_template(seed))
+    state = method.init(lora_template(seed))
     assert method.downlink(state, ClientProfile(0, R)).tensors == {}  # gradient round
     spec = method.expected_upload(state, ClientProfile(0, R)).tensors
     assert spec == {GRAD + layer: shape for layer, shape in SHAPES.items()}
@@ -347,7 +323,7 @@ def test_fed_sb_training_rounds_average_r_exactly_and_upload_r_squared() -> None
     state = method.aggregate(state, uploads).state
     spec = method.expected_upload(state, ClientProfile(0, R)).tensors
     assert spec == {**{CORE + layer: (R, R) for layer in SHAPES},
-                    **{k: tuple(_template()[k].shape) for k in HEAD}}
+                    **{k: tuple(lora_template()[k].shape) for k in HEAD}}
     assert sum(math.prod(v) for k, v in spec.items() if k.startswith(CORE)) == len(SHAPES) * R * R
     uploads = _uploads(method, state)
     new = method.aggregate(state, uploads).state
@@ -473,7 +449,7 @@ def _ready(name: str):
     if name == "fed-sb":
         state, uploads = _fed_sb_state(method)
         return method, method.aggregate(state, uploads).state
-    return method, method.init(_template())
+    return method, method.init(lora_template())
 
 
 @pytest.mark.parametrize("name", ["rolora", "fedsvd", "fedex-lora", "fed-sb"])
