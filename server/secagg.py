@@ -125,12 +125,7 @@ def secure_train(loop: RoundLoop, rnd: int, attempt: int, nodes: list[int], run_
         aggregated = _aggregate(loop, rnd, first, shapes, outcome.result)
         stats["secagg_error_bound"] = outcome.result.error_bound
     if loop.client_dp is not None:
-        # a noised sum the server decoded is a release, aggregated or not; an abort before
-        # unmasking reveals no sum
-        revealed = outcome.result is not None or (
-            outcome.aborted is not None and outcome.aborted.stage == "unmask")
-        loop.client_dp.releases += int(revealed)
-        stats[CLIENT_EPSILON] = loop.client_dp.epsilon()
+        stats[CLIENT_EPSILON] = _count_release(loop, outcome)
     ok = outcome.result.survivors if aggregated and outcome.result is not None else 0
     rejected = len(set(outcome.rejected) - (server.u3 if aggregated else set()))
     return {**stats, "bytes_down": sum(down.values()), "bytes_up": sum(up.values()),
@@ -140,6 +135,17 @@ def secure_train(loop: RoundLoop, rnd: int, attempt: int, nodes: list[int], run_
             "client_bytes": [{"partition": by_node[n].partition_id, CLIENT_RANK: by_node[n].rank,
                               "bytes_down": down[n], "bytes_up": up[n]}
                              for n in sorted(by_node, key=lambda n: by_node[n].partition_id)]}
+
+
+def _count_release(loop: RoundLoop, outcome: Any) -> float:
+    """Client-level DP: a noised sum the server decoded is a release, aggregated or not (an
+    abort in the unmask stage may have revealed it; one before reveals no sum). The client-level
+    epsilon so far."""
+    assert loop.client_dp is not None
+    revealed = outcome.result is not None or (
+        outcome.aborted is not None and outcome.aborted.stage == "unmask")
+    loop.client_dp.releases += int(revealed)
+    return loop.client_dp.epsilon()
 
 
 class SecAggPhase:

@@ -46,8 +46,6 @@ class Sweep:
     references: list[Reference] = field(default_factory=list)
 
 
-
-
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file; every mistake is one ConfigError naming the file and key."""
     path = Path(path)
@@ -228,6 +226,21 @@ def _tune(tune: Any, seeds: list[int], path: Path) -> Tune | None:
     if not isinstance(key, str):
         raise ConfigError(f"{path}: tune.key = {key!r}: expected a config key")
     _check_key(key, f"tune.key {key!r}", path)
+    listed, items = _tune_items(tune, path)
+    seed = tune.get("seed", seeds[0] if seeds else None)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"{path}: tune.seed = {seed!r}: expected an integer")
+    size = tune.get("validation_size", DEFAULT_VALIDATION)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"{path}: tune.validation_size = {size!r}: expected a positive number "
+                          "of examples")
+    return Tune(key, tuple(items) if listed == "values" else (),
+                tuple(items) if listed == "factors" else (), _tune_metric(tune, path), seed,
+                size)
+
+
+def _tune_items(tune: dict[str, Any], path: Path) -> tuple[str, list[Any]]:
+    """("values" or "factors", its checked list)."""
     if ("values" in tune) == ("factors" in tune):
         raise ConfigError(f"{path}: [tune] needs values = [...] (the same for every row) or "
                           "factors = [...] (times each row's own value of the key), not both")
@@ -247,6 +260,10 @@ def _tune(tune: Any, seeds: list[int], path: Path) -> Tune | None:
                           f"{MAX_VALUES}")
     if len(set(items)) < len(items):
         raise ConfigError(f"{path}: tune.{listed} = {items!r} lists a value twice")
+    return listed, items
+
+
+def _tune_metric(tune: dict[str, Any], path: Path) -> str:
     metric = tune.get("metric", DEFAULT_METRIC)
     if not isinstance(metric, str) or not metric:
         raise ConfigError(f"{path}: tune.metric = {metric!r}: expected the name of a per-round "
@@ -255,15 +272,7 @@ def _tune(tune: Any, seeds: list[int], path: Path) -> Tune | None:
         raise ConfigError(f"{path}: tune.metric = {metric!r}: the tuning stage picks the value "
                           "with the highest metric, and lower is better for this one: use a "
                           "metric to maximise (e.g. accuracy)")
-    seed = tune.get("seed", seeds[0] if seeds else None)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ConfigError(f"{path}: tune.seed = {seed!r}: expected an integer")
-    size = tune.get("validation_size", DEFAULT_VALIDATION)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"{path}: tune.validation_size = {size!r}: expected a positive number "
-                          "of examples")
-    return Tune(key, tuple(items) if listed == "values" else (),
-                tuple(items) if listed == "factors" else (), metric, seed, size)
+    return metric
 
 
 def _references(entries: Any, methods: list[str], path: Path) -> list[Reference]:
