@@ -442,3 +442,17 @@ def test_final_cells_score_the_test_split_whatever_the_base_config_says(tmp_path
     final = sweep_mod.expand(sweep, {})
     assert final and {c.config.eval.split for c in final} == {"test"}
     assert {c.config.data.validation_size for c in final} == {1000}  # [tune]'s, not the file's
+
+
+def test_a_centralised_reference_of_a_secagg_setting_runs_without_secagg(tmp_path: Path) -> None:
+    """One client's sum is its update: the pooled-data row drops [secagg] (and the noise keys
+    that only [secagg] takes) and keeps client-level DP, instead of refusing the sweep."""
+    path = _write(tmp_path, f'methods = ["fedit"]\n[base]\n{TINY_SETS}\n'
+                            'secagg.enabled = true\nprivacy.client_level = "client-fixed"\n'
+                            'privacy.min_survivors = 2\n'
+                            '[[reference]]\nname = "centralised"\nkind = "centralised"\n')
+    cells = {c.labels["method"]: c.config for c in sweep_mod.expand(load_sweep(path))}
+    assert cells["fedit"].secagg.enabled and cells["fedit"].privacy.min_survivors == 2
+    pooled = cells["centralised"]
+    assert not pooled.secagg.enabled and pooled.federation.clients == 1
+    assert pooled.privacy.client_level == "client-fixed" and pooled.privacy.min_survivors == 0

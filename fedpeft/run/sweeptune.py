@@ -61,7 +61,8 @@ def centralised_overrides(cfg: FedConfig) -> dict[str, Any]:
     training data
     (iid with one partition), every client rank at ``model.rank``, and as many optimizer steps
     per round (at the same batch size) as the federation's round: ``train.local_steps x
-    federation.clients_per_round``. Everything else (rounds, DP, evaluation) stays."""
+    federation.clients_per_round``; no secure aggregation (client-level DP stays, noised by the
+    server). Everything else (rounds, DP, evaluation) stays."""
     out: dict[str, Any] = {
         "method.name": DEFAULT_METHOD,
         "federation.clients": 1,
@@ -74,6 +75,9 @@ def centralised_overrides(cfg: FedConfig) -> dict[str, Any]:
     }
     if cfg.eval.clients_per_round > 1:
         out["eval.clients_per_round"] = 1
+    if cfg.secagg.enabled:  # a sum over one client is its update: no secure aggregation
+        out.update({"secagg.enabled": False, "privacy.min_survivors": 0,
+                    "privacy.colluders": 0})
     return out
 
 
