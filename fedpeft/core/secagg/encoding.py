@@ -81,7 +81,7 @@ class FixedPoint:
         if self.scale * self.noise_std < STEPS_PER_STD:
             bits = math.log2((self.num_clients + 1) * (
                 STEPS_PER_STD * self.bound / self.noise_std + 2))
-            need = f">= {math.ceil(bits) + 1}" if bits <= 62 else "> 62, the most there are"
+            need = f">= {math.ceil(bits) + 1}" if bits <= 61 else "> 62, the most there are"
             step = f"{1 / self.scale:.3g}" if self.scale > 0 else "(none: no range left)"
             raise EncodingError(
                 f"bits = {self.bits} is too few for the client-level DP noise of "
