@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Copy each calibration run's small outputs (config, metrics, summary, console log) from
-# runs/calib/<name>/ into simulations/results/benchmark_calibration/runs/<name>.*
+# runs/calib/<name>/ into simulations/results/benchmark_calibration/outputs/<name>.*
 cd "$(dirname "$0")/../../.."
-OUT=simulations/results/benchmark_calibration/runs
+OUT=simulations/results/benchmark_calibration/outputs
 mkdir -p $OUT
 for d in runs/calib/*/; do
   name=$(basename "$d"); [ "$name" = old ] && continue
