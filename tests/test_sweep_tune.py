@@ -334,7 +334,7 @@ def test_eval_split_validation_needs_a_validation_split() -> None:
 def test_too_large_a_validation_split_is_refused(tmp_path: Path) -> None:
     cfg = DataConfig(dataset="file", path=str(_unique_rows(tmp_path, 100)), test_size=50,
                      validation_size=50, partitioner="iid")
-    with pytest.raises(ConfigError, match="leave no training data"):
+    with pytest.raises(ConfigError, match="leaves no training data"):
         load_task_data(cfg)
 
 

@@ -306,10 +306,9 @@ def _load_cached(cfg_json: str) -> tuple[TextData, TextData, TextData]:
     full = LOADERS[cfg.dataset](cfg)
     held = cfg.test_size + cfg.validation_size
     if held >= len(full):
-        raise ConfigError(
-            f"data.test_size = {cfg.test_size} + data.validation_size = {cfg.validation_size} "
-            f"leave no training data ({len(full)} rows in all)"
-        )
+        held_out = f"data.test_size = {cfg.test_size}" + (
+            f" + data.validation_size = {cfg.validation_size}" if cfg.validation_size else "")
+        raise ConfigError(f"{held_out} leaves no training data ({len(full)} rows in all)")
     order = np.random.default_rng(cfg.seed).permutation(len(full))
     return (full.subset(np.sort(order[held:])), full.subset(np.sort(order[: cfg.test_size])),
             full.subset(np.sort(order[cfg.test_size:held])))
