@@ -456,3 +456,17 @@ def test_a_centralised_reference_of_a_secagg_setting_runs_without_secagg(tmp_pat
     pooled = cells["centralised"]
     assert not pooled.secagg.enabled and pooled.federation.clients == 1
     assert pooled.privacy.client_level == "client-fixed" and pooled.privacy.min_survivors == 0
+
+
+def test_the_centralised_reference_drops_faults_and_attacks() -> None:
+    from fedpeft.core.config import with_values
+    from fedpeft.run.sweeptune import centralised_overrides
+
+    cfg = load_config(None, ["faults.crash=[0]", "faults.nan_fraction=0.2",
+                             'attacks.kind="sign-flip"', "attacks.fraction=0.1"])
+    out = centralised_overrides(cfg)
+    assert out["faults.crash"] == [] and out["faults.nan_fraction"] == 0.0
+    assert out["attacks.kind"] == "none" and out["attacks.fraction"] == 0.0
+    clean = centralised_overrides(load_config(None, []))
+    assert not any(k.startswith(("faults.", "attacks.")) for k in clean)
+    assert with_values(cfg, out, "test").federation.clients == 1  # a valid config

@@ -62,7 +62,7 @@ def centralised_overrides(cfg: FedConfig) -> dict[str, Any]:
     (iid with one partition), every client rank at ``model.rank``, and as many optimizer steps
     per round (at the same batch size) as the federation's round: ``train.local_steps x
     federation.clients_per_round``; no secure aggregation (client-level DP stays, noised by the
-    server). Everything else (rounds, DP, evaluation) stays."""
+    server), no injected faults or attacks. Everything else (rounds, DP, evaluation) stays."""
     out: dict[str, Any] = {
         "method.name": DEFAULT_METHOD,
         "federation.clients": 1,
@@ -78,6 +78,11 @@ def centralised_overrides(cfg: FedConfig) -> dict[str, Any]:
     if cfg.secagg.enabled:  # a sum over one client is its update: no secure aggregation
         out.update({"secagg.enabled": False, "privacy.min_survivors": 0,
                     "privacy.colluders": 0})
+    defaults = FedConfig().to_dict()
+    for section in ("faults", "attacks"):  # an upper bound has no faulty or hostile client
+        current = cfg.to_dict()[section]
+        out.update({f"{section}.{k}": v for k, v in defaults[section].items()
+                    if current.get(k) != v})
     return out
 
 
