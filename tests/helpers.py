@@ -1,11 +1,17 @@
 """Helpers shared by several test modules: the tiny run config, the tiny causal-LM run and task,
 a LoRA adapter state and client uploads near it (the methods' aggregate tests), and a fake Flower
-Grid that delivers messages to the real ClientApp in this process. Fixtures
+Grid that delivers messages to the real ClientApp in this process, and what a loopback deployment
+test needs (a device's review CSV, the Flower env, waits, the ``fedpeft client`` command). Fixtures
 live in tests/conftest.py; no test module imports another test module."""
 
 from __future__ import annotations
 
 import math
+import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -131,3 +137,54 @@ class FakeGrid:
             return client_app.app(msg, self.contexts[msg.metadata.dst_node_id])
         except Exception as exc:  # what Flower's runtime does with a ClientApp exception
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(exc)), reply_to=msg)
+
+
+# ---- loopback deployments (`fedpeft server` / `fedpeft client` as OS processes) --------------
+FEDPEFT = [sys.executable, "-m", "fedpeft.cli"]
+POSITIVE = ["a wonderful, moving film", "great acting and a clever script", "loved every minute",
+            "a delightful surprise", "brilliant and funny", "one of the best this year"]
+NEGATIVE = ["a dull, lifeless mess", "boring from start to finish", "awful dialogue",
+            "a tedious waste of time", "clumsy and forgettable", "the worst film this year"]
+
+
+def review_csv(path: Path, seed: int, rows: int = 24) -> Path:
+    """A device's own file: ``rows`` short reviews labelled fresh/rotten, alternating."""
+    lines = ["text,label"]
+    for i in range(rows):
+        good = (i + seed) % 2 == 0
+        text = (POSITIVE if good else NEGATIVE)[(i * 7 + seed) % 6]
+        lines.append(f'"{text} ({i})",{"fresh" if good else "rotten"}')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment of a deployment's processes: Flower offline, its own FLWR_HOME."""
+    return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the coordinator exited early"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {port} after {timeout_s} s")
+
+
+def wait_exit(proc: subprocess.Popen, timeout_s: float) -> int:
+    """The exit code, or -999 if the process still runs after ``timeout_s``."""
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        return -999
+
+
+def client_cmd(superlink: str, ca: Path, key: Path, data: Path, extra: list[str]) -> list[str]:
+    return [*FEDPEFT, "client", "--superlink", superlink, "--ca", str(ca), "--key", str(key),
+            "--data", str(data), "--threads", "1", *extra]

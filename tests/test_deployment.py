@@ -12,10 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,14 +28,17 @@ from fedpeft.deploy.certs import CertPaths, CertsError, certificate_sans, make_c
 from fedpeft.deploy.gateway import allowed
 from fedpeft.deploy.processes import free_port, spawn, stop_all
 from fedpeft.run.launcher import Tracker
+from tests.helpers import (
+    FEDPEFT,
+    client_cmd,
+    flower_env,
+    review_csv,
+    wait_exit,
+    wait_listening,
+)
 
-FEDPEFT = [sys.executable, "-m", "fedpeft.cli"]
 ROUNDS = 2
 DEVICE_EPSILON = 8.0  # device 1 asks for DP-SGD itself (the run does not)
-POSITIVE = ["a wonderful, moving film", "great acting and a clever script", "loved every minute",
-            "a delightful surprise", "brilliant and funny", "one of the best this year"]
-NEGATIVE = ["a dull, lifeless mess", "boring from start to finish", "awful dialogue",
-            "a tedious waste of time", "clumsy and forgettable", "the worst film this year"]
 
 
 # ------------------------------------------------------------------------------ certificates
@@ -95,41 +95,6 @@ def test_gateway_forwards_only_the_fleet_api() -> None:
 # ------------------------------------------------------------------------- local processes
 
 
-def _csv(path: Path, seed: int, rows: int = 24) -> Path:
-    lines = ["text,label"]
-    for i in range(rows):
-        good = (i + seed) % 2 == 0
-        text = (POSITIVE if good else NEGATIVE)[(i * 7 + seed) % 6]
-        lines.append(f'"{text} ({i})",{"fresh" if good else "rotten"}')
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _env(home: Path) -> dict[str, str]:
-    return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PYTHONUNBUFFERED": "1"}
-
-
-def _wait_listening(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the coordinator exited early"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on {port} after {timeout_s} s")
-
-
-def _wait(proc: subprocess.Popen, timeout_s: float) -> int:
-    try:
-        return proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        return -999
-
-
 @dataclass
 class Deployment:
     out: Path
@@ -160,18 +125,13 @@ def _post(url: str, ca: Path) -> int:
         return int(exc.code)
 
 
-def _client(superlink: str, ca: Path, key: Path, data: Path, extra: list[str]) -> list[str]:
-    return [*FEDPEFT, "client", "--superlink", superlink, "--ca", str(ca), "--key", str(key),
-            "--data", str(data), "--threads", "1", *extra]
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("deploy")
     pki, other = make_certs(root / "pki", [], nodes=3), make_certs(root / "other", [], nodes=1)
     result = Deployment(root / "out", root / "logs")
     result.logs.mkdir()
-    env, port = _env(root / "flwr_home"), free_port()
+    env, port = flower_env(root / "flwr_home"), free_port()
     superlink = f"127.0.0.1:{port}"
     trackers: list[Tracker] = []
     try:
@@ -184,23 +144,25 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             server_cmd += ["--set", item]
         trackers.append(spawn(server_cmd, env, result.logs / "server.log"))
         server = trackers[0].proc
-        _wait_listening(port, server, 90)
+        wait_listening(port, server, 90)
         result.control_status = _post(f"https://{superlink}/v1/control/list-runs", pki.ca_cert)
         # node-3 is not registered; node-1's key with a CA that did not sign the server cert
-        bad = [spawn(_client(superlink, pki.ca_cert, pki.node_key(3), _csv(root / "x.csv", 0),
-                             ["--max-wait", "10"]), env, result.logs / "unregistered.log"),
-               spawn(_client(superlink, other.ca_cert, pki.node_key(1), root / "x.csv",
-                             ["--max-wait", "10"]), env, result.logs / "wrong_ca.log")]
+        stray = review_csv(root / "x.csv", 0)
+        bad = [spawn(client_cmd(superlink, pki.ca_cert, pki.node_key(3), stray,
+                                ["--max-wait", "10"]), env, result.logs / "unregistered.log"),
+               spawn(client_cmd(superlink, other.ca_cert, pki.node_key(1), stray,
+                                ["--max-wait", "10"]), env, result.logs / "wrong_ca.log")]
         trackers += bad
         for i in (1, 2):  # the refused ones do not get in the way of the registered ones
             own_dp = ["--epsilon", str(DEVICE_EPSILON)] if i == 1 else []  # device 1 only
             trackers.append(spawn(
-                _client(superlink, pki.ca_cert, pki.node_key(i), _csv(root / f"d{i}.csv", i),
-                        ["--max-wait", "5", *own_dp]), env, result.logs / f"device{i}.log"))
-        result.unregistered_rc = _wait(bad[0].proc, 60)
-        result.wrong_ca_rc = _wait(bad[1].proc, 60)
-        result.server_rc = _wait(server, 150)
-        result.device_rcs = [_wait(t.proc, 40) for t in trackers[3:]]
+                client_cmd(superlink, pki.ca_cert, pki.node_key(i),
+                           review_csv(root / f"d{i}.csv", i), ["--max-wait", "5", *own_dp]),
+                env, result.logs / f"device{i}.log"))
+        result.unregistered_rc = wait_exit(bad[0].proc, 60)
+        result.wrong_ca_rc = wait_exit(bad[1].proc, 60)
+        result.server_rc = wait_exit(server, 150)
+        result.device_rcs = [wait_exit(t.proc, 40) for t in trackers[3:]]
     finally:
         stop_all(trackers, print)
         result.pids = sorted({pid for t in trackers for pid in t.known})
@@ -287,9 +249,9 @@ def test_a_stopped_coordinator_resumes_after_its_last_finished_round(tmp_path: P
     """SIGTERM the coordinator mid-run, then `fedpeft server --resume OUT` with the same
     devices: the run continues after the last checkpointed round and ends with every round."""
     pki = make_certs(tmp_path / "pki", [], nodes=2)
-    out, logs, env, rounds = tmp_path / "out", tmp_path / "logs", _env(tmp_path / "home"), 3
+    out, logs, env, rounds = tmp_path / "out", tmp_path / "logs", flower_env(tmp_path / "home"), 3
     logs.mkdir()
-    data = {i: _csv(tmp_path / f"d{i}.csv", i) for i in (1, 2)}
+    data = {i: review_csv(tmp_path / f"d{i}.csv", i) for i in (1, 2)}
     trackers: list[Tracker] = []
 
     def start(args: list[str], tag: str) -> Tracker:
@@ -298,10 +260,10 @@ def test_a_stopped_coordinator_resumes_after_its_last_finished_round(tmp_path: P
                         "--port", str(port), "--timeout", "150", *args], env,
                        logs / f"server-{tag}.log")
         trackers.append(server)
-        _wait_listening(port, server.proc, 90)
+        wait_listening(port, server.proc, 90)
         for i in (1, 2):
-            trackers.append(spawn(_client(f"127.0.0.1:{port}", pki.ca_cert, pki.node_key(i),
-                                          data[i], ["--max-wait", "5"]), env,
+            trackers.append(spawn(client_cmd(f"127.0.0.1:{port}", pki.ca_cert, pki.node_key(i),
+                                             data[i], ["--max-wait", "5"]), env,
                                   logs / f"device{i}-{tag}.log"))
         return server
 
@@ -313,11 +275,11 @@ def test_a_stopped_coordinator_resumes_after_its_last_finished_round(tmp_path: P
             assert time.monotonic() < deadline, (logs / "server-first.log").read_text()[-3000:]
             time.sleep(0.2)
         os.kill(first.proc.pid, signal.SIGTERM)
-        first_rc = _wait(first.proc, 60)
+        first_rc = wait_exit(first.proc, 60)
         for device in trackers[1:3]:
-            _wait(device.proc, 40)
+            wait_exit(device.proc, 40)
         second = start(["--resume", str(out)], "second")
-        second_rc = _wait(second.proc, 150)
+        second_rc = wait_exit(second.proc, 150)
     finally:
         stop_all(trackers, print)
     log = (logs / "server-second.log").read_text()
@@ -353,7 +315,8 @@ def test_two_devices_fine_tune_a_causal_lm_on_their_own_chats(tmp_path: Path) ->
 
     model = save_tiny_llama(tmp_path / "llama")
     pki = make_certs(tmp_path / "pki", [], nodes=2)
-    out, logs, env, port = tmp_path / "out", tmp_path / "logs", _env(tmp_path / "home"), free_port()
+    out, logs, env = tmp_path / "out", tmp_path / "logs", flower_env(tmp_path / "home")
+    port = free_port()
     logs.mkdir()
     held_out = _chats(tmp_path / "server.jsonl", "the time", 16)
     devices = {1: _chats(tmp_path / "d1.jsonl", "a colour", 10),
@@ -368,13 +331,13 @@ def test_two_devices_fine_tune_a_causal_lm_on_their_own_chats(tmp_path: Path) ->
     trackers: list[Tracker] = []
     try:
         trackers.append(spawn(server_cmd, env, logs / "server.log"))
-        _wait_listening(port, trackers[0].proc, 90)
+        wait_listening(port, trackers[0].proc, 90)
         for i, data in devices.items():
-            trackers.append(spawn(_client(f"127.0.0.1:{port}", pki.ca_cert, pki.node_key(i),
-                                          data, ["--max-wait", "5"]), env,
+            trackers.append(spawn(client_cmd(f"127.0.0.1:{port}", pki.ca_cert, pki.node_key(i),
+                                             data, ["--max-wait", "5"]), env,
                                   logs / f"device{i}.log"))
-        server_rc = _wait(trackers[0].proc, 150)
-        device_rcs = [_wait(t.proc, 40) for t in trackers[1:]]
+        server_rc = wait_exit(trackers[0].proc, 150)
+        device_rcs = [wait_exit(t.proc, 40) for t in trackers[1:]]
     finally:
         stop_all(trackers, print)
     assert server_rc == 0, (logs / "server.log").read_text(errors="replace")[-3000:]
@@ -416,7 +379,7 @@ def _start_and_signal(cmd: list[str], env: dict[str, str], log: Path, ready: str
         children = sorted(set(tracker.known) - {tracker.proc.pid})
         os.kill(tracker.proc.pid, sig)
         # the design's bound: 10 s SIGTERM grace + 5 s after SIGKILL + the gateway's 10-s join
-        rc = _wait(tracker.proc, 45)
+        rc = wait_exit(tracker.proc, 45)
         time.sleep(0.5)
         return rc, children, sorted(tracker.scan())
     finally:
@@ -426,9 +389,9 @@ def _start_and_signal(cmd: list[str], env: dict[str, str], log: Path, ready: str
 @pytest.mark.slow
 def test_client_stops_its_supernode_on_sigterm(tmp_path: Path) -> None:
     pki = make_certs(tmp_path / "pki", [], nodes=1)
-    cmd = _client(f"127.0.0.1:{free_port()}", pki.ca_cert, pki.node_key(1),
-                  _csv(tmp_path / "d.csv", 1), [])  # nobody listens: retries forever
-    rc, children, alive = _start_and_signal(cmd, _env(tmp_path / "home"), tmp_path / "c.log",
+    cmd = client_cmd(f"127.0.0.1:{free_port()}", pki.ca_cert, pki.node_key(1),
+                     review_csv(tmp_path / "d.csv", 1), [])  # nobody listens: retries forever
+    rc, children, alive = _start_and_signal(cmd, flower_env(tmp_path / "home"), tmp_path / "c.log",
                                             "Ctrl-C stops it", signal.SIGTERM)
     assert rc == 130, (tmp_path / "c.log").read_text()
     assert children, "flower-supernode was not started"
@@ -441,7 +404,7 @@ def test_server_stops_superlink_on_sigint(tmp_path: Path) -> None:
     cmd = [*FEDPEFT, "server", "--certs", str(pki.root), "--host", "127.0.0.1", "--port",
            str(free_port()), "--out", str(tmp_path / "out"), "--set", 'model.name="tiny-bert"',
            "--set", "data.test_size=200"]
-    rc, children, alive = _start_and_signal(cmd, _env(tmp_path / "home"), tmp_path / "s.log",
+    rc, children, alive = _start_and_signal(cmd, flower_env(tmp_path / "home"), tmp_path / "s.log",
                                             "waiting for 1 devices", signal.SIGINT,
                                             sigint_ignored=True)
     assert rc == 130, (tmp_path / "s.log").read_text()
@@ -453,7 +416,7 @@ def test_client_refuses_missing_files_and_absent_cuda(tmp_path: Path) -> None:
     from fedpeft.cli import main
 
     pki = make_certs(tmp_path / "pki", [], nodes=1)
-    data = _csv(tmp_path / "d.csv", 1)
+    data = review_csv(tmp_path / "d.csv", 1)
     base = ["client", "--superlink", "127.0.0.1:1", "--ca", str(pki.ca_cert)]
     assert main([*base, "--key", str(pki.node_key(1)), "--data", str(tmp_path / "no.csv")]) == 2
     os.chmod(pki.node_key(1), 0o644)
@@ -640,7 +603,7 @@ def test_device_chat_file_is_its_whole_partition(tmp_path: Path) -> None:
     assert workspace.train.chats is not None and len(workspace.train) == 5
     assert len(workspace.partition(3, 7).ids) == 5  # every row, whatever partition id
     with pytest.raises(ConfigError, match="holds labelled texts, but this run trains a causal"):
-        node_workspace(cfg, {"data-path": str(_csv(tmp_path / "d.csv", 1)), "threads": 1})
+        node_workspace(cfg, {"data-path": str(review_csv(tmp_path / "d.csv", 1)), "threads": 1})
     label_run = load_config(None, [*run, 'data.labels=["rotten", "fresh"]'])
     with pytest.raises(ConfigError, match=r"holds chat/instruction examples, but this run is a "
                                           r"label task \(classes \['rotten', 'fresh'\]\)"):
