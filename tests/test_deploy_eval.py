@@ -5,11 +5,6 @@ two devices train on their own files and score the global model on their own hel
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +13,8 @@ from fedpeft.server.reporting import MetricsLog
 from fedpeft.deploy.certs import make_certs
 from fedpeft.deploy.processes import free_port, spawn, stop_all
 from fedpeft.run.launcher import Tracker
+from tests.helpers import FEDPEFT, flower_env, wait_exit, wait_listening
 
-FEDPEFT = [sys.executable, "-m", "fedpeft.cli"]
 ROUNDS = 2
 WORDS = {"fresh": ["a wonderful film", "great acting", "loved it", "brilliant and funny"],
          "rotten": ["a dull mess", "boring", "awful dialogue", "a tedious waste"]}
@@ -34,35 +29,11 @@ def _csv(path: Path, seed: int, rows: int = 30) -> Path:
     return path
 
 
-def _env(home: Path) -> dict[str, str]:
-    return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PYTHONUNBUFFERED": "1"}
-
-
-def _wait_listening(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the coordinator exited early"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on {port} after {timeout_s} s")
-
-
-def _wait(proc: subprocess.Popen, timeout_s: float) -> int:
-    try:
-        return proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        return -999
-
-
 @pytest.mark.slow
 def test_a_coordinator_without_data_gets_the_clients_figures(tmp_path: Path) -> None:
     pki = make_certs(tmp_path / "pki", [], nodes=2)
-    out, logs, env, port = tmp_path / "out", tmp_path / "logs", _env(tmp_path / "home"), free_port()
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    env, port = flower_env(tmp_path / "home"), free_port()
     logs.mkdir()
     missing = tmp_path / "the-coordinator-has-no-such-file.csv"  # reading it would fail
     server_cmd = [*FEDPEFT, "server", "--certs", str(pki.root), "--host", "127.0.0.1", "--port",
@@ -77,15 +48,15 @@ def test_a_coordinator_without_data_gets_the_clients_figures(tmp_path: Path) -> 
     trackers: list[Tracker] = []
     try:
         trackers.append(spawn(server_cmd, env, logs / "server.log"))
-        _wait_listening(port, trackers[0].proc, 120)
+        wait_listening(port, trackers[0].proc, 120)
         for i in (1, 2):
             extra = ["--save-adapter", str(save)] if i == 1 else []
             trackers.append(spawn([*FEDPEFT, "client", "--superlink", f"127.0.0.1:{port}",
                                    "--ca", str(pki.ca_cert), "--key", str(pki.node_key(i)),
                                    "--data", str(_csv(tmp_path / f"d{i}.csv", i)), "--threads",
                                    "1", "--max-wait", "5", *extra], env, logs / f"device{i}.log"))
-        server_rc = _wait(trackers[0].proc, 240)
-        device_rcs = [_wait(t.proc, 40) for t in trackers[1:]]
+        server_rc = wait_exit(trackers[0].proc, 240)
+        device_rcs = [wait_exit(t.proc, 40) for t in trackers[1:]]
     finally:
         stop_all(trackers, print)
     server_log = (logs / "server.log").read_text(errors="replace")

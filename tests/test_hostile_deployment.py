@@ -7,10 +7,7 @@ clients_rejected each round, and the coordinator exits 0."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +16,8 @@ from fedpeft.server.reporting import MetricsLog
 from fedpeft.deploy.certs import make_certs
 from fedpeft.deploy.processes import free_port, spawn, stop_all
 from fedpeft.run.launcher import Tracker
+from tests.helpers import FEDPEFT, flower_env, wait_listening
 
-FEDPEFT = [sys.executable, "-m", "fedpeft.cli"]
 HOSTILE = [sys.executable, str(Path(__file__).with_name("hostile_device.py"))]
 ROUNDS = 6  # one attack per round: N1, N2 x 4, N3
 
@@ -35,25 +32,10 @@ def _csv(path: Path, seed: int, rows: int = 24) -> Path:
     return path
 
 
-def _wait_listening(port: int, server: Tracker, timeout_s: float) -> None:
-    """Until the coordinator's gateway accepts connections (keys registered first)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert server.proc.poll() is None, "the coordinator exited early"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on {port} after {timeout_s} s")
-
-
 @pytest.mark.slow
 def test_a_hostile_device_cannot_end_or_stall_the_run(tmp_path: Path) -> None:
     pki = make_certs(tmp_path / "pki", [], nodes=3)
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "PYTHONUNBUFFERED": "1"}
+    env = flower_env(tmp_path / "flwr_home")
     port, out, logs = free_port(), tmp_path / "out", tmp_path / "logs"
     logs.mkdir()
     superlink = f"127.0.0.1:{port}"
@@ -68,7 +50,7 @@ def test_a_hostile_device_cannot_end_or_stall_the_run(tmp_path: Path) -> None:
     trackers: list[Tracker] = []
     try:
         trackers.append(spawn(server, env, logs / "server.log"))
-        _wait_listening(port, trackers[0], 240)
+        wait_listening(port, trackers[0].proc, 240)
         for i in (1, 2, 3):
             device = HOSTILE if i == 3 else [*FEDPEFT]
             args = ["client"] if i != 3 else []

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from fedpeft.server.reporting import MetricsLog
 
 from fedpeft.deploy.certs import make_certs
 from fedpeft.deploy.processes import free_port, spawn, stop_all
+from tests.helpers import FEDPEFT, flower_env
 
-FEDPEFT = [sys.executable, "-m", "fedpeft.cli"]
 ROUNDS = 3
 TEXTS = (["a wonderful, moving film", "great acting", "loved every minute"],
          ["a dull, lifeless mess", "boring from start to finish", "awful dialogue"])
@@ -36,16 +35,11 @@ def _csv(path: Path, seed: int, rows: int = 24) -> Path:
     return path
 
 
-def _env(home: Path) -> dict[str, str]:
-    return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PYTHONUNBUFFERED": "1"}
-
-
 @pytest.mark.slow
 def test_four_devices_one_killed_mid_protocol_every_round_aggregates(tmp_path: Path) -> None:
     pki = make_certs(tmp_path / "pki", [], nodes=4)
-    out, logs, env, port = tmp_path / "out", tmp_path / "logs", _env(tmp_path / "home"), free_port()
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    env, port = flower_env(tmp_path / "home"), free_port()
     logs.mkdir()
     superlink = f"127.0.0.1:{port}"
     server_cmd = [*FEDPEFT, "server", "--certs", str(pki.root), "--host", "127.0.0.1", "--port",
