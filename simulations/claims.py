@@ -74,10 +74,13 @@ _CLAIMS = (
           "smallest rank", "bench_ranks", "flora", "fedit-r2", "beats"),
 )
 # The label-skew claims are tested on both skew scenarios: bench_skew (5 of 50 clients per round)
-# and bench_skew_full (every client every round; docs/results.md, "Benchmark").
-SKEW_SCENARIOS = ("bench_skew", "bench_skew_full")
+# and bench_skew_full (every client every round); the mixed-rank claims on both rank scenarios:
+# bench_ranks (iid) and bench_ranks_full (the skew of bench_skew_full; docs/results.md,
+# "Benchmark").
+SCENARIOS = {"bench_skew": ("bench_skew", "bench_skew_full"),
+             "bench_ranks": ("bench_ranks", "bench_ranks_full")}
 CLAIMS = tuple(replace(c, scenario=s) for c in _CLAIMS
-               for s in (SKEW_SCENARIOS if c.scenario == "bench_skew" else (c.scenario,)))
+               for s in SCENARIOS.get(c.scenario, (c.scenario,)))
 
 
 def row_name(cell: str) -> str:
