@@ -9,7 +9,8 @@ interval at n = 3):
 - "beats": holds if m - h > 0; does not hold if m <= 0 (no gain; "reversed" if m + h < 0);
   inconclusive if 0 < m <= h;
 - "matches" (at a fraction of the uplink): holds if m - h > -MARGIN and the row's uplink is
-  smaller; does not hold if m + h < -MARGIN; inconclusive otherwise.
+  smaller; does not hold if m + h < -MARGIN or the uplink is not smaller; inconclusive
+  otherwise.
 
     python -m simulations.claims [--results simulations/results] [--out docs/claims.md]
 """
@@ -118,9 +119,11 @@ def verdict(claim: Claim, d: list[float], smaller_uplink: bool) -> str:
         if m + h < 0:
             return "does not hold (reversed)"
         return "does not hold (no gain)" if m <= 0 else "inconclusive"
-    if m - h > -MARGIN and smaller_uplink:
-        return "holds"
-    return "does not hold" if m + h < -MARGIN or not smaller_uplink else "inconclusive"
+    if m + h < -MARGIN:
+        return "does not hold"
+    if not smaller_uplink:
+        return "does not hold (uplink not smaller)"
+    return "holds" if m - h > -MARGIN else "inconclusive"
 
 
 def acc(rec: dict) -> float:

@@ -35,7 +35,7 @@ def test_beats_needs_a_consistent_paired_gain():
 
 def test_matches_needs_a_smaller_uplink_and_no_large_loss():
     assert verdict(MATCHES, [-0.005, 0.0, -0.01], True) == "holds"
-    assert verdict(MATCHES, [-0.005, 0.0, -0.01], False) == "does not hold"
+    assert verdict(MATCHES, [-0.005, 0.0, -0.01], False) == "does not hold (uplink not smaller)"
     assert verdict(MATCHES, [-0.08, -0.1, -0.09], True) == "does not hold"
 
 
