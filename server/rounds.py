@@ -498,11 +498,12 @@ def run_rounds(loop: RoundLoop, transport: Transport, workspace: Workspace, out:
         if eval_due(cfg, rnd) and clients_evaluate(cfg):
             row.update(evaluate_on_clients(loop, transport, rnd))
         row["wall_s"] = time.perf_counter() - start
-        metrics.append(row)
-        log(INFO, "%s", round_line(row, fed.rounds))
-        save_checkpoint(out, Checkpoint(rnd, loop.state, metrics.rows, cfg.to_dict(),
+        # Checkpoint first: a round that metrics.jsonl shows is always one a resume keeps.
+        save_checkpoint(out, Checkpoint(rnd, loop.state, [*metrics.rows, row], cfg.to_dict(),
                                         {**loop.checkpoint_state(nodes),
                                          **transport.extra_state()}))
+        metrics.append(row)
+        log(INFO, "%s", round_line(row, fed.rounds))
     return finish_run(loop, workspace, out, metrics.rows, started,
                       ckpt.round if ckpt is not None else None)
 
