@@ -76,10 +76,12 @@ _CLAIMS = (
 )
 # The label-skew claims are tested on both skew scenarios: bench_skew (5 of 50 clients per round)
 # and bench_skew_full (every client every round); the mixed-rank claims on both rank scenarios:
-# bench_ranks (iid) and bench_ranks_full (the skew of bench_skew_full; docs/results.md,
+# bench_ranks (iid) and bench_ranks_full (the skew of bench_skew_full); the DP claims on both DP
+# scenarios: bench_dp and bench_dp_head (the task head at one fixed rate; docs/results.md,
 # "Benchmark").
 SCENARIOS = {"bench_skew": ("bench_skew", "bench_skew_full"),
-             "bench_ranks": ("bench_ranks", "bench_ranks_full")}
+             "bench_ranks": ("bench_ranks", "bench_ranks_full"),
+             "bench_dp": ("bench_dp", "bench_dp_head")}
 CLAIMS = tuple(replace(c, scenario=s) for c in _CLAIMS
                for s in SCENARIOS.get(c.scenario, (c.scenario,)))
 
