@@ -264,6 +264,23 @@ def _method_sets(name: str) -> list[str]:
     return [f'method.name="{name}"', *(['federation.rank_mix="4:0.5,8:0.5"'] if mixed else [])]
 
 
+def test_a_round_is_checkpointed_before_metrics_jsonl_shows_it(
+        tmp_path: Path, in_process: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coordinator stopped right after a round's metrics.jsonl line must resume after that
+    round: the checkpoint is on disk before the line is written."""
+    seen: list[tuple[int, int | None]] = []
+    append = MetricsLog.append
+
+    def watched(self: MetricsLog, row: dict) -> None:
+        seen.append((row["round"], checkpoint_round(self.path.parent)))
+        append(self, row)
+
+    monkeypatch.setattr(MetricsLog, "append", watched)
+    cfg = load_config(None, [*TINY, "federation.rounds=2"])
+    server_app.run_server(FakeGrid(range(11, 17)), cfg, tmp_path / "run")
+    assert seen == [(0, 0), (1, 1), (2, 2)]
+
+
 # A personalised method's personal parts live only in its clients' Context.state, which this test
 # throws away on purpose (a restart): its resumed run cannot equal the uninterrupted one.
 @pytest.mark.parametrize("method", sorted(n for n, c in METHODS.items() if not c.personalized))
