@@ -351,7 +351,8 @@ def choices(sweep: Sweep, out: Path, tuning: list[Cell]) -> dict[str, Any]:
     scores = tuning_scores(sweep, out, tuning)
     for cell in tuning:
         by_row.setdefault(cell.row, []).append((cell.labels[sweep.tune.key], scores[cell.name]))
-    picked = {row: choose(scores) for row, scores in by_row.items()}
+    lower = sweep.tune.lower_is_better
+    picked = {row: choose(scores, lower) for row, scores in by_row.items()}
     return {row: value for row, value in picked.items() if value is not None}
 
 
@@ -558,7 +559,8 @@ def tuning_note(sweep: Sweep) -> str:
             f"{tune.validation_size} examples carved from the training data before "
             f"partitioning (`data.validation_size`, `eval.split = \"validation\"`)"
             + (f", seed {tune.seed}" if tune.seed is not None else "")
-            + f": the value with the highest mean `{tune.metric}` over the last 3 evaluated "
+            + f": the value with the {'lowest' if tune.lower_is_better else 'highest'} mean "
+            f"`{tune.metric}` over the last 3 evaluated "
             "rounds (ties: the first listed). The final cells run the seeds on the test split "
             "with the chosen value and the same validation split carved out.")
 

@@ -209,7 +209,6 @@ def _check_overlaps(sweep: Sweep) -> None:
 
 
 TUNE_KEYS = ("key", "values", "factors", "metric", "seed", "validation_size")
-LOWER_IS_BETTER = ("perplexity",)  # and every metric ending in "loss"
 
 
 def _tune(tune: Any, seeds: list[int], path: Path) -> Tune | None:
@@ -268,10 +267,6 @@ def _tune_metric(tune: dict[str, Any], path: Path) -> str:
     if not isinstance(metric, str) or not metric:
         raise ConfigError(f"{path}: tune.metric = {metric!r}: expected the name of a per-round "
                           "metric of metrics.jsonl (e.g. accuracy)")
-    if metric in LOWER_IS_BETTER or metric.endswith("loss"):
-        raise ConfigError(f"{path}: tune.metric = {metric!r}: the tuning stage picks the value "
-                          "with the highest metric, and lower is better for this one: use a "
-                          "metric to maximise (e.g. accuracy)")
     return metric
 
 

@@ -25,11 +25,15 @@ CENTRALISED = "centralised"
 REFERENCE_KINDS = ("", CENTRALISED)
 
 
+LOWER_IS_BETTER = ("perplexity",)  # and every metric ending in "loss"
+
+
 @dataclass(frozen=True)
 class Tune:
     """The ``[tune]`` table: ``values`` (the same for every row) or ``factors`` (times each
-    row's own value of ``key``); the value with the highest ``metric`` (mean of its last 3
-    evaluated rounds on the validation split) wins; ``seed`` None: the base config's seeds."""
+    row's own value of ``key``); the value with the best ``metric`` (mean of its last 3
+    evaluated rounds on the validation split: the highest, or the lowest for a loss or a
+    perplexity) wins; ``seed`` None: the base config's seeds."""
 
     key: str = DEFAULT_KEY
     values: tuple[Any, ...] = ()
@@ -37,6 +41,10 @@ class Tune:
     metric: str = DEFAULT_METRIC
     seed: int | None = None
     validation_size: int = DEFAULT_VALIDATION
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric in LOWER_IS_BETTER or self.metric.endswith("loss")
 
     @property
     def owned(self) -> tuple[str, ...]:
@@ -129,12 +137,14 @@ def candidates(tune: Tune, cfg: FedConfig) -> list[Any]:
     return out
 
 
-def choose(scores: list[tuple[Any, float | None]]) -> Any:
-    """The value with the highest score (the first listed among equals; a non-finite score, a
-    diverged run, counts as the lowest); None while a value has no score yet (its tuning cell
-    has not finished)."""
+def choose(scores: list[tuple[Any, float | None]], lower: bool = False) -> Any:
+    """The value with the best score: the highest, or the lowest when ``lower`` (the first
+    listed among equals; a non-finite score, a diverged run, counts as the worst); None while a
+    value has no score yet (its tuning cell has not finished)."""
     if not scores or any(s is None for _, s in scores):
         return None
-    ranked = [(v, s if s is not None and math.isfinite(s) else -math.inf) for v, s in scores]
+    sign = -1.0 if lower else 1.0
+    ranked = [(v, sign * s if s is not None and math.isfinite(s) else -math.inf)
+              for v, s in scores]
     best = max(s for _, s in ranked)
     return next(v for v, s in ranked if s == best)
