@@ -231,6 +231,17 @@ BAD = {
         "train.lr is set by reference 'x' and by [tune]"),
     "clients evaluate": ("values = [0.1]", '[[settings]]\n"eval.where" = "clients"\n',
                          "eval.split = 'validation' is the server's split"),
+    "own grid on an untuned reference": (
+        "values = [0.1]", '[[reference]]\nname = "c"\nkind = "centralised"\ntune = false\n'
+        'tune_values = [0.01]\n', "sets tune = false and tune_values"),
+    "own grid of four values": (
+        "values = [0.1]", '[[reference]]\nname = "c"\nkind = "centralised"\n'
+        'tune_values = [0.1, 0.2, 0.3, 0.4]\n', "tune_values lists 4 values"),
+    "own grid with a repeat": (
+        "values = [0.1]", '[[reference]]\nname = "c"\nkind = "centralised"\n'
+        'tune_values = [0.1, 0.1]\n', "lists a value twice"),
+    "own grid empty": ("values = [0.1]", '[[reference]]\nname = "c"\nkind = "centralised"\n'
+                       'tune_values = []\n', "expected a non-empty list"),
 }
 
 
@@ -246,6 +257,13 @@ def test_bad_tune_or_reference_gives_one_message(case: str, tmp_path: Path,
     stderr = capsys.readouterr().err
     assert message in stderr and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reference_grid_needs_a_tune_table(tmp_path: Path) -> None:
+    path = _write(tmp_path, f'methods = ["fedit"]\n[base]\n{TINY_SETS}\n[[reference]]\n'
+                            'name = "c"\nkind = "centralised"\ntune_values = [0.01]\n')
+    with pytest.raises(ConfigError, match="sets tune_values but the sweep has no"):
+        load_sweep(path)
 
 
 def test_references_need_methods(tmp_path: Path) -> None:
@@ -302,6 +320,38 @@ def test_reference_rows_appear_in_the_results(tmp_path: Path,
             f"{means['ffa-lora']:.3f}), largest std {max(stds):.3f}: spread > 3 x std "
             "(discriminates)") in md
     assert f"centralised {means['centralised']:.3f} is above every method" in md
+
+
+def test_a_reference_tuned_on_its_own_values(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pooled run takes many more noisy steps than the federation's rounds, so its best
+    rate can lie below the methods' grid: tune_values tunes that row alone on its own values,
+    and its final cells run the one it chose."""
+    def score(cfg: FedConfig) -> list[float]:
+        if cfg.federation.clients == 1:  # the pooled run: best at 0.0002, below every method
+            top = 0.9 - 100 * abs(cfg.train.lr - 0.0002)
+        else:
+            top = 0.7 - abs(cfg.train.lr - 0.01)
+        return [0.5, top, top, top]
+
+    path = _sweep(tmp_path, "values = [0.001, 0.01]", extra=(
+        '[[reference]]\nname = "centralised"\nkind = "centralised"\n'
+        "tune_values = [0.0001, 0.0002, 0.0004]\n"))
+    tuning = expand_tuning(load_sweep(path))
+    grids: dict[str, list[float]] = {}
+    for cell in tuning:
+        grids.setdefault(cell.labels["method"], []).append(cell.config.train.lr)
+    assert grids == {"fedit": [0.001, 0.01], "ffa-lora": [0.001, 0.01],
+                     "centralised": [0.0001, 0.0002, 0.0004]}
+    out = tmp_path / "out"
+    _fake_runs(monkeypatch, score)
+    assert run_sweep(load_sweep(path), out) == 0
+    rows = _csv(out / "results.csv")
+    lrs = {r["method"]: float(r["train.lr"]) for r in rows}
+    assert lrs == {"fedit": 0.01, "ffa-lora": 0.01, "centralised": 0.0002}
+    md = (out / "results.md").read_text()
+    assert "tuned on its own values 0.0001, 0.0002, 0.0004" in md
+    assert "centralised 0.900 is above every method" in md
 
 
 # ---------------------------------------------------------------------------------------------

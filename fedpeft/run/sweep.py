@@ -148,7 +148,8 @@ def rows(sweep: Sweep) -> list[Row]:
         values: tuple[Any, ...] = ()
         if sweep.tune is not None and (ref is None or ref.tune):
             try:
-                values = tuple(candidates(sweep.tune, cfg))
+                values = (ref.tune_values if ref is not None and ref.tune_values
+                          else tuple(candidates(sweep.tune, cfg)))
             except ConfigError as exc:
                 raise ConfigError(f"{sweep.path}: the row {_where(labels)}: {exc}") from exc
         stem = cell_name(sweep, labels)
@@ -577,7 +578,9 @@ def intro(sweep: Sweep, finished: int, total: int) -> str:
                    + ("centralised training on the pooled data (one client, train.local_steps x "
                       "clients_per_round steps per round)" if r.kind == CENTRALISED else
                       ", ".join(f"`{override(k, v)}`" for k, v in r.values.items()))
-                   + ("" if r.tune or sweep.tune is None else ", not tuned") + "."
+                   + ("" if r.tune or sweep.tune is None else ", not tuned")
+                   + (f", tuned on its own values {', '.join(map(label_text, r.tune_values))}"
+                      if r.tune_values else "") + "."
                    for r in sweep.references)
     tuned = f" {tuning_note(sweep)} Per row: tuning.md." if sweep.tune is not None else ""
     return (text + f"`fedpeft sweep {shown(sweep.path)}`: {base}"

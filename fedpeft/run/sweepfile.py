@@ -244,22 +244,26 @@ def _tune_items(tune: dict[str, Any], path: Path) -> tuple[str, list[Any]]:
         raise ConfigError(f"{path}: [tune] needs values = [...] (the same for every row) or "
                           "factors = [...] (times each row's own value of the key), not both")
     listed = "values" if "values" in tune else "factors"
-    items = tune[listed]
-    kind = (int, float) if listed == "factors" else (int, float, str, bool)
+    return listed, _tune_grid(tune[listed], f"tune.{listed}", listed == "factors", path)
+
+
+def _tune_grid(items: Any, what: str, factors: bool, path: Path) -> list[Any]:
+    """A checked tuning grid: a non-empty list of distinct values (positive numbers for
+    factors), at most MAX_VALUES of them."""
+    kind = (int, float) if factors else (int, float, str, bool)
     if not isinstance(items, list) or not items or not all(
-            isinstance(v, kind) and (listed == "values" or not isinstance(v, bool))
-            for v in items):
-        raise ConfigError(f"{path}: tune.{listed} = {items!r}: expected a non-empty list of "
-                          + ("positive numbers" if listed == "factors" else "values"))
-    if listed == "factors" and not all(math.isfinite(v) and v > 0 for v in items):
-        raise ConfigError(f"{path}: tune.factors = {items!r}: expected positive numbers")
+            isinstance(v, kind) and not (factors and isinstance(v, bool)) for v in items):
+        raise ConfigError(f"{path}: {what} = {items!r}: expected a non-empty list of "
+                          + ("positive numbers" if factors else "values"))
+    if factors and not all(math.isfinite(v) and v > 0 for v in items):
+        raise ConfigError(f"{path}: {what} = {items!r}: expected positive numbers")
     if len(items) > MAX_VALUES:
-        raise ConfigError(f"{path}: tune.{listed} lists {len(items)} values; the protocol tunes "
+        raise ConfigError(f"{path}: {what} lists {len(items)} values; the protocol tunes "
                           f"over at most {MAX_VALUES} (a small grid on one seed), so pick "
                           f"{MAX_VALUES}")
     if len(set(items)) < len(items):
-        raise ConfigError(f"{path}: tune.{listed} = {items!r} lists a value twice")
-    return listed, items
+        raise ConfigError(f"{path}: {what} = {items!r} lists a value twice")
+    return items
 
 
 def _tune_metric(tune: dict[str, Any], path: Path) -> str:
@@ -271,7 +275,7 @@ def _tune_metric(tune: dict[str, Any], path: Path) -> str:
 
 
 def _references(entries: Any, methods: list[str], path: Path) -> list[Reference]:
-    """The ``[[reference]]`` rows: name, kind, tune and config keys."""
+    """The ``[[reference]]`` rows: name, kind, tune, tune_values and config keys."""
     if entries is None:
         return []
     if not isinstance(entries, list) or not entries or not all(
@@ -295,12 +299,20 @@ def _references(entries: Any, methods: list[str], path: Path) -> list[Reference]
         if not isinstance(tune, bool):
             raise ConfigError(f"{path}: reference {name!r}: tune = {tune!r}: expected true or "
                               "false")
-        values = flatten({k: v for k, v in entry.items() if k not in ("name", "kind", "tune")})
+        own: tuple[Any, ...] = ()
+        if "tune_values" in entry:
+            if not tune:
+                raise ConfigError(f"{path}: reference {name!r} sets tune = false and "
+                                  "tune_values: a row that is not tuned has no grid")
+            own = tuple(_tune_grid(entry["tune_values"], f"reference {name!r} tune_values",
+                                   False, path))
+        values = flatten({k: v for k, v in entry.items()
+                          if k not in ("name", "kind", "tune", "tune_values")})
         if not values and not kind:
             raise ConfigError(f"{path}: reference {name!r} sets no config key and no kind")
         for key in values:
             _check_key(key, f"reference {name!r} key {key!r}", path)
-        out.append(Reference(name, kind, tune, values))
+        out.append(Reference(name, kind, tune, values, own))
     return out
 
 
@@ -317,6 +329,10 @@ def _check_protocol(sweep: Sweep) -> None:
                 raise ConfigError(f"{sweep.path}: {key} is set both by reference {ref.name!r} "
                                   "and by seeds")
     if sweep.tune is None:
+        for ref in sweep.references:
+            if ref.tune_values:
+                raise ConfigError(f"{sweep.path}: reference {ref.name!r} sets tune_values but "
+                                  "the sweep has no [tune] table")
         return
     for owner, keys in owners:
         for key in sweep.tune.owned:

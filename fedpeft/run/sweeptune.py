@@ -55,12 +55,15 @@ class Tune:
 class Reference:
     """A ``[[reference]]`` row: a name in the method column, its config keys (applied after the
     settings and the grid), ``kind = 'centralised'`` for the pooled-data run of each setting,
-    and whether the tuning stage tunes it."""
+    whether the tuning stage tunes it, and ``tune_values``: its own grid in place of [tune]'s
+    (a row whose steps differ from the methods', such as the pooled run, may need other
+    values)."""
 
     name: str
     kind: str = ""
     tune: bool = True
     values: dict[str, Any] = field(default_factory=dict)
+    tune_values: tuple[Any, ...] = ()
 
 
 def centralised_overrides(cfg: FedConfig) -> dict[str, Any]:
