@@ -52,7 +52,8 @@ def test_pairs_by_seed_and_reads_the_zero_shot_row(tmp_path):
 def test_every_claim_names_a_known_scenario_and_kind():
     assert {c.scenario for c in CLAIMS} == {"bench_skew", "bench_skew_full", "bench_ranks",
                                             "bench_ranks_full", "bench_ranks_news",
-                                            "bench_ranks_news_long", "bench_dp", "bench_dp_head"}
+                                            "bench_ranks_news_long", "bench_ranks_news_full",
+                                            "bench_dp", "bench_dp_head"}
     sweeps = Path(__file__).parents[1] / "simulations" / "sweeps"
     assert all((sweeps / f"{c.scenario}.toml").exists() for c in CLAIMS)
     assert {c.kind for c in CLAIMS} == {"beats", "matches"}
