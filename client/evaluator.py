@@ -30,7 +30,7 @@ from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.training import client_optimizer, resolve_device, train_steps
 from fedpeft.core.workspace import Workspace
 
-from .trainer import client_lr, torch_seeded
+from .trainer import round_rates, torch_seeded
 
 # numpy SeedSequence stream of the personalisation steps' batches (apart from training's)
 PERSONALIZE_STREAM = 11
@@ -67,11 +67,13 @@ def client_evaluate(cfg: FedConfig, method: Method, workspace: Workspace, downli
 def personalize(cfg: FedConfig, method: Method, workspace: Workspace, adapter: AdapterModel,
                 partition_id: int, server_round: int, device: torch.device) -> None:
     """``eval.personalize_steps`` local steps on the client's training examples (the method's
-    trainable tensors, the run's optimizer and learning rate), seeded apart from training."""
+    trainable tensors, the run's optimizer and the round's learning rate), seeded apart from
+    training."""
     data = workspace.partition(partition_id, cfg.federation.clients, cfg.eval.client_holdout)
     spec = method.train_spec(adapter)
     adapter.set_trainable(spec.keys)
-    optimizer = client_optimizer(adapter, cfg.train, client_lr(cfg, method))
+    round_cfg, lr = round_rates(cfg, method, server_round)
+    optimizer = client_optimizer(adapter, round_cfg.train, lr)
     parts = [cfg.federation.seed, server_round, partition_id, PERSONALIZE_STREAM]
     with torch_seeded(parts, device):
         train_steps(adapter.model, data, steps=cfg.eval.personalize_steps,

@@ -7,6 +7,7 @@ so both do exactly the same work.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from fedpeft.core.keys import (
 )
 from fedpeft.core.payload import ClientState, Payload
 from fedpeft.core.privacy import Accountant, clip_update, dp_train
-from fedpeft.core.training import client_optimizer, resolve_device, train_steps
+from fedpeft.core.training import client_optimizer, lr_factor, resolve_device, train_steps
 from fedpeft.core.workspace import Workspace
 
 from .attacks import attacked_data
@@ -58,6 +59,16 @@ def client_lr(cfg: FedConfig, method: Method) -> float:
     return learning_rate(cfg.train.lr, method)
 
 
+def round_rates(cfg: FedConfig, method: Method, server_round: int) -> tuple[FedConfig, float]:
+    """The client rate of ``server_round`` under ``train.lr_schedule``, and ``cfg`` with the
+    head's own rate (``train.head_lr``, when set) scaled by the same factor."""
+    factor = lr_factor(cfg.train.lr_schedule, server_round, cfg.federation.rounds)
+    if factor != 1.0 and cfg.train.head_lr:
+        train = dataclasses.replace(cfg.train, head_lr=cfg.train.head_lr * factor)
+        cfg = dataclasses.replace(cfg, train=train)
+    return cfg, client_lr(cfg, method) * factor
+
+
 def client_round(
     cfg: FedConfig,
     method: Method,
@@ -83,8 +94,9 @@ def client_round(
     spec = method.train_spec(adapter)
     adapter.set_trainable(spec.keys)
     dp_metrics: dict[str, float] = {}
+    cfg, lr = round_rates(cfg, method, server_round)
     if cfg.privacy.enabled:  # DP-SGD (fedpeft.core.privacy): checks the model, own sampling + noise
-        dp_result, dp_metrics = dp_train(adapter, data, cfg=cfg, lr=client_lr(cfg, method),
+        dp_result, dp_metrics = dp_train(adapter, data, cfg=cfg, lr=lr,
                                          device=device, client_state=client_state, ledger=ledger,
                                          extra_loss=spec.extra_loss)
         if dp_result is None:  # this client's privacy budget is spent: no training, no upload
@@ -95,7 +107,7 @@ def client_round(
         result = dp_result
     else:
         # adapter tensors + base weights a method unfroze (the head at train.head_lr if set)
-        optimizer = client_optimizer(adapter, cfg.train, client_lr(cfg, method))
+        optimizer = client_optimizer(adapter, cfg.train, lr)
         rng = np.random.default_rng([cfg.federation.seed, server_round, partition_id])
         with torch_seeded([cfg.federation.seed, server_round, partition_id], device):
             result = train_steps(

@@ -112,6 +112,7 @@ class DataConfig:
 AGGREGATORS = ("mean", "median", "trimmed-mean", "norm-clip", "filtered-median")
 EVAL_WHERE = ("server", "clients", "both")  # eval.where
 EVAL_SPLITS = ("test", "validation")  # eval.split
+LR_SCHEDULES = ("constant", "cosine")  # train.lr_schedule
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,11 @@ class TrainConfig:
     head_lr: float = option(0.0, "learning rate of the task head (adapter tensors that are not "
                             "LoRA factors, e.g. the classifier); 0 = the client learning rate",
                             min=0)
+    lr_schedule: str = option("constant", "how the client rates (train.lr and train.head_lr) "
+                              "change over the rounds: 'constant', or 'cosine' = x (1 + cos(pi "
+                              "(t - 1) / federation.rounds)) / 2 in round t, from the full rate "
+                              "in round 1 towards 0 in the last (a decayed rate steadies the "
+                              "final model)", choices=LR_SCHEDULES)
     device: str = option("cpu", "cpu, cuda or cuda:N")
     precision: str = option("auto", "compute precision of training and evaluation: 'bf16' = "
                             "bfloat16 autocast (LoRA factors, optimizer state and aggregation "

@@ -5,6 +5,7 @@ optimizer steps on ``model(**batch).loss``, only the real work timed. Evaluation
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ if TYPE_CHECKING:
 
 # Encoded/encode/evaluate: the classification task's
 __all__ = ["Encoded", "TrainResult", "autocast", "bf16_frozen_weights", "client_optimizer",
-           "encode", "evaluate", "make_optimizer", "micro_batches", "resolve_device",
-           "sample_batches", "train_steps"]
+           "encode", "evaluate", "lr_factor", "make_optimizer", "micro_batches",
+           "resolve_device", "sample_batches", "train_steps"]
 
 
 def sample_batches(n: int, batch_size: int, steps: int,
@@ -46,6 +47,19 @@ class TrainResult:
     examples: int
     seconds: float  # forward + backward + optimizer only
     tokens: int = 0  # input tokens the steps ran on (padding excluded)
+
+
+def lr_factor(schedule: str, server_round: int, rounds: int) -> float:
+    """The multiplier ``train.lr_schedule`` gives the client rates in round ``server_round``
+    (1-based) of ``rounds``: 1 for 'constant'; for 'cosine', (1 + cos(pi (t - 1) / rounds)) / 2,
+    1 in round 1 and above 0 in the last. A round outside 1..rounds (a run extended on resume)
+    takes the rate of the nearest planned round."""
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown train.lr_schedule {schedule!r}")
+    t = min(max(server_round, 1), max(rounds, 1))
+    return 0.5 * (1.0 + math.cos(math.pi * (t - 1) / max(rounds, 1)))
 
 
 def make_optimizer(params: list[torch.nn.Parameter] | list[dict[str, Any]], name: str, lr: float,
