@@ -178,8 +178,7 @@ class TrainConfig:
     lr_schedule: str = option("constant", "how the client rates (train.lr and train.head_lr) "
                               "change over the rounds: 'constant', or 'cosine' = x (1 + cos(pi "
                               "(t - 1) / federation.rounds)) / 2 in round t, from the full rate "
-                              "in round 1 towards 0 in the last (a decayed rate steadies the "
-                              "final model)", choices=LR_SCHEDULES)
+                              "in round 1 towards 0 in the last", choices=LR_SCHEDULES)
     device: str = option("cpu", "cpu, cuda or cuda:N")
     precision: str = option("auto", "compute precision of training and evaluation: 'bf16' = "
                             "bfloat16 autocast (LoRA factors, optimizer state and aggregation "
